@@ -1,0 +1,19 @@
+"""CNN on scikit-learn's digits, NHWC 8x8x1 images."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.data = ml_collections.ConfigDict({"name": "digits", "layout": "nhwc", "classes": ()})
+  config.model = ml_collections.ConfigDict(
+      {"name": "cnn", "features": (32, 64), "kernel_size": 3, "pool": True,
+       "dense_features": (128,), "num_classes": 10, "momentum": 0.9})
+  config.optimizer = ml_collections.ConfigDict({
+      "name": "sgd", "learning_rate": 0.1, "momentum": 0.9, "nesterov": True,
+      "weight_decay": 5e-4, "schedule": "warmup_cosine", "warmup_steps": 100,
+      "final_lr_fraction": 0.0, "grad_clip_norm": 0.0})
+  config.train = ml_collections.ConfigDict(
+      {"steps": 2000, "batch_size": 64, "eval_every": 500, "log_every": 100, "eval_batch_size": 512})
+  return config

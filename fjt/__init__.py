@@ -1,0 +1,27 @@
+"""fjt: train networks whose whole state is a pytree; average, checkpoint, inspect it.
+
+The public API, re-exported flat::
+
+  import fjt
+  config = fjt.load_config("configs/digits_mlp.py")
+  summary = fjt.train_and_evaluate(config, "runs/digits_mlp")
+"""
+
+from fjt import data, models
+from fjt.config import ConfigError, apply_overrides, load_config
+from fjt.data import Dataset, get_batch, load_dataset
+from fjt.models import CNN, MLP, MODELS, NNLM, create_model
+from fjt.optim import create_learning_rate_fn, create_optimizer
+from fjt.state import TrainState, create_from_config, create_train_state, init_variables
+from fjt.train import (NonFiniteLossError, evaluate, fit, make_eval_step, make_train_step,
+                       train_and_evaluate)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CNN", "ConfigError", "Dataset", "MLP", "MODELS", "NNLM", "NonFiniteLossError", "TrainState",
+    "apply_overrides", "create_from_config", "create_learning_rate_fn", "create_model",
+    "create_optimizer", "create_train_state", "data", "evaluate", "fit", "get_batch",
+    "init_variables", "load_config", "load_dataset", "make_eval_step", "make_train_step", "models",
+    "train_and_evaluate",
+]

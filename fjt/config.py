@@ -1,0 +1,115 @@
+"""Config files and command-line overrides.
+
+A config file is a Python file with one ``get_config()`` returning an
+``ml_collections.ConfigDict``. Overrides are ``a.b.c=VALUE`` strings, as in
+``--config.train.steps=200`` on the command line. Every problem is a
+``ConfigError`` whose one-line message names the file or key and what was
+expected, so a CLI can print it instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import os
+from collections.abc import Iterable, Sequence
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config file, key or value that cannot be used as given."""
+
+
+def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
+  """Runs ``get_config()`` of the Python file at ``path``."""
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file {path!r} does not exist")
+  name = "fjt_config_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except Exception as e:  # The user's file: report where it broke.
+    raise ConfigError(f"config file {path!r} failed to load: {type(e).__name__}: {e}") from e
+  if not callable(getattr(module, "get_config", None)):
+    raise ConfigError(f"config file {path!r} defines no get_config()")
+  config = module.get_config()
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(
+        f"get_config() in {path!r} returned {type(config).__name__}, expected ml_collections.ConfigDict")
+  return config
+
+
+def _suggest(key: str, known: Iterable[str]) -> str:
+  close = difflib.get_close_matches(key, list(known), n=1)
+  return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _parse_value(dotted: str, text: str, current):
+  """Parses ``text`` as a Python literal of the type of ``current``."""
+  if isinstance(current, str):
+    return text
+  if current is None:
+    try:
+      return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      return text
+  if isinstance(current, bool):
+    lowered = text.lower()
+    if lowered in ("true", "1", "yes"):
+      return True
+    if lowered in ("false", "0", "no"):
+      return False
+    raise ConfigError(f"config key {dotted!r}: expected a bool (true/false), got {text!r}")
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    raise ConfigError(
+        f"config key {dotted!r}: expected {type(current).__name__}, got {text!r}") from None
+  if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if isinstance(current, (tuple, list)) and isinstance(value, (tuple, list, int, float, str)):
+    value = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    return type(current)(value)
+  if type(value) is not type(current):
+    raise ConfigError(
+        f"config key {dotted!r}: expected {type(current).__name__}, got {text!r}")
+  return value
+
+
+def apply_overrides(config: ml_collections.ConfigDict,
+                    overrides: Sequence[str]) -> ml_collections.ConfigDict:
+  """Sets ``a.b=VALUE`` overrides on a copy of ``config``; keys must exist."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  for item in overrides:
+    dotted, sep, text = item.partition("=")
+    if not sep:
+      raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.steps=100")
+    node, parts = config, dotted.split(".")
+    for depth, part in enumerate(parts):
+      here = ".".join(parts[:depth + 1])
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        known = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        raise ConfigError(f"config has no key {here!r}{_suggest(part, known)}")
+      if depth < len(parts) - 1:
+        node = node[part]
+    current = node[parts[-1]]
+    if isinstance(current, ml_collections.ConfigDict):
+      raise ConfigError(f"config key {dotted!r} is a group; set one of its keys: {sorted(current)}")
+    node[parts[-1]] = _parse_value(dotted, text, current)
+  return config
+
+
+def require(config: ml_collections.ConfigDict, dotted: str, check, expected: str):
+  """Returns ``config[dotted]`` after checking it; the error names the key."""
+  node = config
+  for part in dotted.split("."):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      raise ConfigError(f"config has no key {dotted!r}, which is required")
+    node = node[part]
+  if not check(node):
+    raise ConfigError(f"config key {dotted!r}: expected {expected}, got {node!r}")
+  return node

@@ -1,0 +1,115 @@
+"""Next-word prediction on the English docstrings of the Python standard library.
+
+The corpus ships with the running interpreter, so no download is needed. Every
+module, class and function docstring of ``sysconfig.get_paths()["stdlib"]``
+(without test suites and site-packages) is lower-cased and split into word
+tokens. Files go to the validation split by a hash of their relative path, so
+no file is in both splits and the split is the same on every machine.
+"""
+
+from __future__ import annotations
+
+import ast
+import collections
+import functools
+import math
+import os
+import re
+import sysconfig
+import warnings
+import zlib
+
+import numpy as np
+
+from fjt.data.dataset import Dataset
+
+BOS, UNK = "<s>", "<unk>"
+_WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
+_SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
+_DOC_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+def _docstrings(path: str) -> list[str]:
+  with open(path, encoding="utf-8") as f:
+    source = f.read()
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", SyntaxWarning)  # Old escape sequences in some modules.
+    tree = ast.parse(source)
+  return [doc for node in ast.walk(tree) if isinstance(node, _DOC_NODES)
+          if (doc := ast.get_docstring(node))]
+
+
+@functools.lru_cache(maxsize=2)
+def stdlib_docstrings(root: str | None = None) -> tuple[tuple[str, tuple[tuple[str, ...], ...]], ...]:
+  """``((relative_path, (docstring_tokens, ...)), ...)`` in sorted path order."""
+  root = root or sysconfig.get_paths()["stdlib"]
+  files = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
+    for name in sorted(filenames):
+      if not name.endswith(".py"):
+        continue
+      path = os.path.join(dirpath, name)
+      try:
+        docs = _docstrings(path)
+      except (SyntaxError, UnicodeDecodeError, ValueError):
+        continue  # A few files in the stdlib are deliberately not valid Python 3.
+      tokens = tuple(t for d in docs if (t := tuple(_WORD.findall(d.lower()))))
+      if tokens:
+        files.append((os.path.relpath(path, root).replace(os.sep, "/"), tokens))
+  if not files:
+    raise FileNotFoundError(f"no docstrings found under the standard library at {root!r}")
+  return tuple(files)
+
+
+def is_validation_file(relative_path: str, validation_percent: int = 10) -> bool:
+  return zlib.crc32(relative_path.encode()) % 100 < validation_percent
+
+
+def build_vocab(docs, vocab_size: int) -> dict[str, int]:
+  """``{word: id}``: 0 is ``<s>`` (padding before a docstring), 1 is ``<unk>``,
+  then the ``vocab_size - 2`` most frequent words (ties alphabetical)."""
+  counts = collections.Counter(t for doc in docs for t in doc)
+  words = sorted(counts, key=lambda w: (-counts[w], w))[:vocab_size - 2]
+  return {w: i for i, w in enumerate([BOS, UNK] + words)}
+
+
+def windows(docs, vocab: dict[str, int], context: int) -> tuple[np.ndarray, np.ndarray]:
+  """Every token of every docstring with its ``context`` previous words.
+
+  Returns x int32 ``(N, context)`` (left-padded with ``<s>``) and y int32 ``(N,)``.
+  """
+  xs, ys = [], []
+  unk = vocab[UNK]
+  for doc in docs:
+    ids = np.array([vocab[BOS]] * context + [vocab.get(t, unk) for t in doc], np.int32)
+    xs.append(np.lib.stride_tricks.sliding_window_view(ids[:-1], context))
+    ys.append(ids[context:])
+  return np.concatenate(xs).astype(np.int32), np.concatenate(ys)
+
+
+def unigram_perplexity(train_y: np.ndarray, test_y: np.ndarray, vocab_size: int) -> float:
+  """Perplexity on ``test_y`` of add-one-smoothed unigram frequencies of ``train_y``."""
+  counts = np.bincount(train_y, minlength=vocab_size).astype(np.float64) + 1.0
+  log_p = np.log(counts / counts.sum())
+  return float(math.exp(-log_p[test_y].mean()))
+
+
+def load(vocab_size: int = 5000, context: int = 4, validation_percent: int = 10) -> Dataset:
+  """Windows of ``context`` words -> next word, split by source file."""
+  files = stdlib_docstrings()
+  train_docs = [d for path, docs in files if not is_validation_file(path, validation_percent) for d in docs]
+  test_docs = [d for path, docs in files if is_validation_file(path, validation_percent) for d in docs]
+  vocab = build_vocab(train_docs, vocab_size)
+  x_train, y_train = windows(train_docs, vocab, context)
+  x_test, y_test = windows(test_docs, vocab, context)
+  info = {
+      "vocab_size": len(vocab),
+      "train_tokens": int(len(y_train)),
+      "validation_tokens": int(len(y_test)),
+      "word_types": len({t for d in train_docs + test_docs for t in d}),
+      "unigram_perplexity": unigram_perplexity(y_train, y_test, len(vocab)),
+      "task": "language_model",
+  }
+  return Dataset(train={"x": x_train, "y": y_train}, test={"x": x_test, "y": y_test},
+                 num_classes=len(vocab), info=info)

@@ -1,0 +1,38 @@
+"""Convolutional classifier on NHWC images: (Conv -> BatchNorm -> ReLU -> pool) blocks, then Dense."""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+
+
+class CNN(nn.Module):
+  """Small convolutional network for images of shape ``(batch, height, width, channels)``.
+
+  Attributes:
+    features: output channels of each conv block.
+    kernel_size: spatial size of every convolution (padding "SAME").
+    pool: whether each block ends with a 2x2 max pool of stride 2.
+    dense_features: widths of the Dense -> ReLU layers after flattening.
+    num_classes: width of the output layer (logits).
+    momentum: BatchNorm running-average decay (PyTorch's momentum is 1 - this).
+  """
+  features: Sequence[int] = (32, 64)
+  kernel_size: int = 3
+  pool: bool = True
+  dense_features: Sequence[int] = ()
+  num_classes: int = 10
+  momentum: float = 0.9
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    for channels in self.features:
+      x = nn.Conv(channels, (self.kernel_size, self.kernel_size), padding="SAME")(x)
+      x = nn.BatchNorm(use_running_average=not train, momentum=self.momentum)(x)
+      x = nn.relu(x)
+      if self.pool:
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = x.reshape((x.shape[0], -1))  # NHWC order: interop permutes PyTorch's NCHW flatten.
+    for width in self.dense_features:
+      x = nn.relu(nn.Dense(width)(x))
+    return nn.Dense(self.num_classes)(x)

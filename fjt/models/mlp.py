@@ -1,0 +1,34 @@
+"""Fully connected classifier: (Dense -> BatchNorm -> ReLU) blocks, then a Dense head."""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+
+
+class MLP(nn.Module):
+  """Multi-layer perceptron on inputs flattened to ``(batch, features)``.
+
+  ``features=()`` leaves only the head, so ``MLP(features=(), num_classes=100)``
+  on 500 inputs is one ``nn.Dense`` with kernel ``(500, 100)`` and bias ``(100,)``.
+
+  Attributes:
+    features: widths of the hidden layers.
+    num_classes: width of the output layer (logits).
+    batch_norm: whether each hidden layer has a BatchNorm.
+    momentum: BatchNorm running-average decay (PyTorch's momentum is 1 - this).
+  """
+  features: Sequence[int] = (256, 256)
+  num_classes: int = 10
+  batch_norm: bool = True
+  momentum: float = 0.9
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    x = x.reshape((x.shape[0], -1))
+    for width in self.features:
+      x = nn.Dense(width)(x)
+      if self.batch_norm:
+        x = nn.BatchNorm(use_running_average=not train, momentum=self.momentum)(x)
+      x = nn.relu(x)
+    return nn.Dense(self.num_classes)(x)

@@ -1,0 +1,28 @@
+"""Feed-forward neural language model (Bengio et al., 2003)."""
+
+import flax.linen as nn
+import jax
+
+
+class NNLM(nn.Module):
+  """Predicts the next word from a window of previous words.
+
+  Input: int32 word ids ``(batch, context)``. Each id is embedded by
+  ``nn.Embed(vocab_size, embed_dim)`` (the embedding table has shape
+  ``(vocab_size, embed_dim)``); the embeddings are concatenated to
+  ``(batch, context * embed_dim)``, passed through Dense -> BatchNorm -> ReLU,
+  and a Dense layer gives logits ``(batch, vocab_size)``.
+  """
+  vocab_size: int = 5000
+  embed_dim: int = 300
+  hidden: int = 512
+  momentum: float = 0.9
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    x = nn.Embed(self.vocab_size, self.embed_dim)(x)
+    x = x.reshape((x.shape[0], -1))
+    x = nn.Dense(self.hidden)(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=self.momentum)(x)
+    x = nn.relu(x)
+    return nn.Dense(self.vocab_size)(x)

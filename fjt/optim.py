@@ -1,0 +1,69 @@
+"""Optax optimizers and learning-rate schedules from ``config.optimizer``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import optax
+
+from fjt.config import ConfigError
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "warmup_cosine")
+
+
+def create_learning_rate_fn(config: Mapping, total_steps: int) -> optax.Schedule:
+  """``constant``: ``learning_rate`` throughout. ``warmup_cosine``: linear from 0
+  to ``learning_rate`` over ``warmup_steps``, then cosine decay to
+  ``learning_rate * final_lr_fraction`` at ``total_steps``."""
+  lr = float(config["learning_rate"])
+  schedule = config.get("schedule", "constant")
+  if schedule == "constant":
+    return optax.constant_schedule(lr)
+  if schedule == "warmup_cosine":
+    warmup = int(config.get("warmup_steps", 0))
+    if not 0 <= warmup < total_steps:
+      raise ConfigError(f"config key 'optimizer.warmup_steps': expected 0 <= value < train.steps "
+                        f"({total_steps}), got {warmup}")
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=lr, warmup_steps=warmup, decay_steps=total_steps,
+        end_value=lr * float(config.get("final_lr_fraction", 0.0)))
+  raise ConfigError(f"config key 'optimizer.schedule': expected one of {SCHEDULES}, got {schedule!r}")
+
+
+def _decay_mask(params):
+  # Decay matrices (kernels, embeddings), not biases or BatchNorm scales.
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def create_optimizer(config: Mapping, total_steps: int) -> optax.GradientTransformation:
+  """The optimizer of ``config.optimizer``.
+
+  Keys: ``name`` (sgd | adam | adamw), ``learning_rate``, ``schedule`` and its
+  keys, ``momentum`` and ``nesterov`` (sgd), ``weight_decay`` (sgd and adam: L2
+  added to the gradient; adamw: decoupled), ``grad_clip_norm`` (global norm,
+  0 disables). Weight decay applies to leaves with ndim > 1 only.
+  """
+  name = config.get("name")
+  lr = create_learning_rate_fn(config, total_steps)
+  wd = float(config.get("weight_decay", 0.0))
+  clip = float(config.get("grad_clip_norm", 0.0))
+  if wd < 0 or clip < 0:
+    raise ConfigError("config keys 'optimizer.weight_decay' and 'optimizer.grad_clip_norm' "
+                      f"must be >= 0, got {wd} and {clip}")
+  chain = []
+  if clip:
+    chain.append(optax.clip_by_global_norm(clip))
+  if name in ("sgd", "adam") and wd:
+    chain.append(optax.add_decayed_weights(wd, mask=_decay_mask))
+  if name == "sgd":
+    momentum = float(config.get("momentum", 0.0))
+    chain.append(optax.sgd(lr, momentum=momentum or None, nesterov=bool(config.get("nesterov", False))))
+  elif name == "adam":
+    chain.append(optax.adam(lr))
+  elif name == "adamw":
+    chain.append(optax.adamw(lr, weight_decay=wd, mask=_decay_mask))
+  else:
+    raise ConfigError(f"config key 'optimizer.name': expected one of {OPTIMIZERS}, got {name!r}")
+  return optax.chain(*chain)

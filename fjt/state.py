@@ -1,0 +1,71 @@
+"""The train state: one pytree holding everything a run saves, averages and shards."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+  """All of a run's state; every field is a pytree of arrays.
+
+  Attributes:
+    step: int32 scalar, the number of optimizer steps taken.
+    params: the model's ``params`` collection.
+    batch_stats: the model's ``batch_stats`` collection (``{}`` without BatchNorm).
+    opt_state: the optax state of ``params``.
+    rng: uint32 ``(2,)`` PRNG key, folded with ``step`` for per-step randomness.
+  """
+  step: jax.Array
+  params: PyTree
+  batch_stats: PyTree
+  opt_state: PyTree
+  rng: jax.Array
+
+  @property
+  def variables(self) -> dict[str, PyTree]:
+    """``{"params", "batch_stats"}``, as ``model.apply`` takes them."""
+    return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def init_variables(model: nn.Module, example_x: jax.Array, rng: jax.Array) -> dict[str, PyTree]:
+  """``model.init`` in eval mode: ``{"params": ..., "batch_stats": ...}`` (always both keys)."""
+  variables = model.init(rng, example_x, train=False)
+  return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
+                       example_x: jax.Array, rng: jax.Array) -> TrainState:
+  """A fresh train state at step 0. Pure, so it can run under ``jax.jit`` or
+  ``jax.eval_shape`` (for the shapes of a state without allocating it)."""
+  init_rng, state_rng = jax.random.split(rng)
+  variables = init_variables(model, example_x, init_rng)
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=variables["params"],
+      batch_stats=variables["batch_stats"],
+      opt_state=tx.init(variables["params"]),
+      rng=state_rng)
+
+
+def create_from_config(config, example_x) -> tuple[nn.Module, optax.GradientTransformation, TrainState]:
+  """The model, optimizer and fresh train state that ``config`` describes.
+
+  ``example_x`` is one batch of inputs (only its shape and dtype matter).
+  """
+  from fjt.models import create_model  # Local imports keep this module light.
+  from fjt.optim import create_optimizer
+
+  model = create_model(config.model)
+  tx = create_optimizer(config.optimizer, int(config.train.steps))
+  state = jax.jit(create_train_state, static_argnums=(0, 1))(
+      model, tx, example_x, jax.random.PRNGKey(config.seed))
+  return model, tx, state

@@ -1,0 +1,192 @@
+"""Pure train and eval steps, and the loop that composes them."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from fjt import data as fjt_data
+from fjt.config import ConfigError, require
+from fjt.logs import MetricWriter, plot_metrics
+from fjt.state import TrainState, create_from_config
+
+Batch = Mapping[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN or infinite."""
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+  """``train_step(state, batch) -> (state, metrics)``, jit-compiled, ``state`` donated.
+
+  ``batch`` holds ``x`` (model inputs) and ``y`` (int32 labels ``(B,)``). The loss
+  is the mean softmax cross-entropy; BatchNorm statistics are those of the batch
+  and the running averages are updated. Metrics: ``loss``, ``accuracy`` (scalars).
+  """
+
+  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    def loss_fn(params):
+      logits, updates = model.apply(
+          {"params": params, "batch_stats": state.batch_stats}, batch["x"], train=True,
+          mutable=["batch_stats"], rngs={"dropout": jax.random.fold_in(state.rng, state.step)})
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+      return loss, (logits, updates.get("batch_stats", {}))
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                              batch_stats=batch_stats, opt_state=opt_state)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["y"])
+    return new_state, {"loss": loss, "accuracy": accuracy}
+
+  return jax.jit(train_step, donate_argnums=0)
+
+
+def make_eval_step(model: nn.Module) -> Callable[[TrainState, Batch], Metrics]:
+  """``eval_step(state, batch) -> sums``, jit-compiled, BatchNorm in eval mode.
+
+  ``batch`` holds ``x``, ``y`` and ``mask`` (float32 ``(B,)``, 0 for padding).
+  Returns float32 scalars ``loss`` (sum of cross-entropy), ``correct`` and
+  ``count``, so that metrics over many batches are exact ratios of sums.
+  """
+
+  def eval_step(state: TrainState, batch: Batch) -> Metrics:
+    logits = model.apply(state.variables, batch["x"], train=False)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+    mask = batch["mask"]
+    return {"loss": jnp.sum(nll * mask),
+            "correct": jnp.sum((jnp.argmax(logits, -1) == batch["y"]) * mask),
+            "count": jnp.sum(mask)}
+
+  return jax.jit(eval_step)
+
+
+def evaluate(eval_step, state: TrainState, arrays: Mapping[str, np.ndarray], batch_size: int,
+             perplexity: bool = False) -> dict[str, float]:
+  """``loss`` (mean cross-entropy, nats), ``accuracy`` and, if asked, ``perplexity``
+  = exp(loss), over every example of ``arrays`` once."""
+  sums = [eval_step(state, batch) for batch in fjt_data.eval_batches(arrays, batch_size)]
+  totals = {k: float(np.sum([np.float64(s[k]) for s in jax.device_get(sums)])) for k in sums[0]}
+  metrics = {"loss": totals["loss"] / totals["count"], "accuracy": totals["correct"] / totals["count"]}
+  if perplexity:
+    metrics["perplexity"] = float(np.exp(metrics["loss"]))
+  return metrics
+
+
+def _check_finite(window: list[dict[str, np.ndarray]], first_step: int) -> None:
+  for offset, metrics in enumerate(window):
+    loss = float(metrics["loss"])
+    if not np.isfinite(loss):
+      raise NonFiniteLossError(
+          f"training loss is {loss} at step {first_step + offset + 1}; lower optimizer.learning_rate "
+          "or set optimizer.grad_clip_norm")
+
+
+def prepare_workdir(workdir: str) -> str:
+  """Creates ``workdir`` and checks that files can be written there."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".fjt_write_test")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError(f"workdir {workdir!r} is not writable: {e.strerror or e}") from e
+  return workdir
+
+
+def _train_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  positive_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0
+  return {
+      "steps": require(config, "train.steps", positive_int, "a positive int"),
+      "batch_size": require(config, "train.batch_size", positive_int, "a positive int"),
+      "eval_every": require(config, "train.eval_every", positive_int, "a positive int"),
+      "log_every": config.train.get("log_every", 50),
+      "eval_batch_size": config.train.get("eval_batch_size", 1024),
+      "seed": require(config, "seed", lambda v: isinstance(v, int), "an int"),
+  }
+
+
+def fit(config: ml_collections.ConfigDict, workdir: str,
+        progress: bool = True) -> tuple[TrainState, dict[str, Any]]:
+  """Trains the model of ``config`` and evaluates it; returns (final state, summary).
+
+  Writes to ``workdir``: ``metrics.jsonl`` (one object per logged step: step,
+  split, metrics), TensorBoard events, ``metrics.png`` and ``summary.json`` =
+  ``{"step": final step, "eval": final eval metrics}``.
+  """
+  opts = _train_options(config)
+  prepare_workdir(workdir)
+  dataset = fjt_data.load_dataset(config.data)
+  if opts["batch_size"] > dataset.num_train:
+    raise ConfigError(f"config key 'train.batch_size': {opts['batch_size']} is larger than the "
+                      f"{dataset.num_train} training examples")
+  language_model = dataset.info.get("task") == "language_model"
+  eval_metric = "perplexity" if language_model else "accuracy"
+
+  model, tx, state = create_from_config(config, dataset.train["x"][:1])
+  width = jax.eval_shape(lambda s: model.apply(s.variables, dataset.train["x"][:1], train=False),
+                         state).shape[-1]
+  if width != dataset.num_classes:
+    key = "model.vocab_size" if language_model else "model.num_classes"
+    raise ConfigError(f"config key {key!r}: the model outputs {width} classes but the data has "
+                      f"{dataset.num_classes}")
+
+  train_step, eval_step = make_train_step(model, tx), make_eval_step(model)
+  writer = MetricWriter(workdir)
+  window, window_start, tic = [], 0, time.perf_counter()
+  eval_metrics: dict[str, float] = {}
+  steps = opts["steps"]
+  try:
+    with tqdm(total=steps, disable=not progress, desc="train", unit="step",
+              dynamic_ncols=True) as bar:
+      for step in range(steps):
+        batch = fjt_data.get_batch(dataset.train, opts["seed"], step, opts["batch_size"])
+        state, metrics = train_step(state, batch)
+        window.append(metrics)
+        bar.update()
+        done = step + 1
+        if done % opts["log_every"] == 0 or done == steps:
+          window = jax.device_get(window)  # The only host sync of the training loop.
+          _check_finite(window, window_start)
+          toc = time.perf_counter()
+          logged = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+          logged["steps_per_sec"] = len(window) / (toc - tic)
+          writer.write(done, "train", logged)
+          bar.set_postfix(loss=f"{logged['loss']:.4f}", refresh=False)
+          window, window_start, tic = [], done, toc
+        if done % opts["eval_every"] == 0 or done == steps:
+          eval_metrics = evaluate(eval_step, state, dataset.test, opts["eval_batch_size"],
+                                  perplexity=language_model)
+          writer.write(done, "eval", eval_metrics)
+          bar.write(f"step {done}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in eval_metrics.items()))
+          tic = time.perf_counter()  # Eval time is not training throughput.
+  finally:
+    writer.close()
+
+  if language_model:
+    eval_metrics["unigram_perplexity"] = dataset.info["unigram_perplexity"]
+  summary = {"step": int(state.step), "eval": eval_metrics}
+  with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
+    json.dump(summary, f, indent=2)
+  plot_metrics(writer.path, os.path.join(workdir, "metrics.png"), eval_metric)
+  return state, summary
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs ``fit`` and returns its summary: ``{"step": ..., "eval": {...}}``."""
+  return fit(config, workdir)[1]

@@ -1,0 +1,37 @@
+"""Train a model from a config file.
+
+  python scripts/train.py --config configs/digits_cnn.py [--workdir DIR] [--config.train.steps=500]
+"""
+
+import argparse
+import os
+import sys
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", required=True, help="a Python file with get_config()")
+  parser.add_argument("--workdir", help="output directory (default: runs/<config name>)")
+  args, rest = parser.parse_known_args(argv)
+  overrides = []
+  for item in rest:
+    if not item.startswith("--config."):
+      parser.error(f"unrecognized argument {item!r}; overrides look like --config.train.steps=100")
+    overrides.append(item[len("--config."):])
+
+  import fjt  # After argument parsing, so --help is instant.
+
+  try:
+    config = fjt.apply_overrides(fjt.load_config(args.config), overrides)
+    workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
+    summary = fjt.train_and_evaluate(config, workdir)
+  except (fjt.ConfigError, fjt.NonFiniteLossError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2 if isinstance(e, fjt.ConfigError) else 1
+  print(f"{workdir}: step {summary['step']}, " +
+        ", ".join(f"{k} {v:.4f}" for k, v in summary["eval"].items()))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
