@@ -15,5 +15,5 @@ def get_config() -> ml_collections.ConfigDict:
       "name": "adamw", "learning_rate": 2e-3, "weight_decay": 0.01, "schedule": "warmup_cosine",
       "warmup_steps": 100, "final_lr_fraction": 0.0, "grad_clip_norm": 1.0})
   config.train = ml_collections.ConfigDict(
-      {"steps": 2000, "batch_size": 256, "eval_every": 500, "log_every": 100, "eval_batch_size": 2048})
+      {"steps": 1200, "batch_size": 256, "eval_every": 400, "log_every": 100, "eval_batch_size": 2048})
   return config

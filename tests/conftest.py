@@ -1,0 +1,29 @@
+import os
+import sys
+
+import ml_collections
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def tiny_digits_config(model: str = "mlp", steps: int = 30) -> ml_collections.ConfigDict:
+  """A digits config small enough to train in a second on a CPU."""
+  from fjt.config import load_config
+  config = load_config(os.path.join(ROOT, "configs", f"digits_{model}.py"))
+  config.train.steps = steps
+  config.train.eval_every = steps
+  config.train.log_every = 10
+  config.optimizer.warmup_steps = 2
+  if model == "mlp":
+    config.model.features = (32,)
+  else:
+    config.model.features = (8, 16)
+    config.model.dense_features = ()
+  return config
+
+
+@pytest.fixture
+def tiny_config():
+  return tiny_digits_config

@@ -1,0 +1,68 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import fjt
+from conftest import ROOT
+
+CONFIG = os.path.join(ROOT, "configs", "digits_mlp.py")
+
+
+def run_train(*args, cwd=ROOT):
+  return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "train.py"), *args],
+                        capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_overrides_parse_to_the_existing_types():
+  config = fjt.apply_overrides(fjt.load_config(CONFIG), [
+      "train.steps=7", "optimizer.learning_rate=1", "model.features=(3, 4)", "optimizer.nesterov=false",
+      "optimizer.name=adam", "model.features=5"])
+  assert config.train.steps == 7
+  assert config.optimizer.learning_rate == 1.0 and isinstance(config.optimizer.learning_rate, float)
+  assert config.model.features == (5,) and config.optimizer.nesterov is False
+  assert config.optimizer.name == "adam"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.stesp=3", "config has no key 'train.stesp' (did you mean 'steps'?)"),
+    ("trian.steps=3", "config has no key 'trian' (did you mean 'train'?)"),
+    ("train.steps=abc", "config key 'train.steps': expected int, got 'abc'"),
+    ("train.steps=1.5", "config key 'train.steps': expected int, got '1.5'"),
+    ("optimizer.nesterov=maybe", "config key 'optimizer.nesterov': expected a bool"),
+    ("train=3", "config key 'train' is a group"),
+])
+def test_bad_overrides_are_named(override, message):
+  with pytest.raises(fjt.ConfigError) as info:
+    fjt.apply_overrides(fjt.load_config(CONFIG), [override])
+  assert message in str(info.value)
+
+
+def test_cli_trains_into_the_default_workdir(tmp_path):
+  result = run_train("--config", CONFIG, "--config.train.steps=20", "--config.train.eval_every=20",
+                     "--config.optimizer.warmup_steps=2", "--config.model.features=(16,)", cwd=tmp_path)
+  assert result.returncode == 0, result.stderr
+  summary = json.load(open(tmp_path / "runs" / "digits_mlp" / "summary.json"))
+  assert summary["step"] == 20 and 0.0 < summary["eval"]["accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--config.train.stesp=3",), "error: config has no key 'train.stesp' (did you mean 'steps'?)"),
+    (("--config.train.steps=abc",), "error: config key 'train.steps': expected int, got 'abc'"),
+    (("--config.train.steps=-1",), "error: config key 'train.steps': expected a positive int, got -1"),
+    (("--config.model.name=resnet",),
+     "error: config key 'model.name': unknown model 'resnet'; known models: ['cnn', 'mlp', 'nnlm']"),
+    (("--workdir", os.path.join(CONFIG, "sub")), "error: workdir"),
+])
+def test_cli_errors_are_one_line(args, message):
+  result = run_train("--config", CONFIG, *args)
+  assert result.returncode == 2
+  assert message in result.stderr
+  assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cli_missing_config_file():
+  result = run_train("--config", "configs/nope.py")
+  assert result.returncode == 2 and "config file 'configs/nope.py' does not exist" in result.stderr
