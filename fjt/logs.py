@@ -49,8 +49,10 @@ def read_metrics(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_metrics(jsonl_path: str, png_path: str, eval_metric: str) -> None:
-  """Train loss and the eval metric against step, side by side."""
+def plot_metrics(jsonl_path: str, png_path: str, eval_metric: str,
+                 baselines: Mapping[str, float] | None = None) -> None:
+  """Train loss and the eval metric against step, side by side; each of
+  ``baselines`` (name -> value of the eval metric) is a dashed line."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -63,6 +65,8 @@ def plot_metrics(jsonl_path: str, png_path: str, eval_metric: str) -> None:
               and math.isfinite(r[key])]
     if points:
       ax.plot(*zip(*points), marker="." if split == "eval" else None, label=f"{split} {key}")
+  for name, value in (baselines or {}).items():
+    ax_eval.axhline(value, color="gray", linestyle="--", label=name)
   ax_loss.set(xlabel="step", ylabel="loss", title="loss")
   ax_eval.set(xlabel="step", ylabel=eval_metric, title=f"eval {eval_metric}")
   if eval_metric == "perplexity":

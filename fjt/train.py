@@ -183,7 +183,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str,
   summary = {"step": int(state.step), "eval": eval_metrics}
   with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
     json.dump(summary, f, indent=2)
-  plot_metrics(writer.path, os.path.join(workdir, "metrics.png"), eval_metric)
+  baselines = {"unigram model": eval_metrics["unigram_perplexity"]} if language_model else None
+  plot_metrics(writer.path, os.path.join(workdir, "metrics.png"), eval_metric, baselines)
   return state, summary
 
 
