@@ -16,4 +16,9 @@ def get_config() -> ml_collections.ConfigDict:
       "warmup_steps": 100, "final_lr_fraction": 0.0, "grad_clip_norm": 1.0})
   config.train = ml_collections.ConfigDict(
       {"steps": 1200, "batch_size": 256, "eval_every": 400, "log_every": 100, "eval_batch_size": 2048})
+  config.checkpoint = ml_collections.ConfigDict(
+      {"every_steps": 400, "max_to_keep": 2, "best_metric": "perplexity", "best_mode": "min", "fallback": False})
+  config.init_from = ""  # A checkpoint to start from (run workdir, step or saved directory).
+  config.init_skip = ()  # Path patterns (regex) not to load from init_from, e.g. a new head.
+  config.freeze = ()  # Path patterns (regex) of parameters that get no updates.
   return config

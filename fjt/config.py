@@ -67,6 +67,8 @@ def _parse_value(dotted: str, text: str, current):
   try:
     value = ast.literal_eval(text)
   except (ValueError, SyntaxError):
+    if isinstance(current, (tuple, list)):  # --config.freeze=Conv_0 means ("Conv_0",).
+      return type(current)((text,))
     raise ConfigError(
         f"config key {dotted!r}: expected {type(current).__name__}, got {text!r}") from None
   if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+import re
+from collections.abc import Mapping, Sequence
 
 import jax
 import optax
 
 from fjt.config import ConfigError
+from fjt.tree import tree_paths
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "warmup_cosine")
@@ -37,13 +40,31 @@ def _decay_mask(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def create_optimizer(config: Mapping, total_steps: int) -> optax.GradientTransformation:
+def freeze_labels(params, freeze: Sequence[str]):
+  """``"frozen"`` for each leaf whose path ``params/...`` matches a pattern of
+  ``freeze`` (``re.search``), else ``"trainable"``. A pattern that matches no
+  parameter is an error listing the parameters, since it is surely a typo."""
+  paths = ["params/" + p for p in tree_paths(params)]
+  for pattern in freeze:
+    if not any(re.search(pattern, p) for p in paths):
+      raise ConfigError(f"config key 'freeze': pattern {pattern!r} matches no parameter; "
+                        f"parameters: {paths}")
+  labels = ["frozen" if any(re.search(f, p) for f in freeze) else "trainable" for p in paths]
+  return jax.tree.unflatten(jax.tree.structure(params), labels)
+
+
+def create_optimizer(config: Mapping, total_steps: int,
+                     freeze: Sequence[str] = ()) -> optax.GradientTransformation:
   """The optimizer of ``config.optimizer``.
 
   Keys: ``name`` (sgd | adam | adamw), ``learning_rate``, ``schedule`` and its
   keys, ``momentum`` and ``nesterov`` (sgd), ``weight_decay`` (sgd and adam: L2
   added to the gradient; adamw: decoupled), ``grad_clip_norm`` (global norm,
   0 disables). Weight decay applies to leaves with ndim > 1 only.
+
+  ``freeze``: path patterns of parameters that get no updates: their updates
+  are ``optax.set_to_zero`` and the optimizer keeps no state (momentum,
+  moments) for them.
   """
   name = config.get("name")
   lr = create_learning_rate_fn(config, total_steps)
@@ -66,4 +87,8 @@ def create_optimizer(config: Mapping, total_steps: int) -> optax.GradientTransfo
     chain.append(optax.adamw(lr, weight_decay=wd, mask=_decay_mask))
   else:
     raise ConfigError(f"config key 'optimizer.name': expected one of {OPTIMIZERS}, got {name!r}")
-  return optax.chain(*chain)
+  tx = optax.chain(*chain)
+  if freeze:
+    tx = optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()},
+                               functools.partial(freeze_labels, freeze=tuple(freeze)))
+  return tx

@@ -65,7 +65,7 @@ def create_from_config(config, example_x) -> tuple[nn.Module, optax.GradientTran
   from fjt.optim import create_optimizer
 
   model = create_model(config.model)
-  tx = create_optimizer(config.optimizer, int(config.train.steps))
+  tx = create_optimizer(config.optimizer, int(config.train.steps), tuple(config.get("freeze", ())))
   state = jax.jit(create_train_state, static_argnums=(0, 1))(
       model, tx, example_x, jax.random.PRNGKey(config.seed))
   return model, tx, state

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -16,7 +17,9 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from fjt import checkpoint
 from fjt import data as fjt_data
+from fjt.checkpoint import LoadReport
 from fjt.config import ConfigError, require
 from fjt.logs import MetricWriter, plot_metrics
 from fjt.state import TrainState, create_from_config
@@ -111,6 +114,7 @@ def prepare_workdir(workdir: str) -> str:
 
 def _train_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
   positive_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0
+  checkpoint = config.get("checkpoint") or {}
   return {
       "steps": require(config, "train.steps", positive_int, "a positive int"),
       "batch_size": require(config, "train.batch_size", positive_int, "a positive int"),
@@ -118,15 +122,66 @@ def _train_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
       "log_every": config.train.get("log_every", 50),
       "eval_batch_size": config.train.get("eval_batch_size", 1024),
       "seed": require(config, "seed", lambda v: isinstance(v, int), "an int"),
+      "checkpoint_every": checkpoint.get("every_steps", 0) or config.train.steps,
+      "max_to_keep": checkpoint.get("max_to_keep", 2),
+      "best_metric": checkpoint.get("best_metric", ""),
+      "best_mode": checkpoint.get("best_mode", "max"),
+      "fallback": checkpoint.get("fallback", False),
   }
+
+
+def init_from_checkpoint(state: TrainState, path: str, skip=()) -> tuple[TrainState, LoadReport]:
+  """Loads ``params`` and ``batch_stats`` of a checkpoint (a run's whole state,
+  or a variables / params tree saved by ``fjt.checkpoint.save``) into ``state``.
+
+  Paths matching ``skip`` and paths missing from the checkpoint keep ``state``'s
+  values; a shape difference outside ``skip`` is an error. Returns the state
+  (step, optimizer state and rng untouched) and the load report.
+  """
+  saved = checkpoint.saved_shapes(path)
+  if any(p.startswith("params/") for p in saved):
+    variables, report = checkpoint.load(path, state.variables, strict=False, skip=skip)
+  else:  # A params tree on its own, like torch.save(model.state_dict()).
+    params, report = checkpoint.load(path, state.params, strict=False,
+                                     skip=[re.sub(r"^\^?params/", "", s) for s in skip])
+    variables = {"params": params, "batch_stats": state.batch_stats}
+  return state.replace(params=variables["params"], batch_stats=variables["batch_stats"]), report
+
+
+def _fine_tune_start(config, workdir: str, state: TrainState, tx, progress: bool) -> TrainState:
+  """The state a new run starts from: fresh, or ``init_from`` (after training
+  ``config.pretrain`` into ``WORKDIR/pretrain`` when that is set). The load
+  report goes to ``WORKDIR/init_from.json``."""
+  init_from = config.get("init_from", "")
+  if config.get("pretrain"):
+    pretrain_dir = os.path.join(workdir, "pretrain")
+    fit(config.pretrain, pretrain_dir, progress=progress)
+    init_from = init_from or pretrain_dir
+  if not init_from:
+    return state
+  state, report = init_from_checkpoint(state, init_from, tuple(config.get("init_skip", ())))
+  with open(os.path.join(workdir, "init_from.json"), "w", encoding="utf-8") as f:
+    json.dump({"path": init_from, "skipped": report.skipped, "missing": report.missing,
+               "mismatched": report.mismatched}, f, indent=2)
+  return state.replace(opt_state=tx.init(state.params))
+
+
+def _read_json(path: str) -> dict[str, Any] | None:
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
 
 
 def fit(config: ml_collections.ConfigDict, workdir: str,
         progress: bool = True) -> tuple[TrainState, dict[str, Any]]:
   """Trains the model of ``config`` and evaluates it; returns (final state, summary).
 
-  Writes to ``workdir``: ``metrics.jsonl`` (one object per logged step: step,
-  split, metrics), TensorBoard events, ``metrics.png`` and ``summary.json`` =
+  Resumes from the newest complete checkpoint in ``WORKDIR/checkpoints`` if there
+  is one (a finished run is only evaluated again). Writes to ``workdir``:
+  ``metrics.jsonl`` (one object per logged step: step, split, metrics),
+  TensorBoard events, ``metrics.png``, checkpoints, and ``summary.json`` =
   ``{"step": final step, "eval": final eval metrics}``.
   """
   opts = _train_options(config)
@@ -146,23 +201,30 @@ def fit(config: ml_collections.ConfigDict, workdir: str,
     raise ConfigError(f"config key {key!r}: the model outputs {width} classes but the data has "
                       f"{dataset.num_classes}")
 
+  checkpointer = checkpoint.RunCheckpointer(workdir, opts["max_to_keep"], opts["best_metric"],
+                                            opts["best_mode"])
+  state, start = checkpointer.restore_latest(state, fallback=opts["fallback"])
+  if start == 0:
+    state = _fine_tune_start(config, workdir, state, tx, progress)
+
   train_step, eval_step = make_train_step(model, tx), make_eval_step(model)
-  writer = MetricWriter(workdir)
-  window, window_start, tic = [], 0, time.perf_counter()
-  eval_metrics: dict[str, float] = {}
+  writer = MetricWriter(workdir, start_step=start)
+  window, window_start, tic = [], start, time.perf_counter()
+  evaluated_at, eval_metrics = -1, {}
   steps = opts["steps"]
   try:
-    with tqdm(total=steps, disable=not progress, desc="train", unit="step",
+    with tqdm(total=steps, initial=start, disable=not progress, desc="train", unit="step",
               dynamic_ncols=True) as bar:
-      for step in range(steps):
+      for step in range(start, steps):
         batch = fjt_data.get_batch(dataset.train, opts["seed"], step, opts["batch_size"])
         state, metrics = train_step(state, batch)
         window.append(metrics)
         bar.update()
         done = step + 1
-        if done % opts["log_every"] == 0 or done == steps:
+        save_now = done % opts["checkpoint_every"] == 0 or done == steps
+        if done % opts["log_every"] == 0 or save_now:
           window = jax.device_get(window)  # The only host sync of the training loop.
-          _check_finite(window, window_start)
+          _check_finite(window, window_start)  # Before a save: never checkpoint a NaN state.
           toc = time.perf_counter()
           logged = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
           logged["steps_per_sec"] = len(window) / (toc - tic)
@@ -170,17 +232,27 @@ def fit(config: ml_collections.ConfigDict, workdir: str,
           bar.set_postfix(loss=f"{logged['loss']:.4f}", refresh=False)
           window, window_start, tic = [], done, toc
         if done % opts["eval_every"] == 0 or done == steps:
-          eval_metrics = evaluate(eval_step, state, dataset.test, opts["eval_batch_size"],
-                                  perplexity=language_model)
+          eval_metrics, evaluated_at = evaluate(eval_step, state, dataset.test, opts["eval_batch_size"],
+                                                perplexity=language_model), done
           writer.write(done, "eval", eval_metrics)
           bar.write(f"step {done}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in eval_metrics.items()))
           tic = time.perf_counter()  # Eval time is not training throughput.
+        if save_now:
+          checkpointer.save(done, state, eval_metrics if evaluated_at == done else None)
+    if evaluated_at != steps:  # A finished run started again: report, do not retrain.
+      eval_metrics = evaluate(eval_step, state, dataset.test, opts["eval_batch_size"],
+                              perplexity=language_model)
   finally:
     writer.close()
+    checkpointer.close()  # Waits for the last save; raises its errors.
 
   if language_model:
     eval_metrics["unigram_perplexity"] = dataset.info["unigram_perplexity"]
   summary = {"step": int(state.step), "eval": eval_metrics}
+  for name, path in (("pretrain", os.path.join(workdir, "pretrain", "summary.json")),
+                     ("init_from", os.path.join(workdir, "init_from.json"))):
+    if (info := _read_json(path)) is not None:
+      summary[name] = info
   with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
     json.dump(summary, f, indent=2)
   baselines = {"unigram model": eval_metrics["unigram_perplexity"]} if language_model else None

@@ -20,14 +20,18 @@ def main(argv=None) -> int:
     overrides.append(item[len("--config."):])
 
   import fjt  # After argument parsing, so --help is instant.
+  from fjt.checkpoint import CheckpointError, CheckpointMismatchError
 
   try:
     config = fjt.apply_overrides(fjt.load_config(args.config), overrides)
     workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
     summary = fjt.train_and_evaluate(config, workdir)
-  except (fjt.ConfigError, fjt.NonFiniteLossError) as e:
+  except fjt.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
-    return 2 if isinstance(e, fjt.ConfigError) else 1
+    return 2
+  except (fjt.NonFiniteLossError, CheckpointError, CheckpointMismatchError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   print(f"{workdir}: step {summary['step']}, " +
         ", ".join(f"{k} {v:.4f}" for k, v in summary["eval"].items()))
   return 0

@@ -1,0 +1,419 @@
+"""Orbax checkpoints: save and load any pytree, with PyTorch-style key reports.
+
+``save(path, tree)`` is ``torch.save(model.state_dict(), path)``;
+``load(path, target, strict=False)`` is ``load_state_dict(strict=False)``, but the
+key differences are computed from Orbax metadata before any array is read, and
+a shape mismatch is always an error unless the path is explicitly skipped.
+
+Every finished checkpoint gets ``fjt_manifest.json``: the size and CRC-32 of each
+of its files. Orbax alone reads a truncated data file without complaint; with
+the manifest a damaged file is named before anything is restored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import threading
+import warnings
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import flax.serialization
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from fjt.tree import flatten, path_str, to_nested_dict, unflatten
+
+PyTree = Any
+MANIFEST = "fjt_manifest.json"
+ITEM = "default"  # The item name a single-item CheckpointManager gives the tree.
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that is missing or cannot be read as written."""
+
+
+class CheckpointMismatchError(ValueError):
+  """The checkpoint's tree does not fit the target; ``.report`` says where."""
+
+  def __init__(self, message: str, report: LoadReport):
+    super().__init__(message)
+    self.report = report
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadReport:
+  """How a checkpoint's tree differs from a target's, by '/'-joined path.
+
+  Attributes:
+    missing: in the target, not in the checkpoint (they keep the target's value).
+    unexpected: in the checkpoint, not in the target (not read).
+    mismatched: in both, with a different shape or dtype (see ``details``).
+    skipped: target paths matching a ``skip`` pattern (not read; target's value kept).
+    details: path -> "checkpoint SHAPE DTYPE, target SHAPE DTYPE" for mismatched paths.
+  """
+  missing: list[str]
+  unexpected: list[str]
+  mismatched: list[str]
+  skipped: list[str] = dataclasses.field(default_factory=list)
+  details: dict[str, str] = dataclasses.field(default_factory=dict)
+
+  def __str__(self) -> str:
+    lines = [f"missing ({len(self.missing)}): " + ", ".join(self.missing),
+             f"unexpected ({len(self.unexpected)}): " + ", ".join(self.unexpected),
+             f"mismatched ({len(self.mismatched)}): " +
+             ", ".join(f"{p} [{self.details[p]}]" for p in self.mismatched)]
+    if self.skipped:
+      lines.append(f"skipped ({len(self.skipped)}): " + ", ".join(self.skipped))
+    return "\n".join(lines)
+
+
+# --- Locating checkpoints ---------------------------------------------------------------------
+
+
+def step_dirs(checkpoints_dir: str) -> list[tuple[int, str]]:
+  """``[(step, directory)]`` of the finished steps under ``checkpoints_dir``, oldest first.
+
+  Unfinished saves (``<step>.orbax-checkpoint-tmp*``) and renamed steps are not listed.
+  """
+  if not os.path.isdir(checkpoints_dir):
+    return []
+  steps = [(int(name), os.path.join(checkpoints_dir, name)) for name in os.listdir(checkpoints_dir)
+           if name.isdigit() and os.path.isdir(os.path.join(checkpoints_dir, name))]
+  return sorted(steps)
+
+
+def resolve(path: str | os.PathLike) -> tuple[str, str]:
+  """``(checkpoint_dir, item_dir)`` for a run workdir (its newest step), its
+  ``checkpoints/`` directory, one step directory, or a directory made by ``save``.
+
+  ``checkpoint_dir`` holds the manifest, ``item_dir`` Orbax's ``_METADATA``.
+  """
+  path = os.fspath(path)
+  if not os.path.isdir(path):
+    raise CheckpointError(f"no checkpoint at {path!r}: it is not a directory")
+  if os.path.isfile(os.path.join(path, "_METADATA")):
+    return path, path
+  if os.path.isdir(os.path.join(path, ITEM)):
+    return path, os.path.join(path, ITEM)
+  checkpoints = os.path.join(path, "checkpoints")
+  steps = step_dirs(checkpoints if os.path.isdir(checkpoints) else path)
+  if steps:
+    return resolve(steps[-1][1])
+  raise CheckpointError(
+      f"no checkpoint at {path!r}: expected a run workdir, its checkpoints/ directory, a step "
+      "directory or a directory written by fjt.checkpoint.save")
+
+
+# --- Integrity ----------------------------------------------------------------------------------
+
+
+def _crc32(path: str) -> int:
+  crc = 0
+  with open(path, "rb") as f:
+    while chunk := f.read(1 << 22):
+      crc = zlib.crc32(chunk, crc)
+  return crc
+
+
+def _files(directory: str) -> list[str]:
+  found = []
+  for dirpath, _, filenames in os.walk(directory):
+    for name in filenames:
+      if not name.startswith(MANIFEST):
+        found.append(os.path.relpath(os.path.join(dirpath, name), directory))
+  return sorted(found)
+
+
+def write_manifest(checkpoint_dir: str) -> None:
+  """Records size and CRC-32 of every file of a finished checkpoint (atomically)."""
+  files = {rel: {"size": os.path.getsize(os.path.join(checkpoint_dir, rel)),
+                 "crc32": _crc32(os.path.join(checkpoint_dir, rel))} for rel in _files(checkpoint_dir)}
+  tmp = os.path.join(checkpoint_dir, MANIFEST + ".tmp")
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump({"files": files}, f)
+  os.replace(tmp, os.path.join(checkpoint_dir, MANIFEST))
+
+
+def verify(checkpoint_dir: str, checksums: bool = False) -> bool:
+  """Checks a checkpoint's files against its manifest; returns False if it has none.
+
+  Sizes are always compared (a stat per file); contents too if ``checksums``.
+  Raises ``CheckpointError`` naming the directory and the first bad file.
+  """
+  manifest_path = os.path.join(checkpoint_dir, MANIFEST)
+  if not os.path.isfile(manifest_path):
+    return False
+  try:
+    with open(manifest_path, encoding="utf-8") as f:
+      files = json.load(f)["files"]
+  except (OSError, ValueError, KeyError) as e:
+    raise CheckpointError(f"checkpoint {checkpoint_dir}: file {MANIFEST} is damaged ({e})") from e
+  for rel, expected in files.items():
+    full = os.path.join(checkpoint_dir, rel)
+    if not os.path.isfile(full):
+      raise CheckpointError(f"checkpoint {checkpoint_dir}: file {rel} is missing")
+    size = os.path.getsize(full)
+    if size != expected["size"]:
+      raise CheckpointError(f"checkpoint {checkpoint_dir}: file {rel} has {size} bytes, "
+                            f"{expected['size']} were written")
+    if checksums and _crc32(full) != expected["crc32"]:
+      raise CheckpointError(f"checkpoint {checkpoint_dir}: file {rel} has changed since it was written")
+  return True
+
+
+# --- Metadata and key reports -------------------------------------------------------------------
+
+
+def _tree_metadata(item_dir: str) -> PyTree:
+  # The handler, not a Checkpointer: it reads the item alone, without step metadata.
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    return handler.metadata(epath.Path(item_dir)).tree
+  finally:
+    handler.close()
+
+
+def saved_shapes(path: str | os.PathLike) -> dict[str, jax.ShapeDtypeStruct]:
+  """``{path: ShapeDtypeStruct}`` of a checkpoint, from Orbax metadata only."""
+  checkpoint_dir, item_dir = resolve(path)
+  try:
+    tree = _tree_metadata(item_dir)
+  except Exception as e:  # Orbax raises several types for unreadable metadata.
+    raise CheckpointError(f"checkpoint {checkpoint_dir}: metadata cannot be read: {e}") from e
+  return {p: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)) for p, m in flatten(tree).items()}
+
+
+def _shape_dtype(leaf) -> tuple[tuple[int, ...], np.dtype]:
+  if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+    leaf = np.asarray(leaf)
+  return tuple(leaf.shape), np.dtype(leaf.dtype)
+
+
+def _describe(shape, dtype) -> str:
+  return f"{tuple(shape)} {np.dtype(dtype).name}"
+
+
+def compare(saved: dict[str, jax.ShapeDtypeStruct], target: PyTree,
+            skip: Sequence[str] = ()) -> LoadReport:
+  """The report of loading a checkpoint with leaves ``saved`` into ``target``."""
+  target_flat = flatten(to_nested_dict(target))
+  missing = [p for p in target_flat if p not in saved]
+  unexpected = [p for p in saved if p not in target_flat]
+  mismatched, details = [], {}
+  for p, leaf in target_flat.items():
+    if p in saved:
+      shape, dtype = _shape_dtype(leaf)
+      if (tuple(saved[p].shape), np.dtype(saved[p].dtype)) != (shape, dtype):
+        mismatched.append(p)
+        details[p] = (f"checkpoint {_describe(saved[p].shape, saved[p].dtype)}, "
+                      f"target {_describe(shape, dtype)}")
+  skipped = [p for p in target_flat if any(re.search(s, p) for s in skip)]
+  return LoadReport(missing, unexpected, mismatched, skipped, details)
+
+
+# --- Save and load ------------------------------------------------------------------------------
+
+
+def save(path: str | os.PathLike, tree: PyTree, force: bool = False) -> None:
+  """Saves any pytree of arrays (e.g. params alone) to the new directory ``path``.
+
+  Blocks until the checkpoint is complete on disk; written atomically (a
+  temporary directory renamed at the end), then given a manifest.
+  """
+  path = os.path.abspath(os.fspath(path))
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(path, to_nested_dict(tree), force=force)
+    checkpointer.wait_until_finished()
+  write_manifest(path)
+
+
+def _sharding(leaf) -> jax.sharding.Sharding:
+  sharding = getattr(leaf, "sharding", None)
+  return sharding if sharding is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
+def _restore(checkpoint_dir: str, item_dir: str, abstract: dict[str, jax.ShapeDtypeStruct]) -> dict:
+  """Reads the leaves ``abstract`` (``{path: ShapeDtypeStruct with sharding}``) as jax arrays."""
+  item = unflatten(abstract)
+  try:
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+      restored = handler.restore(epath.Path(item_dir), args=ocp.args.PyTreeRestore(
+          item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+          partial_restore=True))
+    finally:
+      handler.close()
+  except Exception as e:  # Orbax and TensorStore raise many types; name the checkpoint.
+    raise CheckpointError(f"checkpoint {checkpoint_dir} cannot be read: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:500]}") from e
+  return flatten(restored)
+
+
+def load(path: str | os.PathLike, target: PyTree | None = None, strict: bool = True,
+         skip: Sequence[str] = ()):
+  """Loads a checkpoint, optionally onto ``target``.
+
+  Args:
+    path: a run workdir (its newest step), its ``checkpoints/`` directory, one
+      step directory, or a directory written by ``save``.
+    target: ``None``, or a pytree (e.g. a ``TrainState`` or ``{"params": ...}``)
+      of arrays or ``jax.ShapeDtypeStruct``. Restored leaves take the target's
+      dtype and sharding; the result has the target's type.
+    strict: with a target, raise ``CheckpointMismatchError`` listing every
+      missing, unexpected and mismatched path (outside ``skip``).
+    skip: regular expressions (``re.search``) on '/'-joined target paths not to
+      load; those keep the target's value even if their shape differs.
+
+  Returns:
+    Without a target, the saved tree as nested dicts of arrays. With a target and
+    ``strict=True``, the restored tree. With ``strict=False``, ``(tree, report)``:
+    paths in both are loaded, missing ones keep the target's values.
+  """
+  checkpoint_dir, item_dir = resolve(path)
+  verify(checkpoint_dir)
+  saved = saved_shapes(checkpoint_dir)
+  if target is None:
+    abstract = {p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=_sharding(None))
+                for p, s in saved.items()}
+    restored = _restore(checkpoint_dir, item_dir, abstract)
+    tree = _tree_metadata(item_dir)
+    return jax.tree_util.tree_map_with_path(lambda kp, _: restored[path_str(kp)], tree)
+
+  report = compare(saved, target, skip)
+  skipped = set(report.skipped)
+  if strict:
+    bad = [p for p in report.missing + report.unexpected + report.mismatched if p not in skipped]
+    if bad:
+      raise CheckpointMismatchError(
+          f"checkpoint {checkpoint_dir} does not match the target at {len(bad)} paths:\n{report}", report)
+  shape_bad = [p for p in report.mismatched if p not in skipped
+               and tuple(saved[p].shape) != _shape_dtype(flatten(to_nested_dict(target))[p])[0]]
+  if shape_bad:
+    raise CheckpointMismatchError(
+        f"checkpoint {checkpoint_dir}: shapes differ at " +
+        "; ".join(f"{p} ({report.details[p]})" for p in shape_bad) +
+        ". Pass skip=[pattern] to keep the target's value for these paths", report)
+
+  nested_target = to_nested_dict(target)
+  target_flat = flatten(nested_target)
+  to_read = [p for p in target_flat if p in saved and p not in skipped]
+  abstract = {}
+  for p in to_read:
+    shape, dtype = _shape_dtype(target_flat[p])
+    abstract[p] = jax.ShapeDtypeStruct(shape, dtype, sharding=_sharding(target_flat[p]))
+  restored = _restore(checkpoint_dir, item_dir, abstract) if abstract else {}
+  for p in target_flat:
+    if p not in restored and isinstance(target_flat[p], jax.ShapeDtypeStruct):
+      raise CheckpointMismatchError(
+          f"checkpoint {checkpoint_dir} has no value for {p}, and the target gives only its shape; "
+          "pass a target with arrays to keep their values", report)
+  merged = jax.tree_util.tree_map_with_path(
+      lambda kp, leaf: restored.get(path_str(kp), leaf), nested_target)
+  tree = flax.serialization.from_state_dict(target, merged)
+  return tree if strict else (tree, report)
+
+
+# --- The training run's checkpoints -------------------------------------------------------------
+
+
+class RunCheckpointer:
+  """Checkpoints of one training run under ``WORKDIR/checkpoints/<step>``.
+
+  Saves are asynchronous: ``save`` returns once the arrays are copied off the
+  device, and Orbax writes them in the background into a temporary directory
+  renamed when complete, so a run killed at any moment leaves only whole steps.
+  Keeps the ``max_to_keep`` newest steps plus the best one by ``best_metric``.
+  Errors of a background save are raised by the next ``save`` or by ``close``.
+  """
+
+  def __init__(self, workdir: str, max_to_keep: int = 2, best_metric: str | None = None,
+               best_mode: str = "max"):
+    if best_mode not in ("max", "min"):
+      raise ValueError(f"config key 'checkpoint.best_mode': expected 'max' or 'min', got {best_mode!r}")
+    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    policies = [ocp.checkpoint_managers.LatestN(n=max_to_keep)]
+    if best_metric:  # BestN keeps the end of an ascending sort, so "max" is not reversed.
+      policies.append(ocp.checkpoint_managers.BestN(
+          get_metric_fn=lambda metrics: metrics[best_metric], reverse=best_mode == "min", n=1,
+          keep_checkpoints_without_metrics=False))
+    self._options = ocp.CheckpointManagerOptions(
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+        cleanup_tmp_directories=True, enable_async_checkpointing=True)
+    self._manager = None
+    self._unsealed: list[int] = []  # Saved steps that have no manifest yet.
+    self._sealer: threading.Thread | None = None
+
+  def _open(self) -> ocp.CheckpointManager:
+    if self._manager is None:
+      self._manager = ocp.CheckpointManager(self.directory, options=self._options)
+    return self._manager
+
+  def restore_latest(self, target: PyTree, fallback: bool = False) -> tuple[PyTree, int]:
+    """``(state, step)`` from the newest step that reads cleanly, or ``(target, 0)``
+    when there is none. Leftover temporary directories of unfinished saves are removed.
+
+    A damaged newest step is an error naming its directory and file, unless
+    ``fallback``: then each damaged step is renamed ``damaged-<step>`` (nothing
+    is deleted) with a warning, and the next older one is tried.
+    """
+    for step, directory in reversed(step_dirs(self.directory)):
+      try:
+        state = load(directory, target)
+      except CheckpointError as e:
+        if not fallback:
+          raise CheckpointError(
+              f"{e}. To resume from the newest step that reads cleanly instead, run again with "
+              "--config.checkpoint.fallback=True (damaged steps are kept, renamed damaged-<step>)") from e
+        aside = os.path.join(self.directory, f"damaged-{step}")
+        os.replace(directory, aside)
+        warnings.warn(f"{e}; moved it to {aside} and trying the previous step", stacklevel=2)
+        continue
+      if not os.path.isfile(os.path.join(directory, MANIFEST)):
+        write_manifest(directory)  # Saved by a run killed before it could seal it.
+      self._open()  # Removes leftover temporary directories.
+      return state, step
+    self._open()
+    return target, 0
+
+  def save(self, step: int, state: PyTree, metrics: dict[str, float] | None = None) -> None:
+    """Starts saving ``state`` as step ``step``; returns before it is on disk."""
+    manager = self._open()
+    manager.save(step, args=ocp.args.StandardSave(to_nested_dict(state)), metrics=metrics)
+    # Orbax's save waits for the previous save, so every earlier step is complete now.
+    self._seal(wait=False)
+    self._unsealed.append(step)
+
+  def _seal(self, wait: bool) -> None:
+    if self._sealer is not None:
+      self._sealer.join()
+    steps, self._unsealed = self._unsealed, []
+
+    def seal():
+      for step in steps:
+        directory = os.path.join(self.directory, str(step))
+        if os.path.isdir(directory):  # It may have been removed by max_to_keep.
+          write_manifest(directory)
+
+    self._sealer = threading.Thread(target=seal, name="fjt-manifest", daemon=True)
+    self._sealer.start()
+    if wait:
+      self._sealer.join()
+
+  def wait_until_finished(self) -> None:
+    """Blocks until every started save is complete, manifests included."""
+    if self._manager is not None:
+      self._manager.wait_until_finished()
+      self._seal(wait=True)
+
+  def close(self) -> None:
+    if self._manager is not None:
+      self.wait_until_finished()
+      self._manager.close()
+      self._manager = None

@@ -1,0 +1,54 @@
+"""Pytree paths: every leaf named by its '/'-joined path, e.g. ``params/Dense_0/kernel``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.serialization
+import jax
+
+PyTree = Any
+
+
+def key_str(key) -> str:
+  """One step of a jax key path as text: a dict key, a sequence index or an attribute name."""
+  for attr in ("key", "idx", "name"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def path_str(keypath) -> str:
+  return "/".join(key_str(k) for k in keypath)
+
+
+def tree_paths(tree: PyTree) -> list[str]:
+  """The '/'-joined path of every leaf, in ``jax.tree.leaves`` order."""
+  return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def flatten(tree: PyTree) -> dict[str, Any]:
+  """``{path: leaf}`` in ``jax.tree.leaves`` order (empty subtrees have no entry)."""
+  return {path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+  """Nested dicts from ``{path: leaf}``; the inverse of ``flatten`` on nested dicts."""
+  nested: dict[str, Any] = {}
+  for path, leaf in flat.items():
+    node = nested
+    *parents, name = path.split("/")
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[name] = leaf
+  return nested
+
+
+def to_nested_dict(tree: PyTree) -> PyTree:
+  """A train state, optax state or variables as plain nested dicts of arrays.
+
+  Dataclasses and named tuples become dicts of their fields, tuples dicts keyed
+  '0', '1', ... (``flax.serialization.to_state_dict``), so the paths of a saved
+  state read ``opt_state/1/0/trace/Dense_0/kernel``.
+  """
+  return flax.serialization.to_state_dict(tree)
