@@ -180,12 +180,14 @@ def fit(config: ml_collections.ConfigDict, workdir: str,
 
   Resumes from the newest complete checkpoint in ``WORKDIR/checkpoints`` if there
   is one (a finished run is only evaluated again). Writes to ``workdir``:
-  ``metrics.jsonl`` (one object per logged step: step, split, metrics),
+  ``config.json``, ``metrics.jsonl`` (one object per logged step: step, split, metrics),
   TensorBoard events, ``metrics.png``, checkpoints, and ``summary.json`` =
   ``{"step": final step, "eval": final eval metrics}``.
   """
   opts = _train_options(config)
   prepare_workdir(workdir)
+  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    f.write(config.to_json_best_effort(indent=2))
   dataset = fjt_data.load_dataset(config.data)
   if opts["batch_size"] > dataset.num_train:
     raise ConfigError(f"config key 'train.batch_size': {opts['batch_size']} is larger than the "
