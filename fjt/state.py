@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -9,6 +10,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+
+from fjt.averaging import TemporalAveraging
 
 PyTree = Any
 
@@ -23,12 +26,15 @@ class TrainState:
     batch_stats: the model's ``batch_stats`` collection (``{}`` without BatchNorm).
     opt_state: the optax state of ``params``.
     rng: uint32 ``(2,)`` PRNG key, folded with ``step`` for per-step randomness.
+    averages: temporal averages of the variables (``fjt.averaging``):
+      ``{"ema": variables, "swa": variables, "swa_count": int32}``, those enabled.
   """
   step: jax.Array
   params: PyTree
   batch_stats: PyTree
   opt_state: PyTree
   rng: jax.Array
+  averages: PyTree = dataclasses.field(default_factory=dict)
 
   @property
   def variables(self) -> dict[str, PyTree]:
@@ -43,7 +49,8 @@ def init_variables(model: nn.Module, example_x: jax.Array, rng: jax.Array) -> di
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
-                       example_x: jax.Array, rng: jax.Array) -> TrainState:
+                       example_x: jax.Array, rng: jax.Array,
+                       averaging: TemporalAveraging = TemporalAveraging()) -> TrainState:
   """A fresh train state at step 0. Pure, so it can run under ``jax.jit`` or
   ``jax.eval_shape`` (for the shapes of a state without allocating it)."""
   init_rng, state_rng = jax.random.split(rng)
@@ -53,7 +60,8 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
       params=variables["params"],
       batch_stats=variables["batch_stats"],
       opt_state=tx.init(variables["params"]),
-      rng=state_rng)
+      rng=state_rng,
+      averages=averaging.init(variables))
 
 
 def create_from_config(config, example_x) -> tuple[nn.Module, optax.GradientTransformation, TrainState]:
@@ -66,6 +74,7 @@ def create_from_config(config, example_x) -> tuple[nn.Module, optax.GradientTran
 
   model = create_model(config.model)
   tx = create_optimizer(config.optimizer, int(config.train.steps), tuple(config.get("freeze", ())))
-  state = jax.jit(create_train_state, static_argnums=(0, 1))(
-      model, tx, example_x, jax.random.PRNGKey(config.seed))
+  averaging = TemporalAveraging.from_config(config)
+  state = jax.jit(create_train_state, static_argnums=(0, 1, 4))(
+      model, tx, example_x, jax.random.PRNGKey(config.seed), averaging)
   return model, tx, state

@@ -22,6 +22,7 @@ from fjt import data as fjt_data
 from fjt.checkpoint import LoadReport
 from fjt.config import ConfigError, require
 from fjt.logs import MetricWriter, plot_metrics
+from fjt.averaging import TemporalAveraging
 from fjt.state import TrainState, create_from_config
 
 Batch = Mapping[str, jax.Array]
@@ -32,13 +33,15 @@ class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN or infinite."""
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
+                    averaging: TemporalAveraging = TemporalAveraging()
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """``train_step(state, batch) -> (state, metrics)``, jit-compiled, ``state`` donated.
 
   ``batch`` holds ``x`` (model inputs) and ``y`` (int32 labels ``(B,)``). The loss
   is the mean softmax cross-entropy; BatchNorm statistics are those of the batch
-  and the running averages are updated. Metrics: ``loss``, ``accuracy`` (scalars).
+  and the running averages are updated, as are the EMA/SWA weights of
+  ``averaging``. Metrics: ``loss``, ``accuracy`` (scalars).
   """
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
@@ -51,8 +54,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                              batch_stats=batch_stats, opt_state=opt_state)
+    params = optax.apply_updates(state.params, updates)
+    averages = averaging.update(state.averages, {"params": params, "batch_stats": batch_stats},
+                                state.step + 1)
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state, averages=averages)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["y"])
     return new_state, {"loss": loss, "accuracy": accuracy}
 
@@ -79,14 +85,21 @@ def make_eval_step(model: nn.Module) -> Callable[[TrainState, Batch], Metrics]:
 
 
 def evaluate(eval_step, state: TrainState, arrays: Mapping[str, np.ndarray], batch_size: int,
-             perplexity: bool = False) -> dict[str, float]:
+             perplexity: bool = False, averages: bool = True) -> dict[str, float]:
   """``loss`` (mean cross-entropy, nats), ``accuracy`` and, if asked, ``perplexity``
-  = exp(loss), over every example of ``arrays`` once."""
+  = exp(loss), over every example of ``arrays`` once. With ``averages``, the same
+  for each temporal average of the state, prefixed: ``ema_accuracy``, ``swa_loss``, ..."""
   sums = [eval_step(state, batch) for batch in fjt_data.eval_batches(arrays, batch_size)]
   totals = {k: float(np.sum([np.float64(s[k]) for s in jax.device_get(sums)])) for k in sums[0]}
   metrics = {"loss": totals["loss"] / totals["count"], "accuracy": totals["correct"] / totals["count"]}
   if perplexity:
     metrics["perplexity"] = float(np.exp(metrics["loss"]))
+  for name in ("ema", "swa") if averages else ():
+    if name in state.averages and not (name == "swa" and int(state.averages["swa_count"]) == 0):
+      averaged = state.replace(params=state.averages[name]["params"],
+                               batch_stats=state.averages[name]["batch_stats"])
+      for key, value in evaluate(eval_step, averaged, arrays, batch_size, perplexity, False).items():
+        metrics[f"{name}_{key}"] = value
   return metrics
 
 
@@ -160,6 +173,7 @@ def _fine_tune_start(config, workdir: str, state: TrainState, tx, progress: bool
   if not init_from:
     return state
   state, report = init_from_checkpoint(state, init_from, tuple(config.get("init_skip", ())))
+  state = state.replace(averages=TemporalAveraging.from_config(config).init(state.variables))
   with open(os.path.join(workdir, "init_from.json"), "w", encoding="utf-8") as f:
     json.dump({"path": init_from, "skipped": report.skipped, "missing": report.missing,
                "mismatched": report.mismatched}, f, indent=2)
@@ -209,7 +223,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str,
   if start == 0:
     state = _fine_tune_start(config, workdir, state, tx, progress)
 
-  train_step, eval_step = make_train_step(model, tx), make_eval_step(model)
+  averaging = TemporalAveraging.from_config(config)
+  train_step, eval_step = make_train_step(model, tx, averaging), make_eval_step(model)
   writer = MetricWriter(workdir, start_step=start)
   window, window_start, tic = [], start, time.perf_counter()
   evaluated_at, eval_metrics = -1, {}

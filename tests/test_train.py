@@ -96,3 +96,31 @@ def test_optimizers_and_schedules():
   big = {"w": np.full((2, 2), 10.0, np.float32), "b": np.zeros(2, np.float32)}
   updates, _ = clipped.update(big, clipped.init(params), params)
   assert float(np.sqrt(sum(np.sum(np.square(u)) for u in jax.tree.leaves(updates)))) == pytest.approx(1.0)
+
+
+def test_ema_and_swa_follow_their_definitions():
+  from fjt.averaging import TemporalAveraging
+  config = tiny_digits_config("mlp")
+  data = fjt.load_dataset(config.data)
+  model = fjt.create_model(config.model)
+  tx = fjt.create_optimizer(config.optimizer, total_steps=30)
+  averaging = TemporalAveraging(ema_decay=0.9, swa_start=2, swa_every=3)
+  state = fjt.create_train_state(model, tx, data.train["x"][:1], jax.random.PRNGKey(0), averaging)
+  initial = jax.device_get(state.variables)
+  step_fn = fjt.make_train_step(model, tx, averaging)
+  history = []
+  for step in range(9):
+    state, _ = step_fn(state, fjt.get_batch(data.train, 0, step, 32))
+    history.append(jax.device_get(state.variables))
+  ema = initial
+  for variables in history:
+    ema = jax.tree.map(lambda e, w: np.float32(0.9) * e + np.float32(0.1) * w, ema, variables)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               state.averages["ema"], ema)
+  taken = [history[s - 1] for s in (2, 5, 8)]  # Steps start, start + every, ...
+  swa = jax.tree.map(lambda *ws: np.mean(ws, axis=0), *taken)
+  assert int(state.averages["swa_count"]) == 3
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               state.averages["swa"], swa)
+  metrics = fjt.evaluate(fjt.make_eval_step(model), state, data.test, 512)
+  assert {"ema_accuracy", "swa_accuracy", "ema_loss", "swa_loss"} <= set(metrics)
