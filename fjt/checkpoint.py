@@ -320,6 +320,20 @@ def load(path: str | os.PathLike, target: PyTree | None = None, strict: bool = T
   return tree if strict else (tree, report)
 
 
+def load_variables(path: str | os.PathLike) -> dict[str, PyTree]:
+  """``{"params", "batch_stats"}`` of a checkpoint, reading nothing else.
+
+  The checkpoint may hold a whole train state (its optimizer state is not read),
+  variables, or a params tree on its own (then ``batch_stats`` is ``{}``).
+  """
+  saved = saved_shapes(path)
+  wanted = {p: s for p, s in saved.items() if p.startswith(("params/", "batch_stats/"))}
+  if not wanted:  # A params tree saved on its own.
+    return {"params": load(path, unflatten(saved)), "batch_stats": {}}
+  tree, _ = load(path, unflatten(wanted), strict=False)
+  return {"params": tree["params"], "batch_stats": tree.get("batch_stats", {})}
+
+
 # --- The training run's checkpoints -------------------------------------------------------------
 
 

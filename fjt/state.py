@@ -78,3 +78,19 @@ def create_from_config(config, example_x) -> tuple[nn.Module, optax.GradientTran
   state = jax.jit(create_train_state, static_argnums=(0, 1, 4))(
       model, tx, example_x, jax.random.PRNGKey(config.seed), averaging)
   return model, tx, state
+
+
+def abstract_from_config(config) -> tuple[nn.Module, TrainState]:
+  """The model of ``config`` and the shapes of its fresh train state
+  (``jax.ShapeDtypeStruct`` leaves, via ``jax.eval_shape``: nothing allocated)."""
+  from fjt.data import load_dataset
+  from fjt.models import create_model
+  from fjt.optim import create_optimizer
+
+  example = load_dataset(config.data).train["x"][:1]
+  model = create_model(config.model)
+  tx = create_optimizer(config.optimizer, int(config.train.steps), tuple(config.get("freeze", ())))
+  averaging = TemporalAveraging.from_config(config)
+  abstract = jax.eval_shape(lambda rng: create_train_state(model, tx, example, rng, averaging),
+                            jax.random.PRNGKey(0))
+  return model, abstract

@@ -51,18 +51,10 @@ def _is_config_path(source) -> bool:
 
 def _config_state(path: str):
   from fjt.config import load_config
-  from fjt.data import load_dataset
-  from fjt.models import create_model
-  from fjt.optim import create_optimizer
-  from fjt.state import create_train_state
+  from fjt.state import abstract_from_config
 
   config = load_config(path)
-  example = load_dataset(config.data).train["x"][:1]
-  model = create_model(config.model)
-  tx = create_optimizer(config.optimizer, int(config.train.steps), tuple(config.get("freeze", ())))
-  abstract = jax.eval_shape(lambda rng: create_train_state(model, tx, example, rng),
-                            jax.random.PRNGKey(0))
-  return abstract, tuple(config.get("freeze", ()))
+  return abstract_from_config(config)[1], tuple(config.get("freeze", ()))
 
 
 def _run_freeze(path: str) -> tuple[str, ...]:

@@ -1,0 +1,56 @@
+"""Weight files <-> fjt checkpoints for the model of a config (``scripts/convert.py``)."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+from fjt import checkpoint
+from fjt.config import load_config
+from fjt.interop import torch as interop
+from fjt.models import CNN
+from fjt.state import abstract_from_config
+
+
+def _nchw_flatten(config, model):
+  """PyTorch flattens conv features as NCHW: the CNN's first Dense gets its rows permuted."""
+  if not isinstance(model, CNN):
+    return None
+  from fjt.data import load_dataset
+  example = load_dataset(config.data).train["x"][:1]
+  return interop.cnn_nchw_flatten(model, example.shape)
+
+
+def import_weights(weights_path: str, out_dir: str, config_path: str) -> interop.ImportReport:
+  """A ``.safetensors`` / ``.pt`` state_dict -> an fjt checkpoint (``{"params",
+  "batch_stats"}``) for the model of ``config_path``, written to ``out_dir``."""
+  config = load_config(config_path)
+  model, abstract = abstract_from_config(config)
+  state_dict = interop.load_file(weights_path)
+  variables, report = interop.from_state_dict(state_dict, abstract.variables,
+                                              nchw_flatten=_nchw_flatten(config, model))
+  if report.unmatched:
+    raise ValueError(f"{weights_path} has no values for {list(report.unmatched)} of the model of "
+                     f"{config_path}")
+  checkpoint.save(out_dir, variables)
+  return report
+
+
+def export_weights(checkpoint_path: str, out_path: str, config_path: str | None = None) -> list[str]:
+  """An fjt checkpoint's variables -> ``.safetensors`` / ``.pt`` with PyTorch keys and
+  layouts. ``config_path`` (needed for the CNN) sets the NCHW flatten permutation.
+  Returns the keys written."""
+  variables = checkpoint.load_variables(checkpoint_path)
+  nchw = None
+  if config_path:
+    config = load_config(config_path)
+    model, _ = abstract_from_config(config)
+    nchw = _nchw_flatten(config, model)
+  state_dict = interop.to_state_dict(jax.device_get(variables), nchw_flatten=nchw)
+  interop.save_file(state_dict, out_path)
+  return list(state_dict)
+
+
+def is_weights_file(path: str) -> bool:
+  return os.fspath(path).endswith(interop.FILE_TYPES)

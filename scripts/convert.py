@@ -1,0 +1,45 @@
+"""Convert weights between PyTorch files and fjt checkpoints.
+
+  python scripts/convert.py model.pt OUT_DIR --config configs/digits_cnn.py      # torch -> fjt
+  python scripts/convert.py runs/digits_cnn model.safetensors --config configs/digits_cnn.py  # fjt -> torch
+
+IN is a .safetensors / .pt / .pth file (read weights-only) or an fjt checkpoint (a run
+workdir, step or saved directory); OUT is the other kind.
+"""
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("input")
+  parser.add_argument("output")
+  parser.add_argument("--config", help="the config whose model the weights belong to "
+                      "(required to import; to export, needed for the CNN's layout)")
+  args = parser.parse_args(argv)
+
+  from fjt.checkpoint import CheckpointError  # After argument parsing, so --help is instant.
+  from fjt.config import ConfigError
+  from fjt.interop import convert
+
+  try:
+    if convert.is_weights_file(args.input):
+      if not args.config:
+        parser.error("importing weights needs --config (the model they belong to)")
+      report = convert.import_weights(args.input, args.output, args.config)
+      print(f"{args.output}: {len(report.matched)} tensors imported "
+            f"({len(report.reshaped)} transposed or permuted); unused: {list(report.unused)}")
+    elif convert.is_weights_file(args.output):
+      keys = convert.export_weights(args.input, args.output, args.config)
+      print(f"{args.output}: {len(keys)} tensors with PyTorch keys and layouts")
+    else:
+      parser.error("one of INPUT and OUTPUT must be a .safetensors, .pt or .pth file")
+  except (CheckpointError, ConfigError, ValueError, ImportError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
