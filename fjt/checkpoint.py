@@ -95,7 +95,7 @@ def resolve(path: str | os.PathLike) -> tuple[str, str]:
 
   ``checkpoint_dir`` holds the manifest, ``item_dir`` Orbax's ``_METADATA``.
   """
-  path = os.fspath(path)
+  path = os.path.abspath(os.fspath(path))  # Orbax takes absolute paths only.
   if not os.path.isdir(path):
     raise CheckpointError(f"no checkpoint at {path!r}: it is not a directory")
   if os.path.isfile(os.path.join(path, "_METADATA")):

@@ -12,9 +12,12 @@ PyTree = Any
 
 def key_str(key) -> str:
   """One step of a jax key path as text: a dict key, a sequence index or an attribute name."""
-  for attr in ("key", "idx", "name"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
+  if isinstance(key, (jax.tree_util.DictKey, jax.tree_util.FlattenedIndexKey)):
+    return str(key.key)
+  if isinstance(key, jax.tree_util.SequenceKey):
+    return str(key.idx)
+  if isinstance(key, jax.tree_util.GetAttrKey):
+    return key.name
   return str(key)
 
 
@@ -23,7 +26,12 @@ def path_str(keypath) -> str:
 
 
 def tree_paths(tree: PyTree) -> list[str]:
-  """The '/'-joined path of every leaf, in ``jax.tree.leaves`` order."""
+  """The '/'-joined path of every leaf, in ``jax.tree.leaves`` order.
+
+  Dict keys by name, sequence items by index, dataclass fields by attribute
+  name: ``params/Dense_0/kernel`` in a ``TrainState``, ``opt_state/0/mu/...`` in an
+  optax state; a bare array (the whole tree one leaf) has path ``""``.
+  """
   return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 

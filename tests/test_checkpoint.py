@@ -30,9 +30,10 @@ def mlp_state():
   return state
 
 
-def test_save_and_load_any_pytree(tmp_path, mlp_state):
-  checkpoint.save(tmp_path / "params", mlp_state.params)
-  loaded = checkpoint.load(tmp_path / "params")
+def test_save_and_load_any_pytree(tmp_path, mlp_state, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  checkpoint.save("params", mlp_state.params)  # Relative paths work.
+  loaded = checkpoint.load("params")
   assert isinstance(loaded, dict)
   assert_trees_equal(loaded, mlp_state.params)
   # With a target the result has the target's type: a whole TrainState round trip.

@@ -1,0 +1,177 @@
+"""Average runs and checkpoints on disk into one checkpoint (the engine of ``scripts/average.py``).
+
+Params are aggregated by ``method``; BatchNorm statistics are merged exactly
+(``fjt.aggregate.merge_batch_stats``, the input weights as counts). For
+``method="mean"`` the inputs are read one at a time into a float32 running
+mean, so peak memory is about that of two or three models however many inputs.
+With a config, every input and the result are evaluated on its test split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from fjt import aggregate, checkpoint
+
+PyTree = Any
+METHODS = ("mean", "median", "trimmed", "greedy")
+
+
+@dataclasses.dataclass
+class MergeResult:
+  """What ``average_checkpoints`` did.
+
+  Attributes:
+    variables: the merged ``{"params", "batch_stats"}`` (also saved to ``out``).
+    rows: one dict per input (``path``, ``weight``, and eval metrics with a config)
+      and a last one for the result (``path`` = ``out``).
+    chosen: indices of the inputs that went into the result (greedy soups use a subset).
+  """
+  variables: dict[str, PyTree]
+  rows: list[dict[str, Any]]
+  chosen: list[int]
+
+
+def check_inputs(paths: Sequence[str]) -> None:
+  """Compares the params and batch_stats of every checkpoint with the first's, from
+  metadata only; the error names both checkpoints and every differing path."""
+  def variables_shapes(path):
+    return {p: s for p, s in checkpoint.saved_shapes(path).items()
+            if p.startswith(("params/", "batch_stats/"))}
+
+  first = variables_shapes(paths[0])
+  for path in paths[1:]:
+    report = checkpoint.compare(variables_shapes(path), first)
+    if report.missing or report.unexpected or report.mismatched:
+      raise ValueError(f"{path} does not have the variables of {paths[0]}:\n{report}")
+
+
+def make_evaluator(config) -> Callable[[dict[str, PyTree]], dict[str, float]]:
+  """``evaluate(variables) -> {"loss", "accuracy"}`` on the test split of ``config``."""
+  from fjt.data import load_dataset
+  from fjt.models import create_model
+  from fjt.train import evaluate, make_eval_step
+  from fjt.state import TrainState
+
+  dataset = load_dataset(config.data)
+  model = create_model(config.model)
+  eval_step = make_eval_step(model)
+  batch_size = config.train.get("eval_batch_size", 1024)
+
+  def evaluate_variables(variables):
+    state = TrainState(step=np.int32(0), params=variables["params"],
+                       batch_stats=variables["batch_stats"], opt_state={}, rng=np.zeros(2, np.uint32))
+    return evaluate(eval_step, state, dataset.test, batch_size)
+
+  return evaluate_variables
+
+
+def _recompute(config, variables):
+  from fjt.data import load_dataset
+  from fjt.models import create_model
+  x = load_dataset(config.data).train["x"]
+  size = config.train.batch_size
+  return aggregate.recompute_batch_stats(create_model(config.model), variables,
+                                         (x[i:i + size] for i in range(0, len(x), size)))
+
+
+def _streaming_mean(paths, weights, on_input):
+  params = aggregate.RunningMean()
+  stats, count = None, 0.0
+  for i, (path, weight) in enumerate(zip(paths, weights)):
+    variables = checkpoint.load_variables(path)
+    on_input(i, variables)
+    params.add(variables["params"], weight)
+    if variables["batch_stats"]:  # Pairwise merging is exact: the pooled formula is associative.
+      stats = variables["batch_stats"] if stats is None else aggregate.merge_batch_stats(
+          [stats, variables["batch_stats"]], [count, weight])
+    count += weight
+    del variables
+  return {"params": params.result(), "batch_stats": stats or {}}
+
+
+def average_checkpoints(paths: Sequence[str], out: str, weights: Sequence[float] | None = None,
+                        method: str = "mean", trim: float = 0.2, config=None,
+                        recompute_batch_stats: bool = False, progress: bool = True) -> MergeResult:
+  """Aggregates the variables of checkpoints ``paths`` (run workdirs or checkpoint
+  directories) and saves ``{"params", "batch_stats"}`` to the new directory ``out``.
+
+  Args:
+    weights: one non-negative weight per input (e.g. example counts); default equal.
+    method: "mean" (weighted, streaming), "median" or "trimmed" (coordinate-wise,
+      ``trim`` fraction cut at each end; all inputs in memory), or "greedy" (a
+      greedy soup selected on the test split of ``config``; all inputs in memory).
+    config: an experiment config; evaluates every input and the result.
+    recompute_batch_stats: re-estimate the result's BatchNorm statistics with
+      forward passes over the training split of ``config`` (for inputs whose
+      weights diverged, e.g. runs from different seeds).
+  """
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  if len(paths) < 1:
+    raise ValueError("give at least one checkpoint to average")
+  weights = [1.0] * len(paths) if weights is None else [float(w) for w in weights]
+  if len(weights) != len(paths):
+    raise ValueError(f"got {len(weights)} weights for {len(paths)} inputs")
+  if (method == "greedy" or recompute_batch_stats) and config is None:
+    raise ValueError("a greedy soup and recomputed batch statistics need a config (its data)")
+  if os.path.exists(out):
+    raise ValueError(f"output {out!r} exists; choose a new directory")
+  check_inputs(paths)
+
+  evaluate = make_evaluator(config) if config is not None else None
+  rows = [{"path": p, "weight": w} for p, w in zip(paths, weights)]
+  bar = tqdm(total=len(paths), desc=f"average ({method})", unit="input", disable=not progress)
+
+  def on_input(i, variables):
+    if evaluate is not None:
+      rows[i].update(evaluate(variables))
+    bar.update()
+
+  chosen = list(range(len(paths)))
+  if method == "mean":
+    merged = _streaming_mean(paths, weights, on_input)
+  else:
+    inputs = []
+    for i, path in enumerate(paths):
+      inputs.append(checkpoint.load_variables(path))
+      on_input(i, inputs[-1])
+    if method == "greedy":
+      _, chosen, _ = aggregate.greedy_soup(inputs, lambda v: evaluate(v)["accuracy"])
+      inputs, weights = [inputs[i] for i in chosen], [weights[i] for i in chosen]
+      params = aggregate.mean([v["params"] for v in inputs], weights)
+    elif method == "median":
+      params = aggregate.median([v["params"] for v in inputs])
+    else:
+      params = aggregate.trimmed_mean([v["params"] for v in inputs], trim)
+    stats = [v["batch_stats"] for v in inputs]
+    merged = {"params": params,
+              "batch_stats": aggregate.merge_batch_stats(stats, weights) if stats[0] else {}}
+  bar.close()
+  if recompute_batch_stats and merged["batch_stats"]:
+    merged = _recompute(config, merged)
+
+  checkpoint.save(out, merged)
+  result = {"path": out, "weight": float(sum(weights))}
+  if evaluate is not None:
+    result.update(evaluate(merged))
+  return MergeResult(jax.device_get(merged), rows + [result], chosen)
+
+
+def format_rows(result: MergeResult) -> str:
+  """The inputs and the result as an aligned table."""
+  keys = [k for k in ("loss", "accuracy") if k in result.rows[-1]]
+  header = ["input", "weight", *keys, "used"]
+  body = []
+  for i, row in enumerate(result.rows):
+    used = "result" if i == len(result.rows) - 1 else ("yes" if i in result.chosen else "no")
+    body.append([row["path"], f"{row['weight']:g}", *(f"{row[k]:.4f}" for k in keys), used])
+  widths = [max(len(r[c]) for r in [header, *body]) for c in range(len(header))]
+  return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *body])
