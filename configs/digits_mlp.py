@@ -10,7 +10,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict(
       {"name": "mlp", "features": (256, 256), "num_classes": 10, "batch_norm": True, "momentum": 0.9})
   config.optimizer = ml_collections.ConfigDict({
-      "name": "sgd", "learning_rate": 0.1, "momentum": 0.9, "nesterov": True,
+      "name": "sgd", "learning_rate": 0.05, "momentum": 0.9, "nesterov": True,
       "weight_decay": 5e-4, "schedule": "warmup_cosine", "warmup_steps": 100,
       "final_lr_fraction": 0.0, "grad_clip_norm": 0.0})
   config.train = ml_collections.ConfigDict(
@@ -19,6 +19,8 @@ def get_config() -> ml_collections.ConfigDict:
       {"every_steps": 500, "max_to_keep": 2, "best_metric": "accuracy", "best_mode": "max", "fallback": False})
   config.ema = ml_collections.ConfigDict({"decay": 0.99})  # 0 disables.
   config.swa = ml_collections.ConfigDict({"start_step": 1500, "every": 10})  # every 0 disables.
+  config.mesh = ml_collections.ConfigDict({"data": -1})  # -1: every device.
+  config.distributed = ml_collections.ConfigDict({"timeout_s": 60})  # A dead peer ends the run.
   config.init_from = ""  # A checkpoint to start from (run workdir, step or saved directory).
   config.init_skip = ()  # Path patterns (regex) not to load from init_from, e.g. a new head.
   config.freeze = ()  # Path patterns (regex) of parameters that get no updates.

@@ -231,7 +231,8 @@ def save(path: str | os.PathLike, tree: PyTree, force: bool = False) -> None:
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(path, to_nested_dict(tree), force=force)
     checkpointer.wait_until_finished()
-  write_manifest(path)
+  if jax.process_index() == 0:  # One writer per checkpoint in a multi-process run.
+    write_manifest(path)
 
 
 def _sharding(leaf) -> jax.sharding.Sharding:
@@ -389,7 +390,7 @@ class RunCheckpointer:
         os.replace(directory, aside)
         warnings.warn(f"{e}; moved it to {aside} and trying the previous step", stacklevel=2)
         continue
-      if not os.path.isfile(os.path.join(directory, MANIFEST)):
+      if jax.process_index() == 0 and not os.path.isfile(os.path.join(directory, MANIFEST)):
         write_manifest(directory)  # Saved by a run killed before it could seal it.
       self._open()  # Removes leftover temporary directories.
       return state, step
@@ -408,6 +409,8 @@ class RunCheckpointer:
     if self._sealer is not None:
       self._sealer.join()
     steps, self._unsealed = self._unsealed, []
+    if jax.process_index() != 0:  # One writer per checkpoint in a multi-process run.
+      steps = []
 
     def seal():
       for step in steps:

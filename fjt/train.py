@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -17,7 +18,9 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from fjt import checkpoint
+from jax.sharding import Mesh
+
+from fjt import checkpoint, sharding
 from fjt import data as fjt_data
 from fjt.checkpoint import LoadReport
 from fjt.config import ConfigError, require
@@ -33,15 +36,26 @@ class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN or infinite."""
 
 
+def _jit(fn, mesh: Mesh | None, **kwargs):
+  """``jax.jit``; over a mesh, the state (argument 0) and outputs replicated and
+  the batch (argument 1) split along the mesh's ``data`` axis."""
+  if mesh is None:
+    return jax.jit(fn, **kwargs)
+  return jax.jit(fn, in_shardings=(sharding.replicated(mesh), sharding.split(mesh)),
+                 out_shardings=sharding.replicated(mesh), **kwargs)
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
-                    averaging: TemporalAveraging = TemporalAveraging()
+                    averaging: TemporalAveraging = TemporalAveraging(), mesh: Mesh | None = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """``train_step(state, batch) -> (state, metrics)``, jit-compiled, ``state`` donated.
 
   ``batch`` holds ``x`` (model inputs) and ``y`` (int32 labels ``(B,)``). The loss
   is the mean softmax cross-entropy; BatchNorm statistics are those of the batch
   and the running averages are updated, as are the EMA/SWA weights of
-  ``averaging``. Metrics: ``loss``, ``accuracy`` (scalars).
+  ``averaging``. Metrics: ``loss``, ``accuracy`` (scalars). With a ``mesh``, the
+  batch is split over its ``data`` axis and the state replicated: the gradient
+  and the BatchNorm statistics are those of the global batch.
   """
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
@@ -62,10 +76,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["y"])
     return new_state, {"loss": loss, "accuracy": accuracy}
 
-  return jax.jit(train_step, donate_argnums=0)
+  return _jit(train_step, mesh, donate_argnums=0)
 
 
-def make_eval_step(model: nn.Module) -> Callable[[TrainState, Batch], Metrics]:
+def make_eval_step(model: nn.Module, mesh: Mesh | None = None) -> Callable[[TrainState, Batch], Metrics]:
   """``eval_step(state, batch) -> sums``, jit-compiled, BatchNorm in eval mode.
 
   ``batch`` holds ``x``, ``y`` and ``mask`` (float32 ``(B,)``, 0 for padding).
@@ -81,16 +95,28 @@ def make_eval_step(model: nn.Module) -> Callable[[TrainState, Batch], Metrics]:
             "correct": jnp.sum((jnp.argmax(logits, -1) == batch["y"]) * mask),
             "count": jnp.sum(mask)}
 
-  return jax.jit(eval_step)
+  return _jit(eval_step, mesh)
 
 
 def evaluate(eval_step, state: TrainState, arrays: Mapping[str, np.ndarray], batch_size: int,
-             perplexity: bool = False, averages: bool = True) -> dict[str, float]:
+             perplexity: bool = False, averages: bool = True, mesh: Mesh | None = None
+             ) -> dict[str, float]:
   """``loss`` (mean cross-entropy, nats), ``accuracy`` and, if asked, ``perplexity``
   = exp(loss), over every example of ``arrays`` once. With ``averages``, the same
-  for each temporal average of the state, prefixed: ``ema_accuracy``, ``swa_loss``, ..."""
-  sums = [eval_step(state, batch) for batch in fjt_data.eval_batches(arrays, batch_size)]
-  totals = {k: float(np.sum([np.float64(s[k]) for s in jax.device_get(sums)])) for k in sums[0]}
+  for each temporal average of the state, prefixed: ``ema_accuracy``, ``swa_loss``, ...
+  With a ``mesh``, each process supplies its rows of every batch (``eval_step``
+  made with the same mesh)."""
+  batches = fjt_data.eval_batches(arrays, batch_size)
+  if mesh is not None:
+    rows = sharding.process_rows(batch_size, mesh)
+    batches = (sharding.put_split({k: v[rows] for k, v in b.items()}, mesh, batch_size)
+               for b in batches)
+  sums = []
+  for batch in batches:
+    sums.append(eval_step(state, batch))
+    if mesh is not None and sharding.needs_lockstep(mesh):
+      jax.block_until_ready(sums[-1])
+  totals = {k: float(np.sum([np.float64(s[k]) for s in sharding.to_host(sums)])) for k in sums[0]}
   metrics = {"loss": totals["loss"] / totals["count"], "accuracy": totals["correct"] / totals["count"]}
   if perplexity:
     metrics["perplexity"] = float(np.exp(metrics["loss"]))
@@ -98,7 +124,8 @@ def evaluate(eval_step, state: TrainState, arrays: Mapping[str, np.ndarray], bat
     if name in state.averages and not (name == "swa" and int(state.averages["swa_count"]) == 0):
       averaged = state.replace(params=state.averages[name]["params"],
                                batch_stats=state.averages[name]["batch_stats"])
-      for key, value in evaluate(eval_step, averaged, arrays, batch_size, perplexity, False).items():
+      for key, value in evaluate(eval_step, averaged, arrays, batch_size, perplexity, False,
+                                 mesh).items():
         metrics[f"{name}_{key}"] = value
   return metrics
 
@@ -116,7 +143,7 @@ def prepare_workdir(workdir: str) -> str:
   """Creates ``workdir`` and checks that files can be written there."""
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".fjt_write_test")
+    probe = os.path.join(workdir, f".fjt_write_test_{jax.process_index()}")
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)
@@ -188,26 +215,42 @@ def _read_json(path: str) -> dict[str, Any] | None:
     return None
 
 
+def _create_mesh(config, opts) -> Mesh:
+  mesh = sharding.create_mesh(config.get("mesh") or None)
+  if "data" not in mesh.shape:
+    raise ConfigError(f"config key 'mesh': needs a 'data' axis, got {dict(mesh.shape)}")
+  for key in ("batch_size", "eval_batch_size"):
+    if opts[key] % mesh.shape["data"]:
+      raise ConfigError(f"config key 'train.{key}': {opts[key]} does not split over the "
+                        f"{mesh.shape['data']} devices of the 'data' axis; use a multiple of it")
+  return mesh
+
+
 def fit(config: ml_collections.ConfigDict, workdir: str,
         progress: bool = True) -> tuple[TrainState, dict[str, Any]]:
   """Trains the model of ``config`` and evaluates it; returns (final state, summary).
 
   Resumes from the newest complete checkpoint in ``WORKDIR/checkpoints`` if there
-  is one (a finished run is only evaluated again). Writes to ``workdir``:
-  ``config.json``, ``metrics.jsonl`` (one object per logged step: step, split, metrics),
-  TensorBoard events, ``metrics.png``, checkpoints, and ``summary.json`` =
+  is one (a finished run is only evaluated again). Data parallel over the mesh
+  of ``config.mesh`` (default: every device on one ``data`` axis), across all the
+  processes of a ``jax.distributed`` run; only process 0 writes files other than
+  checkpoints. Writes to ``workdir``: ``config.json``, ``metrics.jsonl`` (one
+  object per logged step: step, split, metrics), TensorBoard events,
+  ``metrics.png``, checkpoints, and ``summary.json`` =
   ``{"step": final step, "eval": final eval metrics}``.
   """
   opts = _train_options(config)
+  main = jax.process_index() == 0
   prepare_workdir(workdir)
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  if main:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2))
   dataset = fjt_data.load_dataset(config.data)
   if opts["batch_size"] > dataset.num_train:
     raise ConfigError(f"config key 'train.batch_size': {opts['batch_size']} is larger than the "
                       f"{dataset.num_train} training examples")
   language_model = dataset.info.get("task") == "language_model"
-  eval_metric = "perplexity" if language_model else "accuracy"
+  mesh = _create_mesh(config, opts)
 
   model, tx, state = create_from_config(config, dataset.train["x"][:1])
   width = jax.eval_shape(lambda s: model.apply(s.variables, dataset.train["x"][:1], train=False),
@@ -219,28 +262,38 @@ def fit(config: ml_collections.ConfigDict, workdir: str,
 
   checkpointer = checkpoint.RunCheckpointer(workdir, opts["max_to_keep"], opts["best_metric"],
                                             opts["best_mode"])
-  state, start = checkpointer.restore_latest(state, fallback=opts["fallback"])
+  state, start = checkpointer.restore_latest(sharding.put_replicated(state, mesh),
+                                             fallback=opts["fallback"])
   if start == 0:
-    state = _fine_tune_start(config, workdir, state, tx, progress)
+    state = sharding.put_replicated(_fine_tune_start(config, workdir, state, tx, progress), mesh)
 
   averaging = TemporalAveraging.from_config(config)
-  train_step, eval_step = make_train_step(model, tx, averaging), make_eval_step(model)
-  writer = MetricWriter(workdir, start_step=start)
+  train_step, eval_step = make_train_step(model, tx, averaging, mesh), make_eval_step(model, mesh)
+  run_eval = functools.partial(evaluate, eval_step, arrays=dataset.test,
+                               batch_size=opts["eval_batch_size"], perplexity=language_model,
+                               mesh=mesh)
+  rows = sharding.process_rows(opts["batch_size"], mesh)
+  lockstep = sharding.needs_lockstep(mesh)
+  watchdog = (sharding.Watchdog(float((config.get("distributed") or {}).get("timeout_s", 60)))
+              if jax.process_count() > 1 else None)
+  writer = MetricWriter(workdir, start_step=start, enabled=main)
   window, window_start, tic = [], start, time.perf_counter()
   evaluated_at, eval_metrics = -1, {}
   steps = opts["steps"]
   try:
-    with tqdm(total=steps, initial=start, disable=not progress, desc="train", unit="step",
-              dynamic_ncols=True) as bar:
+    with tqdm(total=steps, initial=start, disable=not (progress and main), desc="train",
+              unit="step", dynamic_ncols=True) as bar:
       for step in range(start, steps):
-        batch = fjt_data.get_batch(dataset.train, opts["seed"], step, opts["batch_size"])
-        state, metrics = train_step(state, batch)
+        local = fjt_data.get_batch(dataset.train, opts["seed"], step, opts["batch_size"], rows)
+        state, metrics = train_step(state, sharding.put_split(local, mesh, opts["batch_size"]))
+        if lockstep:
+          jax.block_until_ready(metrics)
         window.append(metrics)
         bar.update()
         done = step + 1
         save_now = done % opts["checkpoint_every"] == 0 or done == steps
         if done % opts["log_every"] == 0 or save_now:
-          window = jax.device_get(window)  # The only host sync of the training loop.
+          window = sharding.to_host(window)  # The only host sync of the training loop.
           _check_finite(window, window_start)  # Before a save: never checkpoint a NaN state.
           toc = time.perf_counter()
           logged = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
@@ -249,31 +302,36 @@ def fit(config: ml_collections.ConfigDict, workdir: str,
           bar.set_postfix(loss=f"{logged['loss']:.4f}", refresh=False)
           window, window_start, tic = [], done, toc
         if done % opts["eval_every"] == 0 or done == steps:
-          eval_metrics, evaluated_at = evaluate(eval_step, state, dataset.test, opts["eval_batch_size"],
-                                                perplexity=language_model), done
+          eval_metrics, evaluated_at = run_eval(state), done
           writer.write(done, "eval", eval_metrics)
-          bar.write(f"step {done}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in eval_metrics.items()))
+          if main:
+            bar.write(f"step {done}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in eval_metrics.items()))
           tic = time.perf_counter()  # Eval time is not training throughput.
         if save_now:
           checkpointer.save(done, state, eval_metrics if evaluated_at == done else None)
+        if watchdog:
+          watchdog.beat()
     if evaluated_at != steps:  # A finished run started again: report, do not retrain.
-      eval_metrics = evaluate(eval_step, state, dataset.test, opts["eval_batch_size"],
-                              perplexity=language_model)
+      eval_metrics = run_eval(state)
   finally:
     writer.close()
     checkpointer.close()  # Waits for the last save; raises its errors.
+    if watchdog:
+      watchdog.stop()
 
   if language_model:
     eval_metrics["unigram_perplexity"] = dataset.info["unigram_perplexity"]
-  summary = {"step": int(state.step), "eval": eval_metrics}
+  summary = {"step": int(sharding.to_host(state.step)), "eval": eval_metrics}
   for name, path in (("pretrain", os.path.join(workdir, "pretrain", "summary.json")),
                      ("init_from", os.path.join(workdir, "init_from.json"))):
     if (info := _read_json(path)) is not None:
       summary[name] = info
-  with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-    json.dump(summary, f, indent=2)
-  baselines = {"unigram model": eval_metrics["unigram_perplexity"]} if language_model else None
-  plot_metrics(writer.path, os.path.join(workdir, "metrics.png"), eval_metric, baselines)
+  if main:
+    with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
+      json.dump(summary, f, indent=2)
+    baselines = {"unigram model": eval_metrics["unigram_perplexity"]} if language_model else None
+    plot_metrics(writer.path, os.path.join(workdir, "metrics.png"),
+                 "perplexity" if language_model else "accuracy", baselines)
   return state, summary
 
 

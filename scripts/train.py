@@ -12,6 +12,10 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", required=True, help="a Python file with get_config()")
   parser.add_argument("--workdir", help="output directory (default: runs/<config name>)")
+  parser.add_argument("--coordinator", help="HOST:PORT of process 0, for a multi-process run "
+                      "(or JAX_COORDINATOR_ADDRESS / a cluster JAX detects)")
+  parser.add_argument("--num_processes", type=int, help="number of processes in the run")
+  parser.add_argument("--process_id", type=int, help="this process's index, 0 .. num_processes-1")
   args, rest = parser.parse_known_args(argv)
   overrides = []
   for item in rest:
@@ -24,6 +28,11 @@ def main(argv=None) -> int:
 
   try:
     config = fjt.apply_overrides(fjt.load_config(args.config), overrides)
+    distributed = (args.coordinator, args.num_processes, args.process_id)
+    if any(v is not None for v in distributed) or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+      # Before anything else touches JAX's backends.
+      timeout = int((config.get("distributed") or {}).get("timeout_s", 60))
+      fjt.sharding.initialize_distributed(*distributed, timeout_s=timeout)
     workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
     summary = fjt.train_and_evaluate(config, workdir)
   except fjt.ConfigError as e:

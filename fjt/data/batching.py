@@ -39,11 +39,15 @@ def batch_indices(seed: int, step: int, num_examples: int, batch_size: int) -> n
   return perm[offset * batch_size:(offset + 1) * batch_size]
 
 
-def get_batch(arrays: Mapping[str, np.ndarray], seed: int, step: int,
-              batch_size: int) -> dict[str, np.ndarray]:
-  """The training batch of ``step``: each array indexed by ``batch_indices``."""
+def get_batch(arrays: Mapping[str, np.ndarray], seed: int, step: int, batch_size: int,
+              rows: slice = slice(None)) -> dict[str, np.ndarray]:
+  """The training batch of ``step``: each array indexed by ``batch_indices``.
+
+  ``rows`` selects part of the global batch: the rows one process supplies in a
+  multi-process run; only those examples are gathered.
+  """
   num_examples = len(next(iter(arrays.values())))
-  idx = batch_indices(seed, step, num_examples, batch_size)
+  idx = batch_indices(seed, step, num_examples, batch_size)[rows]
   return {k: v[idx] for k, v in arrays.items()}
 
 

@@ -1,0 +1,95 @@
+"""Data parallel on simulated devices and multi-process runs on 127.0.0.1 (subprocesses)."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from fjt import checkpoint
+
+TRAIN = os.path.join(ROOT, "scripts", "train.py")
+CONFIG = os.path.join(ROOT, "configs", "digits_mlp.py")
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def start(workdir, *args, devices=1, **popen):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return subprocess.Popen([sys.executable, TRAIN, "--config", CONFIG, "--workdir", str(workdir),
+                           *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, **popen)
+
+
+def finish(process, timeout=300):
+  out, err = process.communicate(timeout=timeout)
+  assert process.returncode == 0, err[-3000:]
+  return out
+
+
+def max_difference(a, b) -> float:
+  return max(jax.tree.leaves(jax.tree.map(
+      lambda x, y: float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))), a, b)))
+
+
+RUN = ("--config.train.steps=100", "--config.optimizer.warmup_steps=10",
+       "--config.train.eval_every=50", "--config.checkpoint.every_steps=50")
+
+
+def test_eight_devices_match_one(tmp_path):
+  one, eight = start(tmp_path / "one", *RUN), start(tmp_path / "eight", *RUN, devices=8)
+  out_one, out_eight = finish(one), finish(eight)
+  a, b = checkpoint.load(tmp_path / "one"), checkpoint.load(tmp_path / "eight")
+  assert max_difference(a["params"], b["params"]) < 1e-4
+  assert max_difference(a["batch_stats"], b["batch_stats"]) < 1e-4
+  assert out_one.splitlines()[-1].split(",")[1:3] == out_eight.splitlines()[-1].split(",")[1:3]
+
+
+def test_batch_must_split_over_the_devices(tmp_path):
+  process = start(tmp_path, "--config.train.batch_size=60", devices=8)
+  _, err = process.communicate(timeout=120)
+  assert process.returncode == 2
+  assert "'train.batch_size': 60 does not split over the 8 devices of the 'data' axis" in err
+
+
+def test_two_processes_match_one(tmp_path):
+  port, run = free_port(), RUN[:2] + ("--config.train.eval_every=100",)
+  procs = [start(tmp_path / "two", *run, "--coordinator", f"127.0.0.1:{port}", "--num_processes",
+                 "2", "--process_id", str(i)) for i in range(2)]
+  single = start(tmp_path / "one", *run)
+  outs = [finish(p) for p in procs]
+  finish(single)
+  assert "step 100" in outs[0]
+  a, b = checkpoint.load(tmp_path / "two"), checkpoint.load(tmp_path / "one")
+  assert max_difference(a, b) < 1e-4
+  # Only process 0 writes logs and the summary; both wrote the checkpoint through Orbax.
+  rows = open(tmp_path / "two" / "metrics.jsonl").read().splitlines()
+  assert len(rows) == len(set(rows)) == 2  # One train log and one eval at step 100, written once.
+
+
+def test_a_killed_peer_ends_the_survivor_within_the_timeout(tmp_path):
+  port = free_port()
+  run = ("--config.train.steps=1000000", "--config.distributed.timeout_s=10",
+         "--config.train.eval_every=1000000", "--config.checkpoint.every_steps=1000000",
+         "--coordinator", f"127.0.0.1:{port}", "--num_processes", "2")
+  survivor = start(tmp_path, *run, "--process_id", "0")
+  victim = start(tmp_path, *run, "--process_id", "1")
+  time.sleep(12)  # Both started and training.
+  assert survivor.poll() is None and victim.poll() is None
+  victim.send_signal(signal.SIGKILL)
+  killed_at = time.monotonic()
+  _, err = survivor.communicate(timeout=120)
+  victim.communicate()
+  assert survivor.returncode != 0
+  assert time.monotonic() - killed_at < 10 + 20  # The timeout, plus detection and teardown.
+  assert ("another task died" in err or "a peer process has probably died" in err), err[-2000:]
