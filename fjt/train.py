@@ -336,5 +336,12 @@ def fit(config: ml_collections.ConfigDict, workdir: str,
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs ``fit`` and returns its summary: ``{"step": ..., "eval": {...}}``."""
+  """Trains ``config`` and returns its summary: ``{"step": ..., "eval": {...}}``.
+
+  A config with a ``replicas`` group trains N replicas in rounds (``fjt.replicas.fit``);
+  any other is one model, data parallel over the devices (``fit``).
+  """
+  if config.get("replicas"):
+    from fjt import replicas  # Imported on demand: most runs have no replicas.
+    return replicas.fit(config, workdir)[1]
   return fit(config, workdir)[1]
