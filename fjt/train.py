@@ -45,17 +45,17 @@ def _jit(fn, mesh: Mesh | None, **kwargs):
                  out_shardings=sharding.replicated(mesh), **kwargs)
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
-                    averaging: TemporalAveraging = TemporalAveraging(), mesh: Mesh | None = None
-                    ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-  """``train_step(state, batch) -> (state, metrics)``, jit-compiled, ``state`` donated.
+def train_step_fn(model: nn.Module, tx: optax.GradientTransformation,
+                  averaging: TemporalAveraging = TemporalAveraging()
+                  ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+  """The pure, un-jitted ``train_step(state, batch) -> (state, metrics)``.
 
   ``batch`` holds ``x`` (model inputs) and ``y`` (int32 labels ``(B,)``). The loss
   is the mean softmax cross-entropy; BatchNorm statistics are those of the batch
   and the running averages are updated, as are the EMA/SWA weights of
-  ``averaging``. Metrics: ``loss``, ``accuracy`` (scalars). With a ``mesh``, the
-  batch is split over its ``data`` axis and the state replicated: the gradient
-  and the BatchNorm statistics are those of the global batch.
+  ``averaging``. Metrics: ``loss``, ``accuracy`` (scalars). Compose it freely
+  (``jax.vmap`` over replicas, ``jax.lax.scan`` over steps); ``make_train_step``
+  is it jitted.
   """
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
@@ -76,7 +76,16 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["y"])
     return new_state, {"loss": loss, "accuracy": accuracy}
 
-  return _jit(train_step, mesh, donate_argnums=0)
+  return train_step
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
+                    averaging: TemporalAveraging = TemporalAveraging(), mesh: Mesh | None = None
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+  """``train_step_fn`` jit-compiled, ``state`` donated. With a ``mesh``, the batch
+  is split over its ``data`` axis and the state replicated: the gradient and the
+  BatchNorm statistics are those of the global batch."""
+  return _jit(train_step_fn(model, tx, averaging), mesh, donate_argnums=0)
 
 
 def make_eval_step(model: nn.Module, mesh: Mesh | None = None) -> Callable[[TrainState, Batch], Metrics]:
