@@ -50,7 +50,7 @@ from fjt.averaging import TemporalAveraging
 from fjt.config import ConfigError, require
 from fjt.data import splits as fjt_splits
 from fjt.logs import MetricWriter, plot_metrics
-from fjt.sharding import create_mesh
+from fjt.sharding import create_mesh, process_rows, put_replicated, to_host
 from fjt.state import PyTree, TrainState, create_from_config
 from fjt.train import train_step_fn
 
@@ -187,10 +187,14 @@ def replicate(state: TrainState, num_replicas: int,
   return ReplicaState(replicas, server_tx.init(state.params) if server_tx else ())
 
 
-def global_state(state: ReplicaState) -> TrainState:
+def global_state(state: ReplicaState, mesh: Mesh | None = None) -> TrainState:
   """The aggregated model as a ``TrainState``: after a round every replica holds the aggregate's
-  params and batch statistics; step, optimizer state and rng are replica 0's."""
-  return jax.tree.map(lambda x: x[0], state.replicas)
+  params and batch statistics; step, optimizer state and rng are replica 0's. With ``mesh``,
+  replicated over it (every process of a multi-process run holds it)."""
+  take = lambda replicas: jax.tree.map(lambda x: x[0], replicas)
+  if mesh is None:
+    return take(state.replicas)
+  return jax.jit(take, out_shardings=NamedSharding(mesh, P()))(state.replicas)
 
 
 def replica_mesh(num_replicas: int, devices=None) -> Mesh:
@@ -212,14 +216,34 @@ def shard_replicas(tree: PyTree, mesh: Mesh) -> PyTree:
       raise ConfigError(f"config key 'replicas.num': {np.shape(x)[0]} replicas do not split "
                         f"evenly over the {parts} devices of mesh axis {AXIS!r}; use a multiple "
                         f"of {parts}")
-  return jax.device_put(tree, NamedSharding(mesh, P(AXIS)))
+  sharding = NamedSharding(mesh, P(AXIS))
+
+  def put(x):
+    x = np.asarray(jax.device_get(x))  # The same on every process; each keeps its replicas.
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+  return jax.tree.map(put, tree)
+
+
+def local_replicas(num_replicas: int, mesh: Mesh) -> range:
+  """The replicas this process trains: one contiguous block of the replica axis (devices are
+  in process order)."""
+  rows = process_rows(num_replicas, mesh, AXIS)
+  return range(rows.start, rows.stop)
+
+
+def put_local_replicas(local: PyTree, mesh: Mesh, num_replicas: int) -> PyTree:
+  """This process's rows (``local_replicas``) of a replica-stacked tree as global arrays."""
+  sharding = NamedSharding(mesh, P(AXIS))
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+      sharding, x, (num_replicas, *x.shape[1:])), local)
 
 
 def shard_state(state: ReplicaState, mesh: Mesh) -> ReplicaState:
   """``state`` on ``mesh``: the replicas split over axis ``"replica"``, the server's state
   replicated."""
   return ReplicaState(shard_replicas(state.replicas, mesh),
-                      jax.device_put(state.server_opt_state, NamedSharding(mesh, P())))
+                      put_replicated(state.server_opt_state, mesh))
 
 
 def make_round(model: nn.Module, tx: optax.GradientTransformation,
@@ -387,9 +411,11 @@ def fit(config: ml_collections.ConfigDict, workdir: str,
     raise ConfigError(_NO_AVERAGES)
   central_config, central_dir = centralized_config(config), os.path.join(workdir, "centralized")
   _check_centralized_dir(central_dir, central_config)
+  main = jax.process_index() == 0  # Only process 0 writes files other than checkpoints.
   fjt_train.prepare_workdir(workdir)
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  if main:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2))
   dataset = fjt_data.load_dataset(config.data)
   if dataset.info.get("task") == "language_model":
     raise ConfigError("config key 'data.name': replicas train classifiers; "
@@ -402,8 +428,9 @@ def fit(config: ml_collections.ConfigDict, workdir: str,
             "class_counts": class_counts.tolist()}
   if opts["split"] == "dirichlet":
     report.update(alpha=opts["alpha"], min_size=opts["min_size"])
-  with open(os.path.join(workdir, "splits.json"), "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=2)
+  if main:
+    with open(os.path.join(workdir, "splits.json"), "w", encoding="utf-8") as f:
+      json.dump(report, f, indent=2)
 
   tic = time.perf_counter()
   mesh = replica_mesh(num)
@@ -412,27 +439,33 @@ def fit(config: ml_collections.ConfigDict, workdir: str,
                                      opts["server_momentum"])
   state = shard_state(replicate(state, num, server_tx), mesh)
   run_round = make_round(model, tx, server_tx, mesh, opts["optimizer_state"])
-  eval_step = fjt_train.make_eval_step(model)
+  data_mesh = Mesh(mesh.devices, ("data",))  # Evaluation splits test batches over the devices.
+  eval_step = fjt_train.make_eval_step(model, data_mesh)
+  eval_batch_size = -(-opts["eval_batch_size"] // mesh.size) * mesh.size
   weights = shard_replicas(np.asarray(counts, np.float32), mesh)
-  writer = MetricWriter(workdir)
+  mine = local_replicas(num, mesh)
+  gather = jax.jit(lambda tree: tree, out_shardings=NamedSharding(mesh, P()))
+  writer = MetricWriter(workdir, enabled=main)
   try:
-    with tqdm(total=rounds, disable=not progress, desc="rounds", unit="round",
+    with tqdm(total=rounds, disable=not (progress and main), desc="rounds", unit="round",
               dynamic_ncols=True) as bar:
       for r in range(rounds):
-        batches = fjt_splits.replica_batches(dataset.train, shards, opts["seed_train"],
-                                             r * local_steps, local_steps, opts["batch_size"])
-        state, metrics = run_round(state, shard_replicas(batches, mesh), weights)
-        metrics = jax.device_get(metrics)
+        # Each process builds only the batches of its own replicas.
+        batches = fjt_splits.replica_batches(dataset.train, [shards[k] for k in mine],
+                                             opts["seed_train"], r * local_steps, local_steps,
+                                             opts["batch_size"], first_replica=mine.start)
+        state, metrics = run_round(state, put_local_replicas(batches, mesh, num), weights)
+        metrics = to_host(gather(metrics))
         _check_finite(metrics["loss"], r + 1)
         writer.write(r + 1, "train", {k: float(np.mean(v)) for k, v in metrics.items()})
-        eval_metrics = fjt_train.evaluate(eval_step, global_state(state), dataset.test,
-                                          opts["eval_batch_size"], averages=False)
+        eval_metrics = fjt_train.evaluate(eval_step, global_state(state, mesh), dataset.test,
+                                          eval_batch_size, averages=False, mesh=data_mesh)
         writer.write(r + 1, "eval", eval_metrics)
         bar.set_postfix(accuracy=f"{eval_metrics['accuracy']:.4f}", refresh=False)
         bar.update()
   finally:
     writer.close()
-  final = global_state(state)
+  final = global_state(state, mesh)
   checkpoint.save(os.path.join(workdir, "final"), final, force=True)
   replicas_seconds = time.perf_counter() - tic
 
@@ -452,8 +485,9 @@ def fit(config: ml_collections.ConfigDict, workdir: str,
                    "optimizer_state": opts["optimizer_state"]},
       "seconds": {"replicas": replicas_seconds, "centralized": central_seconds},
   }
-  with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-    json.dump(summary, f, indent=2)
-  plot_metrics(writer.path, os.path.join(workdir, "metrics.png"), "accuracy",
-               {"centralized": central["eval"]["accuracy"]})
+  if main:
+    with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
+      json.dump(summary, f, indent=2)
+    plot_metrics(writer.path, os.path.join(workdir, "metrics.png"), "accuracy",
+                 {"centralized": central["eval"]["accuracy"]})
   return final, summary

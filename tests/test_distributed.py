@@ -93,3 +93,15 @@ def test_a_killed_peer_ends_the_survivor_within_the_timeout(tmp_path):
   assert survivor.returncode != 0
   assert time.monotonic() - killed_at < 10 + 20  # The timeout, plus detection and teardown.
   assert ("another task died" in err or "a peer process has probably died" in err), err[-2000:]
+
+
+def test_replicas_over_two_processes_match_one(tmp_path):
+  port = free_port()
+  run = ("--config", os.path.join(ROOT, "configs", "digits_fedavg.py"), "--config.replicas.rounds=3")
+  procs = [start(tmp_path / "two", *run, "--coordinator", f"127.0.0.1:{port}", "--num_processes",
+                 "2", "--process_id", str(i)) for i in range(2)]
+  single = start(tmp_path / "one", *run)
+  outs = [finish(p) for p in procs] + [finish(single)]
+  assert outs[0].splitlines()[-1].split(":")[1] == outs[2].splitlines()[-1].split(":")[1]
+  a, b = checkpoint.load(tmp_path / "two" / "final"), checkpoint.load(tmp_path / "one" / "final")
+  assert max_difference(a["params"], b["params"]) < 1e-5

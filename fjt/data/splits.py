@@ -116,10 +116,13 @@ def stream_indices(seed: int, replica: int, first_step: int, num_steps: int, bat
 
 
 def replica_batches(arrays: Mapping[str, np.ndarray], shards: Sequence[np.ndarray], seed: int,
-                    first_step: int, num_steps: int, batch_size: int) -> dict[str, np.ndarray]:
-  """Every replica's batches ``first_step ... first_step + num_steps - 1``, stacked: each array
-  of ``arrays`` indexed to shape ``(N, num_steps, batch_size, ...)``, replica ``r`` reading
-  ``arrays[shards[r][stream_indices(seed, r, ...)]]``."""
-  idx = np.stack([shard[stream_indices(seed, r, first_step, num_steps, batch_size, len(shard))]
-                  for r, shard in enumerate(shards)])
+                    first_step: int, num_steps: int, batch_size: int,
+                    first_replica: int = 0) -> dict[str, np.ndarray]:
+  """The batches ``first_step ... first_step + num_steps - 1`` of replicas ``first_replica,
+  first_replica + 1, ...`` (whose shards are ``shards``), stacked: each array of ``arrays``
+  indexed to shape ``(len(shards), num_steps, batch_size, ...)``, replica ``r`` reading
+  ``arrays[shards[r - first_replica][stream_indices(seed, r, ...)]]``."""
+  idx = np.stack([shard[stream_indices(seed, first_replica + i, first_step, num_steps, batch_size,
+                                       len(shard))]
+                  for i, shard in enumerate(shards)])
   return {k: v[idx] for k, v in arrays.items()}
