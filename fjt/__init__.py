@@ -7,7 +7,7 @@ The public API, re-exported flat::
   summary = fjt.train_and_evaluate(config, "runs/digits_mlp")
 """
 
-from fjt import aggregate, averaging, checkpoint, data, merge, models, sharding, summary
+from fjt import aggregate, averaging, checkpoint, data, merge, models, replicas, sharding, summary
 from fjt.config import ConfigError, apply_overrides, load_config
 from fjt.data import Dataset, get_batch, load_dataset
 from fjt.models import CNN, MLP, MODELS, NNLM, create_model
@@ -23,6 +23,6 @@ __all__ = [
     "aggregate", "apply_overrides", "averaging", "checkpoint", "create_from_config", "create_learning_rate_fn", "create_model",
     "create_optimizer", "create_train_state", "data", "evaluate", "fit", "get_batch",
     "init_variables", "load_config", "load_dataset", "make_eval_step", "make_train_step", "merge",
-    "models", "sharding", "summary",
+    "models", "replicas", "sharding", "summary",
     "train_and_evaluate",
 ]

@@ -527,16 +527,27 @@ class RunningMean:
     self._count += 1
     self._total += weight
 
-  def result(self) -> PyTree:
-    """The weighted mean of the trees added so far, with the first tree's dtypes."""
+  def result(self, consume: bool = False) -> PyTree:
+    """The weighted mean of the trees added so far, with the first tree's dtypes.
+
+    With ``consume``, the result takes over the accumulator's memory (float32 and float64 leaves
+    are divided in place), so the end of a stream holds one model, not two; the RunningMean is
+    then empty, as if new.
+    """
     if self._acc is None:
       raise ValueError("RunningMean.result(): no tree has been added")
     if self._total <= 0:
       raise ValueError("RunningMean.result(): the added weights sum to 0")
     dtypes = tuple(dtype for _, dtype in self._ref.specs)
-    out = _finish_accumulator(self._acc, jnp.asarray(self._total, jax.dtypes.canonicalize_dtype(
-        jnp.float64)), dtypes)
-    return self._ref.treedef.unflatten(out)
+    total = jnp.asarray(self._total, jax.dtypes.canonicalize_dtype(jnp.float64))
+    treedef = self._ref.treedef
+    if not consume:
+      return treedef.unflatten(_finish_accumulator(self._acc, total, dtypes))
+    acc, self._acc, self._ref, self._count, self._total = self._acc, None, None, 0, 0.0
+    with warnings.catch_warnings():
+      # bf16/fp16 leaves are accumulated in float32: their buffers cannot hold the result.
+      warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+      return treedef.unflatten(_finish_accumulator_in_place(acc, total, dtypes))
 
 
 @jax.jit
@@ -558,11 +569,14 @@ def _accumulate(acc: list[jax.Array], leaves: list[jax.Array], weight: jax.Array
   return out
 
 
-@functools.partial(jax.jit, static_argnames=("dtypes",))
-def _finish_accumulator(acc: list[jax.Array], total: jax.Array, dtypes: tuple[np.dtype, ...]
-                        ) -> list[jax.Array]:
+def _finish(acc: list[jax.Array], total: jax.Array, dtypes: tuple[np.dtype, ...]
+            ) -> list[jax.Array]:
   return [_divide(a, total.astype(a.dtype)).astype(dtype) if _is_floating(dtype) else jnp.copy(a)
           for a, dtype in zip(acc, dtypes)]
+
+
+_finish_accumulator = jax.jit(_finish, static_argnames=("dtypes",))
+_finish_accumulator_in_place = jax.jit(_finish, static_argnames=("dtypes",), donate_argnums=0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,14 +2,18 @@
 
 Params are aggregated by ``method``; BatchNorm statistics are merged exactly
 (``fjt.aggregate.merge_batch_stats``, the input weights as counts). For
-``method="mean"`` the inputs are read one at a time into a float32 running
-mean, so peak memory is about that of two or three models however many inputs.
+``method="mean"`` the inputs are read one at a time, each in a few groups of
+leaves, into float32 running means, so peak memory is about that of one model
+and a group of leaves, however many inputs.
 With a config, every input and the result are evaluated on its test split.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
+import math
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,9 +23,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fjt import aggregate, checkpoint
+from fjt.tree import flatten, unflatten
 
 PyTree = Any
 METHODS = ("mean", "median", "trimmed", "greedy")
+PIECES = 4  # Groups of leaves each input is read in by the streaming mean.
+MIN_PIECE_BYTES = 64 * 2**20
 
 
 @dataclasses.dataclass
@@ -82,19 +89,65 @@ def _recompute(config, variables):
                                          (x[i:i + size] for i in range(0, len(x), size)))
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+  try:
+    return ctypes.CDLL(None).malloc_trim  # glibc
+  except (AttributeError, OSError):
+    return None
+
+
+def _release_freed_memory() -> None:
+  """Hands memory freed so far back to the OS, where the C library can (glibc's
+  ``malloc_trim``). Without it the buffers of each checkpoint read, freed but kept by the
+  allocator in several thread arenas, pile up into about two models more of resident memory."""
+  trim = _malloc_trim()
+  if trim is not None:
+    trim(0)
+
+
+def _leaf_groups(shapes: dict[str, jax.ShapeDtypeStruct], pieces: int) -> list[list[str]]:
+  """The paths of ``shapes``, in order, cut into about ``pieces`` groups of similar size (none
+  smaller than ``MIN_PIECE_BYTES`` unless it is the last)."""
+  sizes = {p: math.prod(s.shape) * np.dtype(s.dtype).itemsize for p, s in shapes.items()}
+  budget = max(sum(sizes.values()) / pieces, MIN_PIECE_BYTES)
+  groups, filled = [[]], 0
+  for path, size in sizes.items():
+    if groups[-1] and filled + size > budget:
+      groups.append([])
+      filled = 0
+    groups[-1].append(path)
+    filled += size
+  return groups
+
+
 def _streaming_mean(paths, weights, on_input):
-  params = aggregate.RunningMean()
+  """The weighted mean of the params and the merged BatchNorm statistics, reading the inputs
+  one at a time, each in ``PIECES`` groups of leaves: one running mean per group, so memory is
+  about one float32 model plus a group, however many and however large the inputs."""
+  shapes = checkpoint.variables_shapes(paths[0])  # check_inputs: the same for every input.
+  groups = _leaf_groups({p: s for p, s in shapes.items() if not p.startswith("batch_stats/")},
+                        PIECES)
+  stats_paths = [p for p in shapes if p.startswith("batch_stats/")]
+  means = [aggregate.RunningMean() for _ in groups]
   stats, count = None, 0.0
   for i, (path, weight) in enumerate(zip(paths, weights)):
-    variables = checkpoint.load_variables(path)
-    on_input(i, variables)
-    params.add(variables["params"], weight)
-    if variables["batch_stats"]:  # Pairwise merging is exact: the pooled formula is associative.
-      stats = variables["batch_stats"] if stats is None else aggregate.merge_batch_stats(
-          [stats, variables["batch_stats"]], [count, weight])
+    pieces = checkpoint.iter_variables(path, groups + [stats_paths])
+    for mean, piece in zip(means, pieces):  # Each piece is read when asked for.
+      mean.add(unflatten(piece), weight)
+      del piece
+      _release_freed_memory()
+    batch_stats = unflatten(next(pieces)).get("batch_stats")
+    if batch_stats:  # Pairwise merging is exact: the pooled formula is associative.
+      stats = batch_stats if stats is None else aggregate.merge_batch_stats(
+          [stats, batch_stats], [count, weight])
     count += weight
-    del variables
-  return {"params": params.result(), "batch_stats": stats or {}}
+    del batch_stats
+    on_input(i, lambda: checkpoint.load_variables(path))
+  params = {}
+  for mean in means:
+    params.update(flatten(mean.result(consume=True)))
+  return {"params": unflatten(params)["params"], "batch_stats": stats or {}}
 
 
 def average_checkpoints(paths: Sequence[str], out: str, weights: Sequence[float] | None = None,
@@ -130,9 +183,9 @@ def average_checkpoints(paths: Sequence[str], out: str, weights: Sequence[float]
   rows = [{"path": p, "weight": w} for p, w in zip(paths, weights)]
   bar = tqdm(total=len(paths), desc=f"average ({method})", unit="input", disable=not progress)
 
-  def on_input(i, variables):
+  def on_input(i, read_variables):
     if evaluate is not None:
-      rows[i].update(evaluate(variables))
+      rows[i].update(evaluate(read_variables()))
     bar.update()
 
   chosen = list(range(len(paths)))
@@ -142,7 +195,7 @@ def average_checkpoints(paths: Sequence[str], out: str, weights: Sequence[float]
     inputs = []
     for i, path in enumerate(paths):
       inputs.append(checkpoint.load_variables(path))
-      on_input(i, inputs[-1])
+      on_input(i, lambda: inputs[-1])
     if method == "greedy":
       _, chosen, _ = aggregate.greedy_soup(inputs, lambda v: evaluate(v)["accuracy"])
       inputs, weights = [inputs[i] for i in chosen], [weights[i] for i in chosen]

@@ -1,0 +1,602 @@
+"""Speed as ratios against baselines measured in the same process (the engine of ``scripts/bench.py``).
+
+Every row is ``{"name", "value", "baseline", "unit", "ratio", "target", "notes"}`` with
+``ratio = value / baseline`` and ``target`` a bound on the ratio (``">= 1.15"``, ``"<= 3"``) or
+None for a row that only reports. Baselines are PyTorch on the same model and threads, copies of
+the same bytes, ``torch.save`` / ``torch.load`` of the same arrays, a float32 matmul.
+
+Timing: everything is warmed up (compiled) first; then the contenders of a row take turns, one
+call each per repeat, and each one's median over the repeats is kept. Taking turns means a
+background load on the machine slows all of them alike instead of whichever ran at the time.
+Every timed call ends with its work done (``block_until_ready``, files written).
+
+Needs PyTorch (the ``torch`` extra) for the baselines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+MB = 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+  """What the benchmarks run on; ``FULL`` is the reported configuration, ``QUICK`` a smoke test.
+
+  Attributes:
+    mlp_features, mlp_inputs, mlp_batch: the MLP of the train-step rows (784 inputs, BatchNorm).
+    cnn_batch: batch of the digits CNN (None: the config's ``train.batch_size``).
+    mlp_steps, cnn_steps: train steps per timed call.
+    matmul: side of the square float32 matmuls that measure the peak FLOP/s.
+    models, model_bytes: the inputs of the aggregation rows (float32 trees).
+    state_bytes: size of the train state of the checkpoint rows.
+    repeats: timed calls per contender (the median is kept).
+    torch_compile: also try ``torch.compile`` for the PyTorch baselines.
+  """
+  mlp_features: tuple[int, ...] = (1024, 1024)
+  mlp_inputs: int = 784
+  mlp_batch: int = 256
+  cnn_batch: int | None = None
+  mlp_steps: int = 40
+  cnn_steps: int = 200
+  matmul: int = 2048
+  models: int = 8
+  model_bytes: int = 256 * MB
+  state_bytes: int = 256 * MB
+  repeats: int = 7
+  torch_compile: bool = True
+
+
+FULL = Sizes()
+QUICK = Sizes(mlp_features=(64, 64), mlp_batch=32, cnn_batch=16, mlp_steps=3, cnn_steps=3,
+              matmul=128, model_bytes=1 * MB, state_bytes=1 * MB, repeats=2, torch_compile=False)
+
+
+@dataclasses.dataclass
+class Row:
+  """One measurement: ``value`` of fjt against ``baseline``, both in ``unit``."""
+  name: str
+  value: float
+  baseline: float
+  unit: str
+  target: str | None
+  notes: str = ""
+
+  @property
+  def ratio(self) -> float:
+    return self.value / self.baseline if self.baseline else float("nan")
+
+  def met(self) -> bool | None:
+    """Whether ``ratio`` meets ``target``; None for report-only rows."""
+    if self.target is None:
+      return None
+    op, bound = self.target.split()
+    return self.ratio >= float(bound) if op == ">=" else self.ratio <= float(bound)
+
+  def as_dict(self) -> dict[str, Any]:
+    return {"name": self.name, "value": self.value, "baseline": self.baseline, "unit": self.unit,
+            "ratio": self.ratio, "target": self.target, "notes": self.notes}
+
+
+# --- Timing --------------------------------------------------------------------------------------
+
+
+class Phases(dict):
+  """``{name: seconds}`` that a contender returns when it times its own phases."""
+
+
+def take_turns(contenders: Mapping[str, Callable[[], Any]], repeats: int,
+               warmup: int = 1) -> dict[str, float]:
+  """Median seconds of each contender over ``repeats`` rounds in which each runs once.
+
+  A contender is timed as a whole (its result is dropped) unless it returns ``Phases``: then
+  those are its times (e.g. a save's blocking part and its total). The result maps each name to
+  its median. ``warmup`` untimed rounds go first (compilation, caches, first-touch allocations).
+  """
+  for _ in range(warmup):
+    for fn in contenders.values():
+      fn()
+  times: dict[str, list[float]] = {}
+  for _ in range(repeats):
+    for name, fn in contenders.items():
+      gc.collect()
+      start = time.perf_counter()
+      result = fn()
+      elapsed = time.perf_counter() - start
+      phases = result if isinstance(result, Phases) else {name: elapsed}
+      del result
+      for key, seconds in phases.items():
+        times.setdefault(key, []).append(seconds)
+  return {key: float(np.median(values)) for key, values in times.items()}
+
+
+def _blocked(fn: Callable[[], Any]) -> Callable[[], None]:
+  """``fn`` followed by waiting for its jax results; the result is dropped."""
+  def call() -> None:
+    jax.block_until_ready(fn())
+  return call
+
+
+def require_torch():
+  """Imports PyTorch, the baselines' library, or raises ImportError saying what to install."""
+  try:
+    import torch
+  except ImportError as e:
+    raise ImportError("the benchmarks compare against PyTorch, which is not installed: install "
+                      "the torch extra with `pip install -e '.[torch]'`") from e
+  return torch
+
+
+def cpu_threads() -> int:
+  """CPUs this process may run on: the threads of XLA's CPU pool, and of PyTorch here."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # Not Linux.
+    return os.cpu_count() or 1
+
+
+def machine() -> dict[str, str]:
+  """CPU model, threads, date and library versions, for the table's header."""
+  torch = require_torch()
+  model = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      found = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
+    model = found.group(1).strip() if found else model
+  except OSError:
+    pass
+  return {"cpu": model, "threads": str(cpu_threads()), "date": datetime.date.today().isoformat(),
+          "jax": jax.__version__, "torch": torch.__version__, "backend": jax.default_backend()}
+
+
+def background_load(seconds: float = 1.0) -> float | None:
+  """CPUs kept busy by other processes while this one sleeps ``seconds`` (Linux ``/proc/stat``;
+  None elsewhere). A busy machine slows multi-threaded contenders most (PyTorch's OpenMP threads
+  above all), which no taking of turns can undo, so the table reports it."""
+  def busy_jiffies() -> int:
+    with open("/proc/stat") as f:
+      fields = [int(v) for v in f.readline().split()[1:]]
+    return sum(fields) - fields[3] - fields[4]  # All but idle and iowait.
+
+  try:
+    before = busy_jiffies()
+    time.sleep(seconds)
+    return (busy_jiffies() - before) / os.sysconf("SC_CLK_TCK") / seconds
+  except (OSError, ValueError):
+    return None
+
+
+# --- Train steps ---------------------------------------------------------------------------------
+
+
+def _fjt_train_loop(model, x: np.ndarray, y: np.ndarray, steps: int, learning_rate: float
+                    ) -> tuple[Callable[[], None], PyTree]:
+  """``run()`` doing ``steps`` fjt train steps over pre-placed batches (state carried across
+  calls, donated at each step), and the params (for their size)."""
+  import fjt
+
+  tx = fjt.create_optimizer({"name": "sgd", "learning_rate": learning_rate, "momentum": 0.9}, 1)
+  state = jax.jit(fjt.create_train_state, static_argnums=(0, 1))(
+      model, tx, jnp.asarray(x[0][:1]), jax.random.PRNGKey(0))
+  train_step = fjt.make_train_step(model, tx)
+  batches = [{"x": jax.device_put(xb), "y": jax.device_put(yb)} for xb, yb in zip(x, y)]
+  params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state.params)
+  carry = {"state": state}
+
+  def run() -> None:
+    state = carry.pop("state")
+    for i in range(steps):
+      state, _ = train_step(state, batches[i % len(batches)])
+    carry["state"] = jax.block_until_ready(state)
+
+  return run, params
+
+
+def _torch_train_loops(model, x: np.ndarray, y: np.ndarray, steps: int, learning_rate: float,
+                       compile_: bool) -> tuple[dict[str, Callable[[], None]], list[str]]:
+  """``{"torch eager": run, "torch.compile": run}`` for the PyTorch twin of ``model`` (the
+  compiled one only if compiling works here), and notes on what failed."""
+  torch = require_torch()
+  from fjt.interop.torch_models import torch_module
+
+  def make(compiled: bool) -> Callable[[], None]:
+    module = torch_module(model, x.shape[2:])
+    module.train()
+    optimizer = torch.optim.SGD(module.parameters(), lr=learning_rate, momentum=0.9)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    nchw = x.ndim == 5  # (batches, B, H, W, C) images: PyTorch convolutions take NCHW.
+    batches = [(torch.from_numpy(np.ascontiguousarray(xb.transpose(0, 3, 1, 2) if nchw else xb)),
+                torch.from_numpy(yb.astype(np.int64))) for xb, yb in zip(x, y)]
+
+    def step(xb, yb):
+      optimizer.zero_grad(set_to_none=True)
+      loss = loss_fn(module(xb), yb)
+      loss.backward()
+      optimizer.step()
+      return loss
+
+    if compiled:
+      step = torch.compile(step)
+      for xb, yb in batches[:2]:  # Compiles now, so failures show here.
+        step(xb, yb)
+
+    def run() -> None:
+      for i in range(steps):
+        step(*batches[i % len(batches)])
+
+    return run
+
+  loops, notes = {"torch eager": make(False)}, []
+  if compile_:
+    try:
+      loops["torch.compile"] = make(True)
+    except Exception as e:  # Inductor needs a C++ toolchain; any failure leaves eager alone.
+      notes.append(f"torch.compile failed here ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+  else:
+    notes.append("torch.compile not tried (quick mode)")
+  return loops, notes
+
+
+def _matmul_contenders(n: int, reps: int) -> dict[str, Callable[[], None]]:
+  """float32 ``(n, n) @ (n, n)``, ``reps`` times per call, in jax (jit), numpy and PyTorch."""
+  torch = require_torch()
+  rng = np.random.default_rng(0)
+  a, b = (rng.standard_normal((n, n), np.float32) for _ in range(2))
+  ja, jb = jax.device_put(a), jax.device_put(b)
+  ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+  dot = jax.jit(jnp.dot)
+
+  def jax_mm():
+    for _ in range(reps):
+      out = dot(ja, jb)
+    out.block_until_ready()
+
+  def numpy_mm():
+    for _ in range(reps):
+      a @ b
+
+  def torch_mm():
+    for _ in range(reps):
+      ta @ tb
+
+  return {"matmul jax": jax_mm, "matmul numpy": numpy_mm, "matmul torch": torch_mm}
+
+
+def _dense_params(params: PyTree) -> int:
+  """Kernel entries of the Dense layers: one multiply-add per example each way."""
+  from fjt.tree import flatten
+  return sum(math.prod(s.shape) for p, s in flatten(params).items()
+             if re.search(r"(^|/)Dense_\d+/kernel$", p))
+
+
+def train_step_rows(sizes: Sizes, cnn_config=None, progress: Callable[[str], None] = print
+                    ) -> list[Row]:
+  """``train_step_mlp_vs_torch``, ``train_step_mlp_vs_peak`` and, given the digits CNN config,
+  ``train_step_cnn_vs_torch``: samples/s of ``fjt.make_train_step`` against the same model and
+  optimizer (SGD, momentum 0.9) in PyTorch, eager or compiled, whichever is faster."""
+  import fjt
+
+  torch = require_torch()
+  torch.set_num_threads(cpu_threads())
+  rng = np.random.default_rng(0)
+  rows = []
+
+  # The MLP: 784 inputs, BatchNorm, float32; the peak matmul takes turns with it.
+  batch = sizes.mlp_batch
+  x = rng.standard_normal((8, batch, sizes.mlp_inputs), np.float32)
+  y = rng.integers(0, 10, (8, batch), dtype=np.int32)
+  model = fjt.MLP(features=sizes.mlp_features, num_classes=10)
+  fjt_run, params = _fjt_train_loop(model, x, y, sizes.mlp_steps, 0.01)
+  torch_runs, notes = _torch_train_loops(model, x, y, sizes.mlp_steps, 0.01, sizes.torch_compile)
+  matmul_reps = 5
+  contenders = {"fjt": fjt_run, **torch_runs, **_matmul_contenders(sizes.matmul, matmul_reps)}
+  times = take_turns(contenders, sizes.repeats)
+  fjt_rate = sizes.mlp_steps * batch / times["fjt"]
+  rates = {name: sizes.mlp_steps * batch / times[name] for name in torch_runs}
+  best = max(rates, key=rates.get)
+  shape = "x".join(str(w) for w in (sizes.mlp_inputs, *sizes.mlp_features, 10))
+  rows.append(Row("train_step_mlp_vs_torch", fjt_rate, rates[best], "samples/s", ">= 1.15", "; ".join(
+      [f"MLP {shape} BatchNorm, batch {batch}, SGD momentum 0.9, {cpu_threads()} threads; "
+       f"baseline {best}; " + ", ".join(f"{k} {v:,.0f}/s" for k, v in rates.items())] + notes)))
+
+  flops = 6 * batch * _dense_params(params)
+  achieved = flops * sizes.mlp_steps / times["fjt"] / 1e9
+  peaks = {name: 2 * sizes.matmul**3 * matmul_reps / times[name] / 1e9
+           for name in ("matmul jax", "matmul numpy", "matmul torch")}
+  peak_name = max(peaks, key=peaks.get)
+  rows.append(Row("train_step_mlp_vs_peak", achieved, peaks[peak_name], "GFLOP/s", ">= 0.85",
+                  f"6 x batch x Dense kernel entries per step; peak = best float32 {sizes.matmul}^2 "
+                  "matmul: " + ", ".join(f"{k.split()[1]} {v:.0f}" for k, v in peaks.items())))
+  progress(f"{rows[0].name}, {rows[1].name}: {rows[0].ratio:.2f}, {rows[1].ratio:.2f}")
+
+  if cnn_config is not None:
+    dataset = fjt.load_dataset(cnn_config.data)
+    model = fjt.create_model(cnn_config.model)
+    batch = sizes.cnn_batch or int(cnn_config.train.batch_size)
+    picks = rng.integers(0, dataset.num_train, (8, batch))
+    x = np.asarray(dataset.train["x"], np.float32)[picks]
+    y = np.asarray(dataset.train["y"], np.int32)[picks]
+    fjt_run, _ = _fjt_train_loop(model, x, y, sizes.cnn_steps, 0.01)
+    torch_runs, notes = _torch_train_loops(model, x, y, sizes.cnn_steps, 0.01, sizes.torch_compile)
+    times = take_turns({"fjt": fjt_run, **torch_runs}, sizes.repeats)
+    rates = {name: sizes.cnn_steps * batch / times[name] for name in torch_runs}
+    best = max(rates, key=rates.get)
+    rows.append(Row("train_step_cnn_vs_torch", sizes.cnn_steps * batch / times["fjt"], rates[best],
+                    "samples/s", ">= 1.0", "; ".join(
+                        [f"digits CNN of the config, {x.shape[2:]} inputs, batch {batch}, SGD "
+                         f"momentum 0.9; baseline {best}; " +
+                         ", ".join(f"{k} {v:,.0f}/s" for k, v in rates.items())] + notes)))
+    progress(f"{rows[-1].name}: {rows[-1].ratio:.2f}")
+  return rows
+
+
+# --- Aggregation ---------------------------------------------------------------------------------
+
+
+def model_tree(nbytes: int, seed: int, layers: int = 16, width: int = 1024) -> dict[str, Any]:
+  """A float32 model of about ``nbytes`` as numpy arrays: ``layers`` Dense layers with kernel
+  ``(rows, width)`` and bias ``(width,)``, values normal(0, 1) from ``seed``."""
+  rows = max(1, nbytes // (layers * width * 4))
+  rng = np.random.default_rng(seed)
+  return {f"Dense_{i}": {"kernel": rng.standard_normal((rows, width), np.float32),
+                         "bias": rng.standard_normal(width, np.float32)} for i in range(layers)}
+
+
+def _tree_bytes(tree: PyTree) -> int:
+  return sum(leaf.nbytes for leaf in jax.tree.leaves(tree))
+
+
+def _torch_loop_mean(state_dicts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+  """The seed's mean as a PyTorch user writes it over state_dicts."""
+  n = len(state_dicts)
+  return {key: sum(sd[key] for sd in state_dicts) / n for key in state_dicts[0]}
+
+
+def aggregate_rows(sizes: Sizes, progress: Callable[[str], None] = print) -> list[Row]:
+  """``aggregate_vs_memcpy`` and ``aggregate_vs_torch_loop``: GB/s (N inputs read, one output
+  written) of ``fjt.aggregate.mean`` over ``sizes.models`` trees of ``sizes.model_bytes``."""
+  from fjt import aggregate
+  from fjt.tree import flatten
+
+  torch = require_torch()
+  torch.set_num_threads(cpu_threads())
+  hosts = [model_tree(sizes.model_bytes, seed) for seed in range(sizes.models)]
+  trees = [jax.device_put(tree) for tree in hosts]
+  # The state_dicts share the numpy arrays' memory: the loop only reads them.
+  state_dicts = [{k: torch.from_numpy(v) for k, v in flatten(tree).items()} for tree in hosts]
+  model_bytes = _tree_bytes(hosts[0])
+  leaves = jax.tree.leaves(hosts[0])
+  copy_tree = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
+  into = [np.empty_like(leaf) for leaf in leaves]
+
+  def copy_into() -> None:
+    for dst, src in zip(into, leaves):
+      np.copyto(dst, src)
+
+  read_all = jax.jit(lambda trees: [jnp.sum(x) for x in jax.tree.leaves(trees)])
+  contenders = {
+      "fjt mean": _blocked(lambda: aggregate.mean(trees)),
+      "read inputs": _blocked(lambda: read_all(trees)),
+      "torch loop": lambda: _torch_loop_mean(state_dicts),
+      "copy numpy": lambda: [np.copy(leaf) for leaf in leaves],
+      "copy jax": _blocked(lambda: copy_tree(trees[0])),
+      "copy torch": lambda: [t.clone() for t in state_dicts[0].values()],
+      "copy into existing numpy": copy_into,
+  }
+  times = take_turns(contenders, sizes.repeats)
+  moved = (sizes.models + 1) * model_bytes
+  mean_rate = moved / times["fjt mean"] / 1e9
+  copies = {k: 2 * model_bytes / times[k] / 1e9 for k in ("copy numpy", "copy jax", "copy torch")}
+  best = max(copies, key=copies.get)
+  into_rate = 2 * model_bytes / times["copy into existing numpy"] / 1e9
+  mb = model_bytes / MB
+  rows = [
+      Row("aggregate_vs_memcpy", mean_rate, copies[best], "GB/s", ">= 0.9",
+          f"mean of {sizes.models} float32 models of {mb:.0f} MB, (N + 1) x model bytes per call; "
+          f"baseline: allocating copy of one model (read + write), best of " +
+          ", ".join(f"{k.split()[1]} {v:.1f}" for k, v in copies.items()) +
+          f" GB/s; the mean allocates its output too. A copy into an existing buffer (no page "
+          f"faults) runs at {into_rate:.1f} GB/s: ratio {mean_rate / into_rate:.2f} against it"),
+      Row("aggregate_vs_torch_loop", mean_rate, moved / times["torch loop"] / 1e9, "GB/s", ">= 5",
+          "baseline: {k: sum(sd[k] for sd in state_dicts) / N} over PyTorch state_dicts of the "
+          f"same arrays; fjt {times['fjt mean']:.3f} s, PyTorch {times['torch loop']:.3f} s. "
+          f"Roofline: only reading the N inputs (a jitted sum) takes {times['read inputs']:.3f} s "
+          f"({sizes.models * model_bytes / times['read inputs'] / 1e9:.1f} GB/s), so no mean can "
+          f"beat the loop by more than {times['torch loop'] / times['read inputs']:.1f}x here"),
+  ]
+  progress(f"{rows[0].name}, {rows[1].name}: {rows[0].ratio:.2f}, {rows[1].ratio:.2f}")
+  return rows
+
+
+def _rss_bytes() -> int:
+  with open("/proc/self/statm") as f:
+    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_bytes() -> int:
+  # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across fork and exec, so a child
+  # would report its parent's RSS (the benchmark process holds gigabytes by then).
+  with open("/proc/self/status") as f:
+    return int(re.search(r"^VmHWM:\s+(\d+) kB", f.read(), re.M).group(1)) * 1024
+
+
+def stream_average_memory(paths: Sequence[str], out: str) -> dict[str, int]:
+  """Runs ``fjt.merge.average_checkpoints(paths, out)`` and returns ``{"before": RSS bytes
+  before it, "peak": peak RSS bytes while it ran}``. Meant for a fresh process (``python -c``);
+  Linux only (``/proc``): the peak (VmHWM) is reset to the current RSS first."""
+  from fjt import merge
+
+  jnp.zeros(1).block_until_ready()  # The backend is up before "before".
+  gc.collect()
+  with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # Resets VmHWM to the current RSS.
+  before = _rss_bytes()
+  merge.average_checkpoints(paths, out, progress=False)
+  return {"before": before, "peak": _peak_rss_bytes()}
+
+
+def stream_average_rows(sizes: Sizes, progress: Callable[[str], None] = print) -> list[Row]:
+  """``stream_average_peak_rss_models``: peak memory added by averaging ``sizes.models``
+  checkpoints on disk, in a fresh process, in units of one model."""
+  from fjt import checkpoint
+
+  with tempfile.TemporaryDirectory(prefix="fjt-bench-") as tmp:
+    paths = []
+    for seed in range(sizes.models):
+      paths.append(os.path.join(tmp, f"model_{seed}"))
+      checkpoint.save(paths[-1], {"params": model_tree(sizes.model_bytes, seed)})
+    model_bytes = _tree_bytes(model_tree(sizes.model_bytes, 0))
+    code = ("import json, sys; from fjt.bench import stream_average_memory; "
+            "print(json.dumps(stream_average_memory(sys.argv[1:-1], sys.argv[-1])))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code, *paths, os.path.join(tmp, "out")],
+                          capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+      raise RuntimeError(f"the averaging subprocess failed:\n{done.stderr[-2000:]}")
+    memory = json.loads(done.stdout.strip().splitlines()[-1])
+  added = (memory["peak"] - memory["before"]) / MB
+  row = Row("stream_average_peak_rss_models", added, model_bytes / MB, "MB", "<= 3",
+            f"fjt.merge.average_checkpoints of {sizes.models} checkpoints of {model_bytes / MB:.0f} "
+            f"MB in a fresh process: peak RSS (VmHWM) minus RSS before ({memory['before'] / MB:.0f} MB)")
+  progress(f"{row.name}: {row.ratio:.2f}")
+  return [row]
+
+
+# --- Checkpoints ---------------------------------------------------------------------------------
+
+
+def train_state(nbytes: int, seed: int = 0):
+  """A ``TrainState`` of about ``nbytes``: params (half) and their SGD momentum (half), random."""
+  import fjt
+
+  params = jax.device_put(model_tree(nbytes // 2, seed))
+  tx = fjt.create_optimizer({"name": "sgd", "learning_rate": 0.1, "momentum": 0.9}, 1)
+  rng = np.random.default_rng(seed + 1)
+  opt_state = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape, np.float32))
+                           if a.ndim else a, tx.init(params))
+  return fjt.TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats={},
+                        opt_state=opt_state, rng=jax.random.PRNGKey(seed))
+
+
+def checkpoint_rows(sizes: Sizes, progress: Callable[[str], None] = print) -> list[Row]:
+  """``ckpt_save_blocking_vs_torch_save``, ``ckpt_save_total_vs_torch_save`` and
+  ``ckpt_restore_vs_torch_load`` for a train state of ``sizes.state_bytes``."""
+  from fjt import checkpoint
+  from fjt.tree import flatten, to_nested_dict
+
+  torch = require_torch()
+  state = train_state(sizes.state_bytes)
+  nbytes = _tree_bytes(state)
+  # torch.save of the same arrays, as a state_dict of tensors (copies: torch owns its memory).
+  state_dict = {k: torch.from_numpy(np.array(v)) for k, v in flatten(to_nested_dict(state)).items()}
+  with tempfile.TemporaryDirectory(prefix="fjt-bench-") as tmp:
+    torch_path = os.path.join(tmp, "state.pt")
+    checkpointer = checkpoint.RunCheckpointer(os.path.join(tmp, "run"), max_to_keep=1)
+    steps = iter(range(1, 10**6))
+
+    def fjt_save() -> Phases:
+      start = time.perf_counter()
+      checkpointer.save(next(steps), state)
+      blocking = time.perf_counter() - start
+      checkpointer.wait_until_finished()
+      return Phases({"fjt save blocking": blocking, "fjt save total": time.perf_counter() - start})
+
+    def torch_save() -> Phases:
+      start = time.perf_counter()
+      torch.save(state_dict, torch_path)
+      saved = time.perf_counter() - start
+      with open(torch_path, "rb") as f:  # Orbax (TensorStore) syncs its files to disk.
+        os.fsync(f.fileno())
+      return Phases({"torch.save": saved, "torch.save + fsync": time.perf_counter() - start})
+
+    def fjt_restore() -> None:
+      jax.block_until_ready(checkpoint.load(checkpoint.step_dirs(checkpointer.directory)[-1][1],
+                                            state))
+
+    try:
+      times = take_turns({"fjt save": fjt_save, "torch.save": torch_save,
+                          "fjt restore": fjt_restore, "torch.load": lambda: torch.load(torch_path)},
+                         sizes.repeats)
+    finally:
+      checkpointer.close()
+  mb = nbytes / MB
+  rows = [
+      Row("ckpt_save_blocking_vs_torch_save", times["fjt save blocking"], times["torch.save"], "s",
+          "<= 0.1", f"RunCheckpointer.save of a {mb:.0f} MB TrainState returning (the training "
+          "loop's pause) against torch.save of the same arrays"),
+      Row("ckpt_save_total_vs_torch_save", times["fjt save total"], times["torch.save"], "s",
+          "<= 1.5", "until complete on disk: wait_until_finished, manifest (CRC-32 of every "
+          "file) included. Orbax fsyncs every file, torch.save does not: torch.save + fsync "
+          f"takes {times['torch.save + fsync']:.3f} s, ratio "
+          f"{times['fjt save total'] / times['torch.save + fsync']:.2f} against it"),
+      Row("ckpt_restore_vs_torch_load", times["fjt restore"], times["torch.load"], "s", "<= 1.5",
+          "checkpoint.load(step, target) onto the state's arrays against torch.load"),
+  ]
+  progress(", ".join(f"{r.name}: {r.ratio:.2f}" for r in rows))
+  return rows
+
+
+# --- All rows ------------------------------------------------------------------------------------
+
+ROW_NAMES = ("train_step_mlp_vs_torch", "train_step_mlp_vs_peak", "train_step_cnn_vs_torch",
+             "aggregate_vs_memcpy", "aggregate_vs_torch_loop", "stream_average_peak_rss_models",
+             "ckpt_save_blocking_vs_torch_save", "ckpt_save_total_vs_torch_save",
+             "ckpt_restore_vs_torch_load")
+
+
+def run(sizes: Sizes = FULL, cnn_config=None, progress: Callable[[str], None] = print) -> list[Row]:
+  """Every benchmark, in the order of ``ROW_NAMES`` (the CNN row needs ``cnn_config``, the
+  digits CNN experiment config)."""
+  require_torch()
+  rows = []
+  groups = [lambda: train_step_rows(sizes, cnn_config, progress),
+            lambda: aggregate_rows(sizes, progress), lambda: stream_average_rows(sizes, progress),
+            lambda: checkpoint_rows(sizes, progress)]
+  start = time.perf_counter()
+  for group in groups:
+    rows.extend(group())
+    gc.collect()
+    progress(f"  ({time.perf_counter() - start:.0f} s so far)")
+  return rows
+
+
+def format_table(rows: Sequence[Row], info: Mapping[str, str] | None = None) -> str:
+  """The rows as a markdown table (ratio, target, whether met), after a line on the machine."""
+  lines = []
+  if info:
+    lines += [", ".join(f"{k}: {v}" for k, v in info.items()), ""]
+  lines += ["| name | value | baseline | unit | ratio | target | met |",
+            "|---|---:|---:|---|---:|---|---|"]
+  for r in rows:
+    met = {None: "", True: "yes", False: "**no**"}[r.met()]
+    lines.append(f"| {r.name} | {r.value:,.4g} | {r.baseline:,.4g} | {r.unit} | {r.ratio:.2f} | "
+                 f"{r.target or 'report'} | {met} |")
+  return "\n".join(lines)
+
+
+def write_json(rows: Sequence[Row], path: str) -> None:
+  """The rows as a JSON list of ``Row.as_dict()``."""
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump([r.as_dict() for r in rows], f, indent=2)

@@ -1,0 +1,51 @@
+"""Benchmark fjt against baselines measured in the same run, and print the table.
+
+  python scripts/bench.py [--quick] [--out bench.json]
+
+Rows are ratios: the fjt train step against PyTorch on the same model and threads and against a
+float32 matmul peak; fjt.aggregate.mean against a copy of the same bytes and a PyTorch loop;
+the peak memory of averaging checkpoints on disk; checkpoint save and restore against
+torch.save and torch.load. --quick runs tiny sizes (a smoke test, not numbers to report).
+Needs PyTorch: pip install -e '.[torch]'.
+"""
+
+import argparse
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--quick", action="store_true", help="tiny sizes, well under a minute")
+  parser.add_argument("--out", help="write the rows to this JSON file")
+  parser.add_argument("--cnn_config", default=os.path.join(ROOT, "configs", "digits_cnn.py"),
+                      help="the config whose model is the CNN of train_step_cnn_vs_torch")
+  args = parser.parse_args(argv)
+
+  sys.path.insert(0, ROOT)
+  import fjt  # After argument parsing, so --help is instant.
+  from fjt import bench
+
+  try:
+    bench.require_torch()
+  except ImportError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  info = bench.machine()
+  info["mode"] = "quick: tiny sizes, a smoke test, not numbers to report" if args.quick else "full"
+  print(", ".join(f"{k}: {v}" for k, v in info.items()), file=sys.stderr)
+  before = bench.background_load()
+  rows = bench.run(bench.QUICK if args.quick else bench.FULL, fjt.load_config(args.cnn_config),
+                   progress=lambda line: print(line, file=sys.stderr, flush=True))
+  loads = [f"{x:.1f}" if x is not None else "?" for x in (before, bench.background_load())]
+  info["CPUs busy with other work before/after"] = " / ".join(loads)
+  if args.out:
+    bench.write_json(rows, args.out)
+  print(bench.format_table(rows, info))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
