@@ -238,3 +238,25 @@ def test_freeze_pattern_that_matches_nothing_is_an_error():
   config.freeze = ("Conv_9",)
   with pytest.raises(fjt.ConfigError, match="'freeze': pattern 'Conv_9' matches no parameter"):
     fjt.create_from_config(config, np.zeros((1, 64), np.float32))
+
+
+@pytest.mark.parametrize("len_a, len_b", [(0, 0), (0, 5), (7, 0), (1, 1), (1000, 3), (4096, 4097)])
+def test_crc32_combine_equals_crc32_of_the_concatenation(len_a, len_b):
+  import zlib
+  rng = np.random.default_rng(len_a * 10007 + len_b)
+  a, b = rng.bytes(len_a), rng.bytes(len_b)
+  assert checkpoint.crc32_combine(zlib.crc32(a), zlib.crc32(b), len_b) == zlib.crc32(a + b)
+
+
+def test_file_checksums_cut_into_ranges_equal_whole_file_crc32(tmp_path, monkeypatch):
+  import zlib
+  monkeypatch.setattr(checkpoint, "_CRC_RANGE", 1000)
+  monkeypatch.setattr(checkpoint, "_CRC_CHUNK", 300)
+  rng = np.random.default_rng(0)
+  contents = [rng.bytes(n) for n in (0, 1, 999, 1000, 1001, 5432)]
+  paths = []
+  for i, data in enumerate(contents):
+    paths.append(str(tmp_path / f"f{i}"))
+    with open(paths[-1], "wb") as f:
+      f.write(data)
+  assert checkpoint._crc32s(paths) == [zlib.crc32(data) for data in contents]
