@@ -69,6 +69,9 @@ class Sizes:
 
 
 FULL = Sizes()
+# On a GPU a step of the MLP takes tens of microseconds: more steps per timed call, and a matmul
+# big enough to reach the GPU's peak.
+GPU = dataclasses.replace(FULL, mlp_steps=400, cnn_steps=400, matmul=8192)
 QUICK = Sizes(mlp_features=(64, 64), mlp_batch=32, cnn_batch=16, mlp_steps=3, cnn_steps=3,
               matmul=128, model_bytes=1 * MB, state_bytes=1 * MB, repeats=2, torch_compile=False)
 
@@ -153,6 +156,46 @@ def require_torch():
   return torch
 
 
+def torch_device():
+  """Where the PyTorch baselines run: on the GPU when jax runs on one and PyTorch sees one (the
+  same GPU, device 0 of both), else on the CPU."""
+  torch = require_torch()
+  if jax.default_backend() == "gpu" and torch.cuda.is_available():
+    return torch.device("cuda", 0)
+  return torch.device("cpu")
+
+
+def _torch_synced(fn: Callable[[], Any]) -> Callable[[], None]:
+  """``fn`` followed by waiting for PyTorch's queued GPU work (if any); the result is dropped."""
+  torch = require_torch()
+  cuda = torch_device().type == "cuda"
+
+  def call() -> None:
+    fn()
+    if cuda:
+      torch.cuda.synchronize()
+  return call
+
+
+def full_float32() -> str:
+  """Makes jax and PyTorch multiply float32 matrices in float32 (a GPU's tensor cores would
+  round the inputs to TF32 by default in jax, in PyTorch's convolutions too), so that both
+  contenders and the peak do the same arithmetic; returns a note saying so. CPUs compute in
+  float32 anyway."""
+  torch = require_torch()
+  jax.config.update("jax_default_matmul_precision", "highest")
+  torch.backends.cuda.matmul.allow_tf32 = False
+  torch.backends.cudnn.allow_tf32 = False
+  return "float32 matmuls and convolutions in full float32 precision (no TF32) in jax and PyTorch"
+
+
+def runs_on() -> str:
+  """Where the contenders run, for the notes: ``"2 CPU threads"`` or the GPU's name."""
+  if jax.default_backend() == "cpu":
+    return f"{cpu_threads()} CPU threads"
+  return jax.devices()[0].device_kind
+
+
 def cpu_threads() -> int:
   """CPUs this process may run on: the threads of XLA's CPU pool, and of PyTorch here."""
   try:
@@ -171,8 +214,11 @@ def machine() -> dict[str, str]:
     model = found.group(1).strip() if found else model
   except OSError:
     pass
-  return {"cpu": model, "threads": str(cpu_threads()), "date": datetime.date.today().isoformat(),
+  info = {"cpu": model, "threads": str(cpu_threads()), "date": datetime.date.today().isoformat(),
           "jax": jax.__version__, "torch": torch.__version__, "backend": jax.default_backend()}
+  if jax.default_backend() != "cpu":
+    info["device"] = jax.devices()[0].device_kind
+  return info
 
 
 def background_load(seconds: float = 1.0) -> float | None:
@@ -224,15 +270,17 @@ def _torch_train_loops(model, x: np.ndarray, y: np.ndarray, steps: int, learning
   compiled one only if compiling works here), and notes on what failed."""
   torch = require_torch()
   from fjt.interop.torch_models import torch_module
+  device = torch_device()
 
   def make(compiled: bool) -> Callable[[], None]:
-    module = torch_module(model, x.shape[2:])
+    module = torch_module(model, x.shape[2:]).to(device)
     module.train()
     optimizer = torch.optim.SGD(module.parameters(), lr=learning_rate, momentum=0.9)
     loss_fn = torch.nn.CrossEntropyLoss()
     nchw = x.ndim == 5  # (batches, B, H, W, C) images: PyTorch convolutions take NCHW.
-    batches = [(torch.from_numpy(np.ascontiguousarray(xb.transpose(0, 3, 1, 2) if nchw else xb)),
-                torch.from_numpy(yb.astype(np.int64))) for xb, yb in zip(x, y)]
+    batches = [(torch.from_numpy(np.ascontiguousarray(xb.transpose(0, 3, 1, 2) if nchw else xb)
+                                 ).to(device), torch.from_numpy(yb.astype(np.int64)).to(device))
+               for xb, yb in zip(x, y)]
 
     def step(xb, yb):
       optimizer.zero_grad(set_to_none=True)
@@ -250,7 +298,7 @@ def _torch_train_loops(model, x: np.ndarray, y: np.ndarray, steps: int, learning
       for i in range(steps):
         step(*batches[i % len(batches)])
 
-    return run
+    return _torch_synced(run)
 
   loops, notes = {"torch eager": make(False)}, []
   if compile_:
@@ -264,12 +312,13 @@ def _torch_train_loops(model, x: np.ndarray, y: np.ndarray, steps: int, learning
 
 
 def _matmul_contenders(n: int, reps: int) -> dict[str, Callable[[], None]]:
-  """float32 ``(n, n) @ (n, n)``, ``reps`` times per call, in jax (jit), numpy and PyTorch."""
+  """float32 ``(n, n) @ (n, n)``, ``reps`` times per call, in jax (jit), PyTorch and (on a CPU)
+  numpy."""
   torch = require_torch()
   rng = np.random.default_rng(0)
   a, b = (rng.standard_normal((n, n), np.float32) for _ in range(2))
   ja, jb = jax.device_put(a), jax.device_put(b)
-  ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+  ta, tb = torch.from_numpy(a).to(torch_device()), torch.from_numpy(b).to(torch_device())
   dot = jax.jit(jnp.dot)
 
   def jax_mm():
@@ -285,7 +334,10 @@ def _matmul_contenders(n: int, reps: int) -> dict[str, Callable[[], None]]:
     for _ in range(reps):
       ta @ tb
 
-  return {"matmul jax": jax_mm, "matmul numpy": numpy_mm, "matmul torch": torch_mm}
+  contenders = {"matmul jax": jax_mm, "matmul torch": _torch_synced(torch_mm)}
+  if jax.default_backend() == "cpu":
+    contenders["matmul numpy"] = numpy_mm
+  return contenders
 
 
 def _matmul_floor(widths: Sequence[int], x: np.ndarray, steps: int) -> Callable[[], None]:
@@ -353,14 +405,14 @@ def train_step_rows(sizes: Sizes, cnn_config=None, progress: Callable[[str], Non
   best = max(rates, key=rates.get)
   shape = "x".join(str(w) for w in widths)
   rows.append(Row("train_step_mlp_vs_torch", fjt_rate, rates[best], "samples/s", ">= 1.15", "; ".join(
-      [f"MLP {shape} BatchNorm, batch {batch}, SGD momentum 0.9, {cpu_threads()} threads; "
+      [f"MLP {shape} BatchNorm, batch {batch}, SGD momentum 0.9, {runs_on()}; "
        f"baseline {best}; " + ", ".join(f"{k} {v:,.0f}/s" for k, v in rates.items())] + notes)))
 
   flops = 6 * batch * _dense_params(params)
   executed = flops - 2 * batch * widths[0] * widths[1]  # No input gradient of the first layer.
   achieved = flops * sizes.mlp_steps / times["fjt"] / 1e9
   peaks = {name: 2 * sizes.matmul**3 * matmul_reps / times[name] / 1e9
-           for name in ("matmul jax", "matmul numpy", "matmul torch")}
+           for name in times if name.startswith("matmul ")}
   peak = max(peaks.values())
   floor = flops * sizes.mlp_steps / times["matmuls only"] / 1e9
   rows.append(Row("train_step_mlp_vs_peak", achieved, peak, "GFLOP/s", ">= 0.85",
@@ -423,10 +475,12 @@ def aggregate_rows(sizes: Sizes, progress: Callable[[str], None] = print) -> lis
 
   torch = require_torch()
   torch.set_num_threads(cpu_threads())
+  device = torch_device()
   hosts = [model_tree(sizes.model_bytes, seed) for seed in range(sizes.models)]
   trees = [jax.device_put(tree) for tree in hosts]
-  # The state_dicts share the numpy arrays' memory: the loop only reads them.
-  state_dicts = [{k: torch.from_numpy(v) for k, v in flatten(tree).items()} for tree in hosts]
+  # On a CPU the state_dicts share the numpy arrays' memory: the loop only reads them.
+  state_dicts = [{k: torch.from_numpy(v).to(device) for k, v in flatten(tree).items()}
+                 for tree in hosts]
   model_bytes = _tree_bytes(hosts[0])
   leaves = jax.tree.leaves(hosts[0])
   copy_tree = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
@@ -440,26 +494,31 @@ def aggregate_rows(sizes: Sizes, progress: Callable[[str], None] = print) -> lis
   contenders = {
       "fjt mean": _blocked(lambda: aggregate.mean(trees)),
       "read inputs": _blocked(lambda: read_all(trees)),
-      "torch loop": lambda: _torch_loop_mean(state_dicts),
-      "copy numpy": lambda: [np.copy(leaf) for leaf in leaves],
+      "torch loop": _torch_synced(lambda: _torch_loop_mean(state_dicts)),
       "copy jax": _blocked(lambda: copy_tree(trees[0])),
-      "copy torch": lambda: [t.clone() for t in state_dicts[0].values()],
-      "copy into existing numpy": copy_into,
+      "copy torch": _torch_synced(lambda: [t.clone() for t in state_dicts[0].values()]),
   }
+  on_cpu = jax.default_backend() == "cpu"
+  if on_cpu:  # Host copies are the memcpy of a CPU only.
+    contenders["copy numpy"] = lambda: [np.copy(leaf) for leaf in leaves]
+    contenders["copy into existing numpy"] = copy_into
   times = take_turns(contenders, sizes.repeats)
   moved = (sizes.models + 1) * model_bytes
   mean_rate = moved / times["fjt mean"] / 1e9
-  copies = {k: 2 * model_bytes / times[k] / 1e9 for k in ("copy numpy", "copy jax", "copy torch")}
+  copies = {k: 2 * model_bytes / times[k] / 1e9
+            for k in ("copy numpy", "copy jax", "copy torch") if k in times}
   best = max(copies, key=copies.get)
-  into_rate = 2 * model_bytes / times["copy into existing numpy"] / 1e9
   mb = model_bytes / MB
+  notes = (f"mean of {sizes.models} float32 models of {mb:.0f} MB on {runs_on()}, (N + 1) x "
+           f"model bytes per call; baseline: allocating copy of one model (read + write), best "
+           "of " + ", ".join(f"{k.split()[1]} {v:.1f}" for k, v in copies.items()) +
+           " GB/s; the mean allocates its output too")
+  if on_cpu:
+    into_rate = 2 * model_bytes / times["copy into existing numpy"] / 1e9
+    notes += (f". A copy into an existing buffer (no page faults) runs at {into_rate:.1f} GB/s: "
+              f"ratio {mean_rate / into_rate:.2f} against it")
   rows = [
-      Row("aggregate_vs_memcpy", mean_rate, copies[best], "GB/s", ">= 0.9",
-          f"mean of {sizes.models} float32 models of {mb:.0f} MB, (N + 1) x model bytes per call; "
-          f"baseline: allocating copy of one model (read + write), best of " +
-          ", ".join(f"{k.split()[1]} {v:.1f}" for k, v in copies.items()) +
-          f" GB/s; the mean allocates its output too. A copy into an existing buffer (no page "
-          f"faults) runs at {into_rate:.1f} GB/s: ratio {mean_rate / into_rate:.2f} against it"),
+      Row("aggregate_vs_memcpy", mean_rate, copies[best], "GB/s", ">= 0.9", notes),
       Row("aggregate_vs_torch_loop", mean_rate, moved / times["torch loop"] / 1e9, "GB/s", ">= 5",
           "baseline: {k: sum(sd[k] for sd in state_dicts) / N} over PyTorch state_dicts of the "
           f"same arrays; fjt {times['fjt mean']:.3f} s, PyTorch {times['torch loop']:.3f} s. "
@@ -512,7 +571,9 @@ def stream_average_rows(sizes: Sizes, progress: Callable[[str], None] = print) -
     code = ("import json, sys; from fjt.bench import stream_average_memory; "
             "print(json.dumps(stream_average_memory(sys.argv[1:-1], sys.argv[-1])))")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    # On the CPU: the row is about host memory, which arrays on a GPU would not show in.
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", code, *paths, os.path.join(tmp, "out")],
                           capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
@@ -521,7 +582,8 @@ def stream_average_rows(sizes: Sizes, progress: Callable[[str], None] = print) -
   added = (memory["peak"] - memory["before"]) / MB
   row = Row("stream_average_peak_rss_models", added, model_bytes / MB, "MB", "<= 3",
             f"fjt.merge.average_checkpoints of {sizes.models} checkpoints of {model_bytes / MB:.0f} "
-            f"MB in a fresh process: peak RSS (VmHWM) minus RSS before ({memory['before'] / MB:.0f} MB)")
+            f"MB in a fresh process on the CPU: peak RSS (VmHWM) minus RSS before "
+            f"({memory['before'] / MB:.0f} MB)")
   progress(f"{row.name}: {row.ratio:.2f}")
   return [row]
 
@@ -549,10 +611,13 @@ def checkpoint_rows(sizes: Sizes, progress: Callable[[str], None] = print) -> li
   from fjt.tree import flatten, to_nested_dict
 
   torch = require_torch()
+  device = torch_device()
   state = train_state(sizes.state_bytes)
   nbytes = _tree_bytes(state)
-  # torch.save of the same arrays, as a state_dict of tensors (copies: torch owns its memory).
-  state_dict = {k: torch.from_numpy(np.array(v)) for k, v in flatten(to_nested_dict(state)).items()}
+  # torch.save of the same arrays, as a state_dict of tensors (copies: torch owns its memory),
+  # on the same device as the state.
+  state_dict = {k: torch.from_numpy(np.array(v)).to(device)
+                for k, v in flatten(to_nested_dict(state)).items()}
   with tempfile.TemporaryDirectory(prefix="fjt-bench-") as tmp:
     torch_path = os.path.join(tmp, "state.pt")
     checkpointer = checkpoint.RunCheckpointer(os.path.join(tmp, "run"), max_to_keep=1)
@@ -581,7 +646,9 @@ def checkpoint_rows(sizes: Sizes, progress: Callable[[str], None] = print) -> li
 
     try:
       times = take_turns({"fjt save": fjt_save, "torch.save": torch_save,
-                          "fjt restore": fjt_restore, "torch.load": lambda: torch.load(torch_path),
+                          "fjt restore": fjt_restore,
+                          "torch.load": _torch_synced(lambda: torch.load(torch_path,
+                                                                         map_location=device)),
                           "fjt metadata": lambda: checkpoint.saved_shapes(newest())},
                          sizes.repeats)
     finally:
@@ -589,8 +656,8 @@ def checkpoint_rows(sizes: Sizes, progress: Callable[[str], None] = print) -> li
   mb = nbytes / MB
   rows = [
       Row("ckpt_save_blocking_vs_torch_save", times["fjt save blocking"], times["torch.save"], "s",
-          "<= 0.1", f"RunCheckpointer.save of a {mb:.0f} MB TrainState returning (the training "
-          "loop's pause) against torch.save of the same arrays"),
+          "<= 0.1", f"RunCheckpointer.save of a {mb:.0f} MB TrainState on {runs_on()} returning "
+          "(the training loop's pause) against torch.save of the same arrays there"),
       Row("ckpt_save_total_vs_torch_save", times["fjt save total"], times["torch.save"], "s",
           "<= 1.5", "until complete on disk: wait_until_finished, manifest (CRC-32 of every "
           "file) included. Orbax fsyncs every file, torch.save does not: torch.save + fsync "
@@ -618,6 +685,7 @@ def run(sizes: Sizes = FULL, cnn_config=None, progress: Callable[[str], None] = 
   """Every benchmark, in the order of ``ROW_NAMES`` (the CNN row needs ``cnn_config``, the
   digits CNN experiment config)."""
   require_torch()
+  full_float32()
   rows = []
   groups = [lambda: train_step_rows(sizes, cnn_config, progress),
             lambda: aggregate_rows(sizes, progress), lambda: stream_average_rows(sizes, progress),

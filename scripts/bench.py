@@ -35,9 +35,11 @@ def main(argv=None) -> int:
     return 2
   info = bench.machine()
   info["mode"] = "quick: tiny sizes, a smoke test, not numbers to report" if args.quick else "full"
+  info["precision"] = bench.full_float32()
   print(", ".join(f"{k}: {v}" for k, v in info.items()), file=sys.stderr)
+  sizes = bench.QUICK if args.quick else bench.FULL if info["backend"] == "cpu" else bench.GPU
   before = bench.background_load()
-  rows = bench.run(bench.QUICK if args.quick else bench.FULL, fjt.load_config(args.cnn_config),
+  rows = bench.run(sizes, fjt.load_config(args.cnn_config),
                    progress=lambda line: print(line, file=sys.stderr, flush=True))
   loads = [f"{x:.1f}" if x is not None else "?" for x in (before, bench.background_load())]
   info["CPUs busy with other work before/after"] = " / ".join(loads)
