@@ -25,6 +25,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -340,16 +341,17 @@ def _matmul_contenders(n: int, reps: int) -> dict[str, Callable[[], None]]:
   return contenders
 
 
-def _matmul_floor(widths: Sequence[int], x: np.ndarray, steps: int) -> Callable[[], None]:
-  """``steps`` calls of a jitted function doing only the matmuls of an MLP train step with layer
-  ``widths`` (forward, input and weight gradients; no first-layer input gradient), on the same
-  batches: what XLA's matmuls alone take, a floor for the whole step."""
+def _matmul_floors(widths: Sequence[int], x: np.ndarray, steps: int
+                   ) -> dict[str, Callable[[], None]]:
+  """``{"matmuls xla": run, "matmuls torch": run}``: ``steps`` calls doing only the matmuls of
+  an MLP train step with layer ``widths`` (forward, input and weight gradients; no first-layer
+  input gradient) on the same batches, jitted in jax and eager in PyTorch: what each library's
+  matmuls alone take, a floor under its whole step."""
+  torch = require_torch()
   rng = np.random.default_rng(0)
-  kernels = [jax.device_put(rng.standard_normal((a, b), np.float32) / np.sqrt(a))
+  kernels = [(rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32)
              for a, b in zip(widths, widths[1:])]
-  batches = [jax.device_put(xb) for xb in x]
 
-  @jax.jit
   def matmuls(kernels, x):
     hidden = [x]
     for kernel in kernels:
@@ -361,12 +363,21 @@ def _matmul_floor(widths: Sequence[int], x: np.ndarray, steps: int) -> Callable[
         delta = delta @ kernels[i].T
     return grads
 
-  def run() -> None:
-    for i in range(steps):
-      out = matmuls(kernels, batches[i % len(batches)])
-    jax.block_until_ready(out)
+  def loop(fn, kernels, batches, sync):
+    def run() -> None:
+      for i in range(steps):
+        out = fn(kernels, batches[i % len(batches)])
+      sync(out)
+    return run
 
-  return run
+  device = torch_device()
+  return {
+      "matmuls xla": loop(jax.jit(matmuls), [jax.device_put(k) for k in kernels],
+                          [jax.device_put(xb) for xb in x], jax.block_until_ready),
+      "matmuls torch": _torch_synced(loop(
+          matmuls, [torch.from_numpy(k).to(device) for k in kernels],
+          [torch.from_numpy(xb).to(device) for xb in x], lambda out: None)),
+  }
 
 
 def _dense_params(params: PyTree) -> int:
@@ -398,15 +409,21 @@ def train_step_rows(sizes: Sizes, cnn_config=None, progress: Callable[[str], Non
   matmul_reps = 5
   widths = (sizes.mlp_inputs, *sizes.mlp_features, 10)
   contenders = {"fjt": fjt_run, **torch_runs, **_matmul_contenders(sizes.matmul, matmul_reps),
-                "matmuls only": _matmul_floor(widths, x, sizes.mlp_steps)}
+                **_matmul_floors(widths, x, sizes.mlp_steps)}
   times = take_turns(contenders, sizes.repeats)
   fjt_rate = sizes.mlp_steps * batch / times["fjt"]
   rates = {name: sizes.mlp_steps * batch / times[name] for name in torch_runs}
   best = max(rates, key=rates.get)
+  floors = {name: sizes.mlp_steps * batch / times[f"matmuls {name}"] for name in ("xla", "torch")}
   shape = "x".join(str(w) for w in widths)
   rows.append(Row("train_step_mlp_vs_torch", fjt_rate, rates[best], "samples/s", ">= 1.15", "; ".join(
       [f"MLP {shape} BatchNorm, batch {batch}, SGD momentum 0.9, {runs_on()}; "
-       f"baseline {best}; " + ", ".join(f"{k} {v:,.0f}/s" for k, v in rates.items())] + notes)))
+       f"baseline {best}; " + ", ".join(f"{k} {v:,.0f}/s" for k, v in rates.items())] + notes +
+      [f"roofline: the step's matmuls alone (no BatchNorm, loss or update) run at "
+       f"{floors['xla']:,.0f}/s in XLA and {floors['torch']:,.0f}/s in PyTorch, so with XLA's "
+       f"matmuls no step can beat {best} by more than {floors['xla'] / rates[best]:.2f}x; fjt's "
+       f"step runs at {fjt_rate / floors['xla']:.2f} of XLA's matmuls, {best} at "
+       f"{rates[best] / floors['torch']:.2f} of PyTorch's"])))
 
   flops = 6 * batch * _dense_params(params)
   executed = flops - 2 * batch * widths[0] * widths[1]  # No input gradient of the first layer.
@@ -414,13 +431,13 @@ def train_step_rows(sizes: Sizes, cnn_config=None, progress: Callable[[str], Non
   peaks = {name: 2 * sizes.matmul**3 * matmul_reps / times[name] / 1e9
            for name in times if name.startswith("matmul ")}
   peak = max(peaks.values())
-  floor = flops * sizes.mlp_steps / times["matmuls only"] / 1e9
+  floor = flops * sizes.mlp_steps / times["matmuls xla"] / 1e9
   rows.append(Row("train_step_mlp_vs_peak", achieved, peak, "GFLOP/s", ">= 0.85",
                   f"6 x batch x Dense kernel entries per step (the step executes {executed / flops:.0%} "
                   f"of that: no first-layer input gradient); peak = best float32 {sizes.matmul}^2 "
                   "matmul: " + ", ".join(f"{k.split()[1]} {v:.0f}" for k, v in peaks.items()) +
                   f". The step's matmuls alone in XLA (jitted, nothing else): {floor:.0f} GFLOP/s = "
-                  f"{floor / peak:.2f} of the peak; the whole step is {times['matmuls only'] / times['fjt']:.2f} "
+                  f"{floor / peak:.2f} of the peak; the whole step is {times['matmuls xla'] / times['fjt']:.2f} "
                   "of their speed"))
   progress(f"{rows[0].name}, {rows[1].name}: {rows[0].ratio:.2f}, {rows[1].ratio:.2f}")
 
@@ -607,6 +624,8 @@ def train_state(nbytes: int, seed: int = 0):
 def checkpoint_rows(sizes: Sizes, progress: Callable[[str], None] = print) -> list[Row]:
   """``ckpt_save_blocking_vs_torch_save``, ``ckpt_save_total_vs_torch_save`` and
   ``ckpt_restore_vs_torch_load`` for a train state of ``sizes.state_bytes``."""
+  import orbax.checkpoint as ocp
+
   from fjt import checkpoint
   from fjt.tree import flatten, to_nested_dict
 
@@ -644,12 +663,31 @@ def checkpoint_rows(sizes: Sizes, progress: Callable[[str], None] = print) -> li
     def fjt_restore() -> None:
       jax.block_until_ready(checkpoint.load(newest(), state))
 
+    # Orbax alone, the floor under fjt's save and restore: a synchronous save of the same tree
+    # with the same options, and a restore of every leaf onto the state's shardings.
+    item = to_nested_dict(state)
+    abstract = {p: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding)
+                for p, a in flatten(item).items()}
+
+    def orbax_save() -> Phases:
+      path = os.path.join(tmp, f"orbax-{next(steps)}")
+      start = time.perf_counter()
+      with ocp.Checkpointer(checkpoint._handler()) as orbax:
+        orbax.save(path, args=ocp.args.PyTreeSave(item))
+      elapsed = time.perf_counter() - start
+      shutil.rmtree(path)
+      return Phases({"orbax save": elapsed})
+
+    def orbax_restore() -> None:
+      _, item_dir = checkpoint.resolve(newest())
+      jax.block_until_ready(checkpoint._restore(newest(), item_dir, abstract))
+
     try:
       times = take_turns({"fjt save": fjt_save, "torch.save": torch_save,
                           "fjt restore": fjt_restore,
                           "torch.load": _torch_synced(lambda: torch.load(torch_path,
                                                                          map_location=device)),
-                          "fjt metadata": lambda: checkpoint.saved_shapes(newest())},
+                          "orbax save": orbax_save, "orbax restore": orbax_restore},
                          sizes.repeats)
     finally:
       checkpointer.close()
@@ -662,12 +700,15 @@ def checkpoint_rows(sizes: Sizes, progress: Callable[[str], None] = print) -> li
           "<= 1.5", "until complete on disk: wait_until_finished, manifest (CRC-32 of every "
           "file) included. Orbax fsyncs every file, torch.save does not: torch.save + fsync "
           f"takes {times['torch.save + fsync']:.3f} s, ratio "
-          f"{times['fjt save total'] / times['torch.save + fsync']:.2f} against it"),
+          f"{times['fjt save total'] / times['torch.save + fsync']:.2f} against it. Floor: a "
+          f"synchronous Orbax save of the same tree with the same options alone takes "
+          f"{times['orbax save']:.3f} s, {times['orbax save'] / times['torch.save']:.2f}x torch.save"),
       Row("ckpt_restore_vs_torch_load", times["fjt restore"], times["torch.load"], "s", "<= 1.5",
-          "checkpoint.load(step, target) onto the state's arrays against torch.load; of which "
-          f"{times['fjt metadata']:.3f} s reading Orbax metadata for the key report. Orbax reads "
-          "each array into a zero-filled numpy buffer, then device_put copies it (the buffer is "
-          "not 64-byte aligned, so XLA cannot adopt it): two passes where torch.load makes one"),
+          "checkpoint.load(step, target) onto the state's arrays (key report included) against "
+          "torch.load. Floor: Orbax's restore of the same leaves alone takes "
+          f"{times['orbax restore']:.3f} s, {times['orbax restore'] / times['torch.load']:.2f}x "
+          "torch.load: it reads each array into a zero-filled numpy buffer, then device_put "
+          "copies it, two passes where torch.load makes one"),
   ]
   progress(", ".join(f"{r.name}: {r.ratio:.2f}" for r in rows))
   return rows

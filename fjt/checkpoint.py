@@ -192,15 +192,26 @@ def _files(directory: str) -> list[str]:
   return sorted(found)
 
 
-def write_manifest(checkpoint_dir: str) -> None:
-  """Records size and CRC-32 of every file of a finished checkpoint (atomically)."""
+def array_specs(tree: PyTree) -> dict[str, list] | None:
+  """``{path: [shape, dtype name]}`` of the leaves of a tree as it is saved, for the manifest;
+  None if a leaf has no plain numpy dtype (then readers ask Orbax's metadata)."""
+  try:
+    return {p: [list(shape), dtype.name] for p, (shape, dtype)
+            in ((p, _shape_dtype(leaf)) for p, leaf in flatten(to_nested_dict(tree)).items())}
+  except TypeError:
+    return None
+
+
+def write_manifest(checkpoint_dir: str, arrays: dict[str, list] | None = None) -> None:
+  """Records size and CRC-32 of every file of a finished checkpoint (atomically), and the
+  ``array_specs`` of what it holds if given (so reading its shapes takes one small file)."""
   rels = _files(checkpoint_dir)
   paths = [os.path.join(checkpoint_dir, rel) for rel in rels]
   files = {rel: {"size": os.path.getsize(path), "crc32": crc}
            for rel, path, crc in zip(rels, paths, _crc32s(paths))}
   tmp = os.path.join(checkpoint_dir, MANIFEST + ".tmp")
   with open(tmp, "w", encoding="utf-8") as f:
-    json.dump({"files": files}, f)
+    json.dump({"files": files} if arrays is None else {"files": files, "arrays": arrays}, f)
   os.replace(tmp, os.path.join(checkpoint_dir, MANIFEST))
 
 
@@ -243,9 +254,25 @@ def _tree_metadata(item_dir: str) -> PyTree:
     handler.close()
 
 
+def _manifest_shapes(checkpoint_dir: str) -> dict[str, jax.ShapeDtypeStruct] | None:
+  try:
+    with open(os.path.join(checkpoint_dir, MANIFEST), encoding="utf-8") as f:
+      arrays = json.load(f).get("arrays")
+    if arrays is None:
+      return None
+    return {p: jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype))
+            for p, (shape, dtype) in arrays.items()}
+  except (OSError, ValueError, TypeError):  # Absent, damaged or older: Orbax's metadata says.
+    return None
+
+
 def saved_shapes(path: str | os.PathLike) -> dict[str, jax.ShapeDtypeStruct]:
-  """``{path: ShapeDtypeStruct}`` of a checkpoint, from Orbax metadata only."""
+  """``{path: ShapeDtypeStruct}`` of a checkpoint, from metadata only: the manifest's list of
+  arrays, or Orbax's metadata for checkpoints without one."""
   checkpoint_dir, item_dir = resolve(path)
+  shapes = _manifest_shapes(checkpoint_dir)
+  if shapes is not None:
+    return shapes
   try:
     tree = _tree_metadata(item_dir)
   except Exception as e:  # Orbax raises several types for unreadable metadata.
@@ -301,7 +328,7 @@ def save(path: str | os.PathLike, tree: PyTree, force: bool = False) -> None:
   with ocp.Checkpointer(_handler()) as checkpointer:
     checkpointer.save(path, args=ocp.args.PyTreeSave(to_nested_dict(tree)), force=force)
   if jax.process_index() == 0:  # One writer per checkpoint in a multi-process run.
-    write_manifest(path)
+    write_manifest(path, array_specs(tree))
 
 
 def _sharding(leaf) -> jax.sharding.Sharding:
@@ -528,6 +555,7 @@ class RunCheckpointer:
     self._join()  # The previous save is complete (or raises here).
     manager = self._open()
     args = ocp.args.PyTreeSave(to_nested_dict(state))
+    arrays = array_specs(args.item)
     views = _host_views(args.item)
     if views is None:  # Orbax copies the arrays to host before it returns.
       manager.save(step, args=args, metrics=metrics)
@@ -541,7 +569,7 @@ class RunCheckpointer:
         directory = os.path.join(self.directory, str(step))
         # One writer per checkpoint in a multi-process run; max_to_keep may have removed it.
         if jax.process_index() == 0 and os.path.isdir(directory):
-          write_manifest(directory)
+          write_manifest(directory, arrays)
       except BaseException as e:  # Raised in the caller's thread by the next call.
         self._error = e
 

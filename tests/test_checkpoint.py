@@ -260,3 +260,20 @@ def test_file_checksums_cut_into_ranges_equal_whole_file_crc32(tmp_path, monkeyp
     with open(paths[-1], "wb") as f:
       f.write(data)
   assert checkpoint._crc32s(paths) == [zlib.crc32(data) for data in contents]
+
+
+def test_manifest_lists_the_arrays_as_orbax_metadata_does(tmp_path, mlp_state):
+  trees = {"state": mlp_state,
+           "mixed": {"w": jnp.ones((2, 3), jnp.bfloat16), "n": np.arange(4, dtype=np.int8),
+                     "step": jnp.zeros((), jnp.int32), "empty": {}}}
+  for name, tree in trees.items():
+    checkpoint.save(tmp_path / name, tree)
+    from_manifest = checkpoint.saved_shapes(tmp_path / name)
+    os.remove(tmp_path / name / checkpoint.MANIFEST)  # Now Orbax's metadata answers.
+    assert from_manifest == checkpoint.saved_shapes(tmp_path / name)
+  # Run checkpoints (written in the background) list their arrays too.
+  run = checkpoint.RunCheckpointer(str(tmp_path / "run"))
+  run.save(1, mlp_state)
+  run.close()
+  with open(tmp_path / "run" / "checkpoints" / "1" / checkpoint.MANIFEST) as f:
+    assert set(json.load(f)["arrays"]) == set(checkpoint.saved_shapes(tmp_path / "state"))
