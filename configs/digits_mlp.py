@@ -19,9 +19,4 @@ def get_config() -> ml_collections.ConfigDict:
       {"every_steps": 500, "max_to_keep": 2, "best_metric": "accuracy", "best_mode": "max", "fallback": False})
   config.ema = ml_collections.ConfigDict({"decay": 0.99})  # 0 disables.
   config.swa = ml_collections.ConfigDict({"start_step": 1500, "every": 10})  # every 0 disables.
-  config.mesh = ml_collections.ConfigDict({"data": -1})  # -1: every device.
-  config.distributed = ml_collections.ConfigDict({"timeout_s": 60})  # A dead peer ends the run.
-  config.init_from = ""  # A checkpoint to start from (run workdir, step or saved directory).
-  config.init_skip = ()  # Path patterns (regex) not to load from init_from, e.g. a new head.
-  config.freeze = ()  # Path patterns (regex) of parameters that get no updates.
   return config

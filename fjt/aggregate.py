@@ -100,18 +100,14 @@ def _check_against(ref: _Flat, tree: PyTree, ref_name: str, name: str) -> _Flat:
   """Flattens ``tree`` and raises ValueError at the first difference from ``ref``."""
   flat = _Flat(tree)
   if flat.treedef != ref.treedef:
-    present = set(flat.paths)
-    missing = [p for p in ref.paths if p not in present]
-    if missing:
-      more = f" (and {len(missing) - 1} more paths)" if len(missing) > 1 else ""
-      raise ValueError(f"{name} differs from {ref_name} in structure: {_at(missing[0])} is in "
-                       f"{ref_name} but missing from {name}{more}")
-    known = set(ref.paths)
-    extra = [p for p in flat.paths if p not in known]
-    if extra:
-      more = f" (and {len(extra) - 1} more paths)" if len(extra) > 1 else ""
-      raise ValueError(f"{name} differs from {ref_name} in structure: {_at(extra[0])} is in "
-                       f"{name} but not in {ref_name}{more}")
+    for paths, others, where in ((ref.paths, flat.paths, f"in {ref_name} but missing from {name}"),
+                                 (flat.paths, ref.paths, f"in {name} but not in {ref_name}")):
+      others = set(others)
+      only = [p for p in paths if p not in others]
+      if only:
+        more = f" (and {len(only) - 1} more paths)" if len(only) > 1 else ""
+        raise ValueError(f"{name} differs from {ref_name} in structure: {_at(only[0])} is "
+                         f"{where}{more}")
     path, ref_has, has = _first_node_difference(ref.tree, tree)
     raise ValueError(f"{name} differs from {ref_name} in structure at {_at(path)}: {has} in "
                      f"{name}, {ref_has} in {ref_name}")

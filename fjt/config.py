@@ -22,8 +22,29 @@ class ConfigError(ValueError):
   """A config file, key or value that cannot be used as given."""
 
 
+# Top-level keys every experiment has: ``load_config`` adds those a file leaves out, so a file
+# states only what it changes and ``--config.ema.decay=0.99`` works on any of them.
+RUN_DEFAULTS = {
+    "ema": {"decay": 0.0},  # Exponential moving average of the params; 0 disables.
+    "swa": {"start_step": 0, "every": 0},  # Stochastic weight averaging; every 0 disables.
+    "mesh": {"data": -1},  # Devices on the data axis; -1: every device.
+    "distributed": {"timeout_s": 60},  # A peer silent this long ends a multi-process run.
+    "init_from": "",  # A checkpoint to start from (run workdir, step or saved directory).
+    "init_skip": (),  # Path patterns (regex) not to load from init_from, e.g. a new head.
+    "freeze": (),  # Path patterns (regex) of parameters that get no updates.
+}
+
+
+def with_run_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """``config`` with each key of ``RUN_DEFAULTS`` it lacks added (in place; returned)."""
+  for key, value in RUN_DEFAULTS.items():
+    if key not in config:
+      config[key] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
+  return config
+
+
 def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
-  """Runs ``get_config()`` of the Python file at ``path``."""
+  """Runs ``get_config()`` of the Python file at ``path``; adds the ``RUN_DEFAULTS`` it lacks."""
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise ConfigError(f"config file {path!r} does not exist")
@@ -40,7 +61,7 @@ def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(
         f"get_config() in {path!r} returned {type(config).__name__}, expected ml_collections.ConfigDict")
-  return config
+  return with_run_defaults(config)
 
 
 def _suggest(key: str, known: Iterable[str]) -> str:

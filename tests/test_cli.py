@@ -26,6 +26,16 @@ def test_overrides_parse_to_the_existing_types():
   assert config.optimizer.name == "adam"
 
 
+def test_config_files_may_leave_out_the_run_defaults(tmp_path):
+  path = tmp_path / "short.py"
+  path.write_text("import ml_collections\n\ndef get_config():\n"
+                  "  return ml_collections.ConfigDict({'seed': 1, 'ema': {'decay': 0.5}})\n")
+  config = fjt.apply_overrides(fjt.load_config(path), ["swa.every=10", "freeze=Conv_0"])
+  assert config.ema.decay == 0.5  # The file's own value stays.
+  assert config.swa.every == 10 and config.swa.start_step == 0
+  assert config.freeze == ("Conv_0",) and config.init_from == "" and config.mesh.data == -1
+
+
 @pytest.mark.parametrize("override, message", [
     ("train.stesp=3", "config has no key 'train.stesp' (did you mean 'steps'?)"),
     ("trian.steps=3", "config has no key 'trian' (did you mean 'train'?)"),
