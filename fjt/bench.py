@@ -724,7 +724,8 @@ ROW_NAMES = ("train_step_mlp_vs_torch", "train_step_mlp_vs_peak", "train_step_cn
 
 def run(sizes: Sizes = FULL, cnn_config=None, progress: Callable[[str], None] = print) -> list[Row]:
   """Every benchmark, in the order of ``ROW_NAMES`` (the CNN row needs ``cnn_config``, the
-  digits CNN experiment config)."""
+  digits CNN experiment config). Sets both libraries to full float32 matmuls first
+  (``full_float32``), for the rest of the process."""
   require_torch()
   full_float32()
   rows = []
