@@ -149,12 +149,8 @@ def _blocked(fn: Callable[[], Any]) -> Callable[[], None]:
 
 def require_torch():
   """Imports PyTorch, the baselines' library, or raises ImportError saying what to install."""
-  try:
-    import torch
-  except ImportError as e:
-    raise ImportError("the benchmarks compare against PyTorch, which is not installed: install "
-                      "the torch extra with `pip install -e '.[torch]'`") from e
-  return torch
+  from fjt.interop.torch import import_torch
+  return import_torch("the benchmarks compare against PyTorch, which is not installed")
 
 
 def torch_device():

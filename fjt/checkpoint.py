@@ -197,7 +197,7 @@ def array_specs(tree: PyTree) -> dict[str, list] | None:
   None if a leaf has no plain numpy dtype (then readers ask Orbax's metadata)."""
   try:
     return {p: [list(shape), dtype.name] for p, (shape, dtype)
-            in ((p, _shape_dtype(leaf)) for p, leaf in flatten(to_nested_dict(tree)).items())}
+            in ((p, shape_dtype(leaf)) for p, leaf in flatten(to_nested_dict(tree)).items())}
   except TypeError:
     return None
 
@@ -280,7 +280,8 @@ def saved_shapes(path: str | os.PathLike) -> dict[str, jax.ShapeDtypeStruct]:
   return {p: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)) for p, m in flatten(tree).items()}
 
 
-def _shape_dtype(leaf) -> tuple[tuple[int, ...], np.dtype]:
+def shape_dtype(leaf) -> tuple[tuple[int, ...], np.dtype]:
+  """``(shape, numpy dtype)`` of an array, ``ShapeDtypeStruct`` or Python scalar."""
   if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
     leaf = np.asarray(leaf)
   return tuple(leaf.shape), np.dtype(leaf.dtype)
@@ -299,7 +300,7 @@ def compare(saved: dict[str, jax.ShapeDtypeStruct], target: PyTree,
   mismatched, details = [], {}
   for p, leaf in target_flat.items():
     if p in saved:
-      shape, dtype = _shape_dtype(leaf)
+      shape, dtype = shape_dtype(leaf)
       if (tuple(saved[p].shape), np.dtype(saved[p].dtype)) != (shape, dtype):
         mismatched.append(p)
         details[p] = (f"checkpoint {_describe(saved[p].shape, saved[p].dtype)}, "
@@ -390,20 +391,20 @@ def load(path: str | os.PathLike, target: PyTree | None = None, strict: bool = T
     if bad:
       raise CheckpointMismatchError(
           f"checkpoint {checkpoint_dir} does not match the target at {len(bad)} paths:\n{report}", report)
+  nested_target = to_nested_dict(target)
+  target_flat = flatten(nested_target)
   shape_bad = [p for p in report.mismatched if p not in skipped
-               and tuple(saved[p].shape) != _shape_dtype(flatten(to_nested_dict(target))[p])[0]]
+               and tuple(saved[p].shape) != shape_dtype(target_flat[p])[0]]
   if shape_bad:
     raise CheckpointMismatchError(
         f"checkpoint {checkpoint_dir}: shapes differ at " +
         "; ".join(f"{p} ({report.details[p]})" for p in shape_bad) +
         ". Pass skip=[pattern] to keep the target's value for these paths", report)
 
-  nested_target = to_nested_dict(target)
-  target_flat = flatten(nested_target)
   to_read = [p for p in target_flat if p in saved and p not in skipped]
   abstract = {}
   for p in to_read:
-    shape, dtype = _shape_dtype(target_flat[p])
+    shape, dtype = shape_dtype(target_flat[p])
     abstract[p] = jax.ShapeDtypeStruct(shape, dtype, sharding=_sharding(target_flat[p]))
   restored = _restore(checkpoint_dir, item_dir, abstract) if abstract else {}
   for p in target_flat:

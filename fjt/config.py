@@ -136,3 +136,8 @@ def require(config: ml_collections.ConfigDict, dotted: str, check, expected: str
   if not check(node):
     raise ConfigError(f"config key {dotted!r}: expected {expected}, got {node!r}")
   return node
+
+
+def positive_int(value) -> bool:
+  """A ``require`` check: an int above 0 (not a bool)."""
+  return isinstance(value, int) and not isinstance(value, bool) and value > 0

@@ -49,13 +49,9 @@ class MergeResult:
 def check_inputs(paths: Sequence[str]) -> None:
   """Compares the params and batch_stats of every checkpoint with the first's, from
   metadata only; the error names both checkpoints and every differing path."""
-  def variables_shapes(path):
-    return {p: s for p, s in checkpoint.saved_shapes(path).items()
-            if p.startswith(("params/", "batch_stats/"))}
-
-  first = variables_shapes(paths[0])
+  first = checkpoint.variables_shapes(paths[0])
   for path in paths[1:]:
-    report = checkpoint.compare(variables_shapes(path), first)
+    report = checkpoint.compare(checkpoint.variables_shapes(path), first)
     if report.missing or report.unexpected or report.mismatched:
       raise ValueError(f"{path} does not have the variables of {paths[0]}:\n{report}")
 

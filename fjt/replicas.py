@@ -47,10 +47,10 @@ from fjt import checkpoint
 from fjt import data as fjt_data
 from fjt import train as fjt_train
 from fjt.averaging import TemporalAveraging
-from fjt.config import ConfigError, require
+from fjt.config import ConfigError, positive_int, require
 from fjt.data import splits as fjt_splits
 from fjt.logs import MetricWriter, plot_metrics
-from fjt.sharding import create_mesh, process_rows, put_replicated, to_host
+from fjt.sharding import create_mesh, process_rows, put_global, put_replicated, to_host
 from fjt.state import PyTree, TrainState, create_from_config
 from fjt.train import train_step_fn
 
@@ -216,13 +216,7 @@ def shard_replicas(tree: PyTree, mesh: Mesh) -> PyTree:
       raise ConfigError(f"config key 'replicas.num': {np.shape(x)[0]} replicas do not split "
                         f"evenly over the {parts} devices of mesh axis {AXIS!r}; use a multiple "
                         f"of {parts}")
-  sharding = NamedSharding(mesh, P(AXIS))
-
-  def put(x):
-    x = np.asarray(jax.device_get(x))  # The same on every process; each keeps its replicas.
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-  return jax.tree.map(put, tree)
+  return put_global(tree, NamedSharding(mesh, P(AXIS)))  # Each process keeps its replicas.
 
 
 def local_replicas(num_replicas: int, mesh: Mesh) -> range:
@@ -301,7 +295,6 @@ def make_round(model: nn.Module, tx: optax.GradientTransformation,
 
 
 def _options(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  positive_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0
   replicas = config.get("replicas")
   if not isinstance(replicas, ml_collections.ConfigDict):
     raise ConfigError("config has no group 'replicas', which fjt.replicas.fit requires")

@@ -68,15 +68,19 @@ def split(mesh: Mesh, axis: str = "data") -> NamedSharding:
   return NamedSharding(mesh, P(axis))
 
 
-def put_replicated(tree: PyTree, mesh: Mesh) -> PyTree:
-  """A host tree (the same on every process) as global arrays replicated over ``mesh``."""
-  sharding = replicated(mesh)
-
+def put_global(tree: PyTree, sharding: jax.sharding.Sharding) -> PyTree:
+  """A host tree (the same on every process) as global arrays laid out by ``sharding``; each
+  process places only its own devices' parts."""
   def put(x):
     x = np.asarray(jax.device_get(x))
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
   return jax.tree.map(put, tree)
+
+
+def put_replicated(tree: PyTree, mesh: Mesh) -> PyTree:
+  """A host tree (the same on every process) as global arrays replicated over ``mesh``."""
+  return put_global(tree, replicated(mesh))
 
 
 def process_rows(global_rows: int, mesh: Mesh, axis: str = "data") -> slice:

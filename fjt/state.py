@@ -64,17 +64,21 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
       averages=averaging.init(variables))
 
 
-def create_from_config(config, example_x) -> tuple[nn.Module, optax.GradientTransformation, TrainState]:
-  """The model, optimizer and fresh train state that ``config`` describes.
-
-  ``example_x`` is one batch of inputs (only its shape and dtype matter).
-  """
+def _parts_from_config(config) -> tuple[nn.Module, optax.GradientTransformation, TemporalAveraging]:
   from fjt.models import create_model  # Local imports keep this module light.
   from fjt.optim import create_optimizer
 
   model = create_model(config.model)
   tx = create_optimizer(config.optimizer, int(config.train.steps), tuple(config.get("freeze", ())))
-  averaging = TemporalAveraging.from_config(config)
+  return model, tx, TemporalAveraging.from_config(config)
+
+
+def create_from_config(config, example_x) -> tuple[nn.Module, optax.GradientTransformation, TrainState]:
+  """The model, optimizer and fresh train state that ``config`` describes.
+
+  ``example_x`` is one batch of inputs (only its shape and dtype matter).
+  """
+  model, tx, averaging = _parts_from_config(config)
   state = jax.jit(create_train_state, static_argnums=(0, 1, 4))(
       model, tx, example_x, jax.random.PRNGKey(config.seed), averaging)
   return model, tx, state
@@ -84,13 +88,9 @@ def abstract_from_config(config) -> tuple[nn.Module, TrainState]:
   """The model of ``config`` and the shapes of its fresh train state
   (``jax.ShapeDtypeStruct`` leaves, via ``jax.eval_shape``: nothing allocated)."""
   from fjt.data import load_dataset
-  from fjt.models import create_model
-  from fjt.optim import create_optimizer
 
   example = load_dataset(config.data).train["x"][:1]
-  model = create_model(config.model)
-  tx = create_optimizer(config.optimizer, int(config.train.steps), tuple(config.get("freeze", ())))
-  averaging = TemporalAveraging.from_config(config)
+  model, tx, averaging = _parts_from_config(config)
   abstract = jax.eval_shape(lambda rng: create_train_state(model, tx, example, rng, averaging),
                             jax.random.PRNGKey(0))
   return model, abstract

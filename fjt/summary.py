@@ -110,8 +110,7 @@ def state_table(source, stats: bool = False, freeze: Sequence[str] = ()) -> list
     collection = _collection(path, bare_params)
     full = path if not bare_params else f"params/{path}"
     key = full.split("/", 1)[1] if collection in ("params", "batch_stats") else full
-    shape = tuple(int(d) for d in np.shape(leaf)) if not hasattr(leaf, "shape") else tuple(leaf.shape)
-    dtype = np.dtype(leaf.dtype) if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
+    shape, dtype = checkpoint.shape_dtype(leaf)
     status = ""
     if collection == "params":
       status = "frozen" if any(re.search(f, full) for f in freeze) else "trainable"
@@ -178,6 +177,7 @@ def format_table(rows: Sequence[Row]) -> str:
 def diff(a, b) -> checkpoint.LoadReport:
   """What loading ``a`` onto ``b`` would report: missing (in b only), unexpected
   (in a only), mismatched shape or dtype. Sources as for ``state_table``."""
-  shapes_a = {p: jax.ShapeDtypeStruct(np.shape(v), v.dtype) for p, v in leaves(a)[0].items()}
-  shapes_b = {p: jax.ShapeDtypeStruct(np.shape(v), v.dtype) for p, v in leaves(b)[0].items()}
-  return checkpoint.compare(shapes_a, shapes_b)
+  def shapes(source) -> dict[str, jax.ShapeDtypeStruct]:
+    return {p: jax.ShapeDtypeStruct(*checkpoint.shape_dtype(v)) for p, v in leaves(source)[0].items()}
+
+  return checkpoint.compare(shapes(a), shapes(b))

@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 from fjt import checkpoint, sharding
 from fjt import data as fjt_data
 from fjt.checkpoint import LoadReport
-from fjt.config import ConfigError, require
+from fjt.config import ConfigError, positive_int, require
 from fjt.logs import MetricWriter, plot_metrics
 from fjt.averaging import TemporalAveraging
 from fjt.state import TrainState, create_from_config
@@ -162,7 +162,6 @@ def prepare_workdir(workdir: str) -> str:
 
 
 def _train_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  positive_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0
   checkpoint = config.get("checkpoint") or {}
   return {
       "steps": require(config, "train.steps", positive_int, "a positive int"),

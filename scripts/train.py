@@ -31,8 +31,7 @@ def main(argv=None) -> int:
     distributed = (args.coordinator, args.num_processes, args.process_id)
     if any(v is not None for v in distributed) or os.environ.get("JAX_COORDINATOR_ADDRESS"):
       # Before anything else touches JAX's backends.
-      timeout = int((config.get("distributed") or {}).get("timeout_s", 60))
-      fjt.sharding.initialize_distributed(*distributed, timeout_s=timeout)
+      fjt.sharding.initialize_distributed(*distributed, timeout_s=int(config.distributed.timeout_s))
     workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
     summary = fjt.train_and_evaluate(config, workdir)
   except fjt.ConfigError as e:

@@ -9,7 +9,7 @@ import jax
 from fjt import checkpoint
 from fjt.config import load_config
 from fjt.interop import torch as interop
-from fjt.models import CNN
+from fjt.models import CNN, create_model
 from fjt.state import abstract_from_config
 
 
@@ -45,8 +45,7 @@ def export_weights(checkpoint_path: str, out_path: str, config_path: str | None 
   nchw = None
   if config_path:
     config = load_config(config_path)
-    model, _ = abstract_from_config(config)
-    nchw = _nchw_flatten(config, model)
+    nchw = _nchw_flatten(config, create_model(config.model))
   state_dict = interop.to_state_dict(jax.device_get(variables), nchw_flatten=nchw)
   interop.save_file(state_dict, out_path)
   return list(state_dict)

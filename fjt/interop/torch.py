@@ -272,7 +272,7 @@ def to_torch(arrays: Mapping[str, Any]) -> dict[str, Any]:
 
   For ``module.load_state_dict(to_torch(to_state_dict(variables)))``; needs PyTorch.
   """
-  torch = _import_torch()
+  torch = import_torch()
   return {key: _to_tensor(torch, value) for key, value in arrays.items()}
 
 
@@ -299,7 +299,7 @@ def load_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     import safetensors.numpy
     arrays = safetensors.numpy.load_file(path)
     return {key: arrays[key] for key in sorted(arrays, key=_natural_key)}
-  torch = _import_torch()
+  torch = import_torch()
   try:
     obj = torch.load(path, weights_only=True, map_location="cpu")
   except pickle.UnpicklingError as e:
@@ -344,7 +344,7 @@ def save_file(tree: PyTree, path: str | os.PathLike) -> None:
     import safetensors.numpy
     _write_atomically(path, lambda tmp: safetensors.numpy.save_file(arrays, tmp))
   else:
-    torch = _import_torch()
+    torch = import_torch()
     tensors = {key: _to_tensor(torch, value) for key, value in arrays.items()}
     _write_atomically(path, lambda tmp: torch.save(tensors, tmp))
 
@@ -499,13 +499,13 @@ def _torch_layout(value: np.ndarray, path: str, chw: tuple[int, int, int] | None
   return value.transpose((value.ndim - 1, value.ndim - 2, *range(value.ndim - 2)))
 
 
-def _import_torch():
+def import_torch(needs: str = "fjt.interop.torch needs PyTorch for torch tensors and .pt files"):
+  """Imports PyTorch, or raises ImportError: ``needs`` (who needs it, for what), then how to
+  install it."""
   try:
     import torch
   except ImportError as e:
-    raise ImportError(
-        "fjt.interop.torch needs PyTorch for torch tensors and .pt files: install the torch "
-        "extra with `pip install -e '.[torch]'`") from e
+    raise ImportError(f"{needs}: install the torch extra with `pip install -e '.[torch]'`") from e
   return torch
 
 
@@ -518,7 +518,7 @@ def _to_numpy(value: Any) -> np.ndarray:
   """A numpy array with the same bits; for torch tensors it may share their memory."""
   if not _is_torch_tensor(value):
     return np.asarray(value)
-  torch = _import_torch()
+  torch = import_torch()
   tensor = value.detach().cpu()
   for name, np_dtype, int_dtype in _BIT_CAST:
     if tensor.dtype == getattr(torch, name, None):
