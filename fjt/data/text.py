@@ -110,6 +110,7 @@ def load(vocab_size: int = 5000, context: int = 4, validation_percent: int = 10)
       "word_types": len({t for d in train_docs + test_docs for t in d}),
       "unigram_perplexity": unigram_perplexity(y_train, y_test, len(vocab)),
       "task": "language_model",
+      "vocab": sorted(vocab, key=vocab.__getitem__),  # Words in id order: row i of the embedding.
   }
   return Dataset(train={"x": x_train, "y": y_train}, test={"x": x_test, "y": y_test},
                  num_classes=len(vocab), info=info)

@@ -9,6 +9,8 @@ import jax
 class CNN(nn.Module):
   """Small convolutional network for images of shape ``(batch, height, width, channels)``.
 
+  Each ReLU output is sown as ``intermediates/relu_{i}``, conv blocks first.
+
   Attributes:
     features: output channels of each conv block.
     kernel_size: spatial size of every convolution (padding "SAME").
@@ -26,13 +28,15 @@ class CNN(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    for channels in self.features:
+    for i, channels in enumerate(self.features):
       x = nn.Conv(channels, (self.kernel_size, self.kernel_size), padding="SAME")(x)
       x = nn.BatchNorm(use_running_average=not train, momentum=self.momentum)(x)
       x = nn.relu(x)
+      self.sow("intermediates", f"relu_{i}", x)  # A no-op unless "intermediates" is mutable.
       if self.pool:
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape((x.shape[0], -1))  # NHWC order: interop permutes PyTorch's NCHW flatten.
-    for width in self.dense_features:
+    for i, width in enumerate(self.dense_features, start=len(self.features)):
       x = nn.relu(nn.Dense(width)(x))
+      self.sow("intermediates", f"relu_{i}", x)
     return nn.Dense(self.num_classes)(x)
