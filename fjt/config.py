@@ -22,9 +22,26 @@ class ConfigError(ValueError):
   """A config file, key or value that cannot be used as given."""
 
 
-# Top-level keys every experiment has: ``load_config`` adds those a file leaves out, so a file
-# states only what it changes and ``--config.ema.decay=0.99`` works on any of them.
+# Every default of a run, in one place: ``load_config`` (and the loops, for configs built in
+# code) adds the keys a config leaves out, so a file states only what it changes and
+# ``--config.ema.decay=0.99`` works on any of them. Required keys (``seed``, ``data``,
+# ``model``, ``optimizer``, ``train.steps``, ``train.batch_size``, ``train.eval_every``) have no
+# default.
 RUN_DEFAULTS = {
+    "task": "",  # A name in fjt.TASKS; empty: the dataset's own (info["task"], else classification).
+    "train": {
+        "log_every": 100,  # Steps between train-metric rows (and NaN checks).
+        "eval_batch_size": 1024,
+        "rng_streams": ("dropout",),  # Flax rng streams the train step supplies, one key each.
+        "grad_accum_steps": 1,  # Micro-batches per optimizer step (batch_size is the total).
+    },
+    "checkpoint": {
+        "every_steps": 0,  # 0: at the end only.
+        "max_to_keep": 2,
+        "best_metric": "",  # Also keep the best step by this eval metric; empty: newest only.
+        "best_mode": "",  # max | min; empty: the task's mode.
+        "fallback": False,  # Resume from an older step when the newest is damaged.
+    },
     "ema": {"decay": 0.0},  # Exponential moving average of the params; 0 disables.
     "swa": {"start_step": 0, "every": 0},  # Stochastic weight averaging; every 0 disables.
     "mesh": {"data": -1},  # Devices on the data axis; -1: every device.
@@ -34,12 +51,35 @@ RUN_DEFAULTS = {
     "freeze": (),  # Path patterns (regex) of parameters that get no updates.
 }
 
+# The defaults of a ``replicas`` group (added only where a config has one).
+REPLICA_DEFAULTS = {
+    "split": "iid",  # iid | dirichlet
+    "alpha": 0.5,  # Dirichlet concentration: smaller is more skewed.
+    "min_size": 1,  # Examples per replica at least (dirichlet re-draws until it holds).
+    "seed": 0,  # Of the split; batches use config.seed.
+    "server_optimizer": "none",  # none | momentum (FedAvgM) | nesterov (DiLoCo outer step)
+    "server_learning_rate": 1.0,
+    "server_momentum": 0.0,
+    "optimizer_state": "keep",  # keep (each replica its own) | average
+}
+
+
+def _add_defaults(config: ml_collections.ConfigDict, defaults: dict) -> None:
+  for key, value in defaults.items():
+    if isinstance(value, dict):
+      if key not in config or config[key] is None:
+        config[key] = ml_collections.ConfigDict()
+      _add_defaults(config[key], value)
+    elif key not in config:
+      config[key] = value
+
 
 def with_run_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """``config`` with each key of ``RUN_DEFAULTS`` it lacks added (in place; returned)."""
-  for key, value in RUN_DEFAULTS.items():
-    if key not in config:
-      config[key] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
+  """``config`` with each key of ``RUN_DEFAULTS`` (and, if it has a ``replicas`` group,
+  ``REPLICA_DEFAULTS``) that it lacks added, at any depth (in place; returned)."""
+  _add_defaults(config, RUN_DEFAULTS)
+  if config.get("replicas"):
+    _add_defaults(config.replicas, REPLICA_DEFAULTS)
   return config
 
 
