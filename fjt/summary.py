@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import inspect
 import json
 import os
 import re
@@ -222,24 +221,24 @@ def load_model(source: str | os.PathLike) -> tuple[nn.Module, dict[str, PyTree],
   ``batch_stats``) or of a config file (its fresh variables, initialised as the run would)."""
   from fjt.data import load_dataset
   from fjt.models import create_model
-  from fjt.state import init_variables
+  from fjt.state import create_from_config
 
   config = run_config(source)
-  model = create_model(config.model)
   if _is_config_path(source):
-    example = load_dataset(config.data).train["x"][:1]
-    init_rng, _ = jax.random.split(jax.random.PRNGKey(config.seed))  # As create_train_state.
-    return model, init_variables(model, example, init_rng), config
-  return model, checkpoint.load_variables(source), config
+    example = jax.tree.map(lambda v: v[:1], load_dataset(config.data).train["x"])
+    model, _, state = create_from_config(config, example)
+    return model, state.variables, config
+  return create_model(config.model), checkpoint.load_variables(source), config
 
 
-def validation_batch(config: ml_collections.ConfigDict, size: int) -> np.ndarray:
-  """The first ``size`` inputs of the validation split of ``config.data``."""
+def validation_batch(config: ml_collections.ConfigDict, size: int) -> PyTree:
+  """The first ``size`` inputs (an array, or a dict of arrays) of the validation split of
+  ``config.data``."""
   from fjt.data import load_dataset
 
   if size < 1:
     raise ValueError(f"batch size must be positive, got {size}")
-  return load_dataset(config.data).test["x"][:size]
+  return jax.tree.map(lambda v: v[:size], load_dataset(config.data).test["x"])
 
 
 # --- Activations ----------------------------------------------------------------------------------
@@ -280,11 +279,14 @@ def capture(model: nn.Module, variables: Mapping[str, PyTree], batch) -> dict[st
   """``{path: array}`` of every module output and sown ``"intermediates"`` value of one
   forward pass in eval mode, in the order they were computed (paths as ``ActivationRow``'s).
 
-  ``batch`` is the model's input, or a dict holding it under ``"x"``. The model is called with
-  ``train=False`` if its ``__call__`` takes ``train``; no variable is updated.
+  ``batch`` is the model's input (an array or a dict of arrays), or a batch holding it under
+  ``"x"``. The model is called with ``train=False`` if its ``__call__`` takes ``train``; no
+  variable is updated.
   """
-  x = batch["x"] if isinstance(batch, Mapping) else batch
-  kwargs = {"train": False} if "train" in inspect.signature(type(model).__call__).parameters else {}
+  from fjt.state import model_kwargs
+
+  x = batch["x"] if isinstance(batch, Mapping) and "x" in batch else batch
+  kwargs = model_kwargs(model, train=False)
 
   paths: list[str] = []  # Filled while tracing: jit would return the dicts in sorted key order.
 
