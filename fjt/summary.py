@@ -356,15 +356,33 @@ def plot_activations(captured: Mapping[str, np.ndarray], png_path: str, bins: in
 # --- A run's vocabulary (word vectors: fjt.embeddings) --------------------------------------------
 
 
+def dataset_vocabulary(info: Mapping[str, Any]) -> list[str] | None:
+  """The words, in id order, of a dataset's ``info``: ``info["vocab"]``, or the list of a word
+  tokenizer ``info["tokenizer"] = {"type": "word", "vocab": [...]}`` (a dict or its JSON);
+  None for data without a word vocabulary (a BPE tokenizer, images)."""
+  if info.get("vocab") is not None:
+    return list(info["vocab"])
+  tokenizer = info.get("tokenizer")
+  if isinstance(tokenizer, str):
+    try:
+      tokenizer = json.loads(tokenizer)
+    except json.JSONDecodeError:
+      return None
+  if isinstance(tokenizer, Mapping) and tokenizer.get("type") == "word":
+    return list(tokenizer["vocab"])
+  return None
+
+
 def run_vocabulary(source: str | os.PathLike) -> list[str]:
   """The vocabulary (words in id order) of a run or config: its dataset rebuilt from
-  ``config.data`` (deterministic), which must carry ``info["vocab"]``."""
+  ``config.data`` (deterministic), whose info must carry one (``dataset_vocabulary``)."""
   from fjt.config import ConfigError
   from fjt.data import load_dataset
 
   config = run_config(source)
-  vocab = load_dataset(config.data).info.get("vocab")
+  vocab = dataset_vocabulary(load_dataset(config.data).info)
   if vocab is None:
-    raise ConfigError(f"{os.fspath(source)}: dataset {config.data.get('name')!r} carries no "
-                      "vocabulary (info['vocab']), so words cannot be mapped to ids")
-  return list(vocab)
+    raise ConfigError(f"{os.fspath(source)}: dataset {config.data.get('name')!r} carries no word "
+                      "vocabulary (info['vocab'] or a word tokenizer), so words cannot be mapped "
+                      "to ids")
+  return vocab

@@ -147,6 +147,15 @@ def test_embedding_reports_unknown_words_and_ranks_neighbours_by_cosine():
     summary.embedding(variables, vocab, ["c"], path="params/wte/embedding")
 
 
+def test_dataset_vocabulary_from_a_word_list_or_a_word_tokenizer():
+  words = ["<s>", "<unk>", "the"]
+  assert summary.dataset_vocabulary({"vocab": words}) == words
+  assert summary.dataset_vocabulary({"tokenizer": {"type": "word", "vocab": words}}) == words
+  assert summary.dataset_vocabulary({"tokenizer": '{"type": "word", "vocab": ["<s>"]}'}) == ["<s>"]
+  assert summary.dataset_vocabulary({"tokenizer": {"type": "bpe"}}) is None
+  assert summary.dataset_vocabulary({"task": "classification"}) is None
+
+
 def test_clis_on_a_trained_nnlm_run_and_a_config(tmp_path, capsys):
   config = fjt.load_config(os.path.join(ROOT, "configs", "text_nnlm.py"))
   config.data.vocab_size = config.model.vocab_size = 300
@@ -171,6 +180,8 @@ def test_clis_on_a_trained_nnlm_run_and_a_config(tmp_path, capsys):
   assert "nearest: " + ", ".join(f"{n} {c:.3f}" for n, c in word.neighbors) in text
   assert embeddings.main([run, "return"]) == 0
   capsys.readouterr()
+  assert embeddings.main([os.path.join(ROOT, "configs", "digits_mlp.py"), "one"]) == 2
+  assert "carries no word vocabulary" in capsys.readouterr().err
 
   summary_cli = _script("summary")
   assert summary_cli.main([run, "--activations", "--batch", "8"]) == 0
