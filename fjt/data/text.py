@@ -129,5 +129,7 @@ def window_dataset(files, vocab_size: int, context: int, validation_percent: int
       "unigram_perplexity": unigram_perplexity(y_train, y_test, len(vocab)),
       "task": "language_model",
   }
+  # The model's output width is the vocabulary size asked for, even where a small corpus has
+  # fewer words (those ids never occur).
   return Dataset(train={"x": x_train, "y": y_train}, test={"x": x_test, "y": y_test},
-                 num_classes=len(vocab), info=info)
+                 num_classes=max(len(vocab), vocab_size), info=info)
