@@ -13,7 +13,7 @@ import ast
 import difflib
 import importlib.util
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import ml_collections
 
@@ -143,10 +143,32 @@ def _parse_value(dotted: str, text: str, current):
   return value
 
 
+# Groups whose keys depend on their ``name`` (``data``: the dataset's options, ``model``: the
+# model's attributes): group -> options(name) -> {key: default} or None if the name is unknown.
+# Filled by ``fjt.data`` and ``fjt.models``, which know their registries.
+SWITCHABLE_GROUPS: dict[str, Callable[[str], dict | None]] = {}
+
+
+def _switch_group(config: ml_collections.ConfigDict, group: str, name: str) -> None:
+  """``config[group]`` for ``name``: its options at their defaults. Nothing of the old group is
+  kept: an option of the same name may mean something else (digits' ``layout`` is what to make,
+  arrays' is what the file holds)."""
+  defaults = SWITCHABLE_GROUPS[group](name)
+  if defaults is not None:  # An unknown name: the loader's own error lists the known ones.
+    config[group] = ml_collections.ConfigDict({"name": name, **defaults})
+
+
 def apply_overrides(config: ml_collections.ConfigDict,
                     overrides: Sequence[str]) -> ml_collections.ConfigDict:
-  """Sets ``a.b=VALUE`` overrides on a copy of ``config``; keys must exist."""
+  """Sets ``a.b=VALUE`` overrides on a copy of ``config``; keys must exist.
+
+  ``data.name=X`` and ``model.name=X`` are applied first and switch their group to X's
+  options at their defaults (``--config.data.name=arrays --config.data.path=F.npz`` works on
+  any config).
+  """
   config = ml_collections.ConfigDict(config.to_dict())
+  switches = [o for o in overrides if o.partition("=")[0] in {f"{g}.name" for g in SWITCHABLE_GROUPS}]
+  overrides = switches + [o for o in overrides if o not in switches]
   for item in overrides:
     dotted, sep, text = item.partition("=")
     if not sep:
@@ -163,6 +185,9 @@ def apply_overrides(config: ml_collections.ConfigDict,
     if isinstance(current, ml_collections.ConfigDict):
       raise ConfigError(f"config key {dotted!r} is a group; set one of its keys: {sorted(current)}")
     node[parts[-1]] = _parse_value(dotted, text, current)
+    if len(parts) == 2 and parts[1] == "name" and parts[0] in SWITCHABLE_GROUPS \
+        and node["name"] != current:
+      _switch_group(config, parts[0], node["name"])
   return config
 
 

@@ -51,6 +51,7 @@ from fjt.config import ConfigError, with_run_defaults
 from fjt.data import Dataset
 from fjt.data import splits as fjt_splits
 from fjt.logs import RunLog
+from fjt.models import create_model
 from fjt.options import ReplicaOptions, TrainOptions
 from fjt.sharding import create_mesh, process_rows, put_global, put_replicated, to_host
 from fjt.state import PyTree, TrainState, create_from_config
@@ -409,6 +410,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module | None
 
   tic = time.perf_counter()
   mesh = replica_mesh(num)
+  model = create_model(config.model) if model is None else model
+  fjt_train.check_layout(model, dataset)
   example = jax.tree.map(lambda v: v[:1], dataset.train["x"])
   model, tx, state = create_from_config(config, example, model, options.rng_streams)
   fjt_train.check_model_fits_data(model, state, dataset, task)

@@ -22,6 +22,7 @@ from fjt.checkpoint import LoadReport
 from fjt.config import ConfigError, with_run_defaults
 from fjt.data import Dataset
 from fjt.logs import RunLog
+from fjt.models import create_model
 from fjt.options import CheckpointOptions, TrainOptions
 from fjt.state import TrainState, create_from_config, model_kwargs
 from fjt.steps import TaskLike, evaluate, make_eval_step, make_train_step
@@ -120,28 +121,31 @@ def resolve_task(config: ml_collections.ConfigDict, dataset: Dataset,
     raise ConfigError(f"config key 'task': {e}") from e
 
 
-def check_model_fits_data(model: nn.Module, state: TrainState, dataset: Dataset,
-                          task: Task) -> None:
-  """Errors a user can act on, before anything is compiled: an image layout the model does
-  not take, or an output width that is not the data's number of classes."""
+def check_layout(model: nn.Module, dataset: Dataset) -> None:
+  """An image layout the model does not take is an error that says what to move, raised
+  before the model is initialised (Flax would fail on the shapes with a ZeroDivisionError)."""
   wants, has = getattr(model, "input_layout", ""), dataset.info.get("layout", "")
   if wants and has and wants != has:
     shape = np.shape(jax.tree.leaves(dataset.train["x"])[0])
-    hint = (" move the channel axis to the end (x = np.moveaxis(x, 1, -1)) and save again"
-            if (has, wants) == ("nchw", "nhwc") else f" convert the images to {wants}")
+    hint = ("move the channel axis to the end (x = np.moveaxis(x, 1, -1)) and save again"
+            if (has, wants) == ("nchw", "nhwc") else f"convert the images to {wants.upper()}")
     raise ConfigError(
         f"config key 'data.layout': the data's images are {has.upper()} {shape} but "
-        f"{type(model).__name__} takes {wants.upper()} (N, H, W, C);{hint}, or set "
-        f"data.layout='{wants}' if they already are")
+        f"{type(model).__name__} takes {wants.upper()}; {hint}")
+
+
+def check_model_fits_data(model: nn.Module, state: TrainState, dataset: Dataset,
+                          task: Task) -> None:
+  """An output width that is not the data's number of classes is an error naming the key."""
   example = jax.tree.map(lambda v: v[:1], dataset.train["x"])
   outputs = jax.eval_shape(lambda v: model.apply(v, example, **model_kwargs(model, False)),
                            state.variables)
   width = outputs.shape[-1] if outputs.ndim else None
   if dataset.num_classes is not None and task.name != "regression" and \
       width != dataset.num_classes:
-    raise ConfigError(f"config key 'model': {type(model).__name__} outputs {width} classes but "
-                      f"the data has {dataset.num_classes} (set model.num_classes, or "
-                      f"model.vocab_size for a language model, to {dataset.num_classes})")
+    key = next((f"model.{a}" for a in ("vocab_size", "num_classes") if hasattr(model, a)), "model")
+    raise ConfigError(f"config key {key!r}: {type(model).__name__} outputs {width} classes but "
+                      f"the data has {dataset.num_classes}")
 
 
 def metric_names(model: nn.Module, state: TrainState, dataset: Dataset, task: Task) -> list[str]:
@@ -179,6 +183,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module | None
                       f"{dataset.num_train} training examples")
   task = resolve_task(config, dataset, task)
   mesh = _create_mesh(config, options)
+  model = create_model(config.model) if model is None else model
+  check_layout(model, dataset)
   example = jax.tree.map(lambda v: v[:1], dataset.train["x"])
   model, tx, state = create_from_config(config, example, model, options.rng_streams)
   check_model_fits_data(model, state, dataset, task)

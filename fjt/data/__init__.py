@@ -11,6 +11,7 @@ other keys of ``config.data``; ``register`` adds a loader of your own::
 import inspect
 from collections.abc import Callable, Mapping
 
+from fjt import config as fjt_config
 from fjt.config import ConfigError
 from fjt.data import arrays, digits, text, text_files
 from fjt.data.batching import batch_indices, eval_batches, get_batch, steps_per_epoch
@@ -31,6 +32,18 @@ def register(name: str) -> Callable[[Callable[..., Dataset]], Callable[..., Data
     DATASETS[name] = loader
     return loader
   return add
+
+
+def dataset_options(name: str) -> dict | None:
+  """``{option: default}`` of dataset ``name``'s loader (``""`` for one without a default);
+  None for an unknown name."""
+  if name not in DATASETS:
+    return None
+  parameters = inspect.signature(DATASETS[name]).parameters.values()
+  return {p.name: "" if p.default is inspect.Parameter.empty else p.default for p in parameters}
+
+
+fjt_config.SWITCHABLE_GROUPS["data"] = dataset_options
 
 
 def load_dataset(config: Mapping) -> Dataset:

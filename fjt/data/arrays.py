@@ -85,6 +85,10 @@ def load(path: str = "", layout: str = "", test_fraction: float = 0.2, split_see
     if min(y_train.min(), y_test.min()) < 0:
       raise ValueError(f"config key 'data.path': {path!r} has negative class ids in 'y'")
     num_classes = int(max(y_train.max(), y_test.max())) + 1
-  info = {"task": task, "layout": layout or guess_layout(x), "path": os.path.abspath(path)}
+  guess = guess_layout(x)
+  if layout in ("nhwc", "nchw") and guess and guess != layout:
+    raise ValueError(f"config key 'data.layout': {layout!r}, but x of shape {x.shape} in {path!r} "
+                     f"has its small (channel) axis where {guess.upper()} has it; check the file")
+  info = {"task": task, "layout": layout or guess, "path": os.path.abspath(path)}
   return Dataset(train={"x": x_train, "y": y_train}, test={"x": x_test, "y": y_test},
                  num_classes=num_classes, info=info)

@@ -130,5 +130,7 @@ def window_dataset(files, vocab_size: int, context: int, validation_percent: int
       "task": "language_model",
       "vocab": sorted(vocab, key=vocab.__getitem__),  # Words in id order: row i of the embedding.
   }
+  # The model's output width is the vocabulary size asked for, even where a small corpus has
+  # fewer words (those ids never occur).
   return Dataset(train={"x": x_train, "y": y_train}, test={"x": x_test, "y": y_test},
-                 num_classes=len(vocab), info=info)
+                 num_classes=max(len(vocab), vocab_size), info=info)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 
 import flax.linen as nn
 
+from fjt import config as fjt_config
 from fjt.config import ConfigError
 from fjt.models.cnn import CNN
 from fjt.models.mlp import MLP
@@ -33,6 +34,19 @@ def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn
     MODELS[name] = cls
     return cls
   return add
+
+
+def model_options(name: str) -> dict | None:
+  """``{attribute: default}`` of model ``name`` (a dataclass module's fields); None for an
+  unknown name or a model that is not a dataclass."""
+  cls = MODELS.get(name)
+  if cls is None or not dataclasses.is_dataclass(cls):
+    return None
+  return {f.name: f.default for f in dataclasses.fields(cls)
+          if f.init and f.name not in ("parent", "name") and f.default is not dataclasses.MISSING}
+
+
+fjt_config.SWITCHABLE_GROUPS["model"] = model_options
 
 
 def create_model(config: Mapping) -> nn.Module:
