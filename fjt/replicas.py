@@ -421,7 +421,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module | None
   run_round = make_round(model, tx, server_tx, mesh, opts.optimizer_state, task,
                          options.rng_streams)
   data_mesh = Mesh(mesh.devices, ("data",))  # Evaluation splits test batches over the devices.
-  eval_step = make_eval_step(model, task, data_mesh)
+  eval_step = make_eval_step(model, task, mesh=data_mesh)
   eval_batch_size = -(-options.eval_batch_size // mesh.size) * mesh.size
   weights = shard_replicas(np.asarray(counts, np.float32), mesh)
   mine = local_replicas(num, mesh)

@@ -60,7 +60,7 @@ def _micro_batches(batch: Batch, num: int) -> Batch:
 
 
 def train_step_fn(model: nn.Module, tx: optax.GradientTransformation,
-                  task: TaskLike = "classification",
+                  task: TaskLike = "classification", *,
                   averaging: TemporalAveraging = TemporalAveraging(),
                   rng_streams: Sequence[str] = ("dropout",), grad_accum_steps: int = 1
                   ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
@@ -123,15 +123,15 @@ def train_step_fn(model: nn.Module, tx: optax.GradientTransformation,
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
-                    task: TaskLike = "classification",
+                    task: TaskLike = "classification", *,
                     averaging: TemporalAveraging = TemporalAveraging(), mesh: Mesh | None = None,
                     rng_streams: Sequence[str] = ("dropout",), grad_accum_steps: int = 1
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """``train_step_fn`` jit-compiled, ``state`` donated. With a ``mesh``, the batch is split over
   its ``data`` axis and the state replicated: the gradient and the BatchNorm statistics are
   those of the global batch."""
-  return _jit(train_step_fn(model, tx, task, averaging, rng_streams, grad_accum_steps), mesh,
-              donate_argnums=0)
+  return _jit(train_step_fn(model, tx, task, averaging=averaging, rng_streams=rng_streams,
+                            grad_accum_steps=grad_accum_steps), mesh, donate_argnums=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +144,7 @@ class EvalStep:
     return self.fn(variables, batch)
 
 
-def make_eval_step(model: nn.Module, task: TaskLike = "classification",
+def make_eval_step(model: nn.Module, task: TaskLike = "classification", *,
                    mesh: Mesh | None = None) -> EvalStep:
   """``eval_step(variables, batch) -> sums``, jit-compiled, the model in eval mode (BatchNorm's
   running statistics, no dropout). ``variables`` is ``{"params", "batch_stats"}``; the sums are
@@ -161,7 +161,7 @@ def make_eval_step(model: nn.Module, task: TaskLike = "classification",
 
 
 def evaluate(eval_step: EvalStep, variables: PyTree | TrainState,
-             arrays: Mapping[str, Any], batch_size: int, averages: bool = True,
+             arrays: Mapping[str, Any], batch_size: int, *, averages: bool = True,
              mesh: Mesh | None = None) -> dict[str, float]:
   """``eval_step.task``'s metrics over every example of ``arrays`` once (float64 sums of the
   batches' float32 sums).
@@ -188,8 +188,8 @@ def evaluate(eval_step: EvalStep, variables: PyTree | TrainState,
   if averages and state is not None:
     for name in ("ema", "swa"):
       if name in state.averages and not (name == "swa" and int(state.averages["swa_count"]) == 0):
-        for key, value in evaluate(eval_step, state.averages[name], arrays, batch_size, False,
-                                   mesh).items():
+        for key, value in evaluate(eval_step, state.averages[name], arrays, batch_size,
+                                   averages=False, mesh=mesh).items():
           metrics[f"{name}_{key}"] = value
   return metrics
 

@@ -189,9 +189,10 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module | None
   model, tx, state = create_from_config(config, example, model, options.rng_streams)
   check_model_fits_data(model, state, dataset, task)
   averaging = TemporalAveraging.from_config(config)
-  train_step = make_train_step(model, tx, task, averaging, mesh, options.rng_streams,
-                               options.grad_accum_steps)
-  eval_step = make_eval_step(model, task, mesh)
+  train_step = make_train_step(model, tx, task, averaging=averaging, mesh=mesh,
+                               rng_streams=options.rng_streams,
+                               grad_accum_steps=options.grad_accum_steps)
+  eval_step = make_eval_step(model, task, mesh=mesh)
   best_mode = ckpt.best_mode or task.mode
   if ckpt.best_metric:
     known = metric_names(model, state, dataset, task)
