@@ -244,3 +244,12 @@ def test_save_killed_midway_leaves_the_old_checkpoint(tmp_path):
   out, err = save_in_subprocess(path, 2.0).communicate(timeout=120)
   assert_trees_equal(checkpoint.load(path), saved_tree(2.0))
   assert os.listdir(tmp_path) == ["c"]  # The killed save's leftovers are removed.
+
+
+def test_init_from_checks_the_checksums(tmp_path):
+  from conftest import tiny_digits_config
+  _, _, state = fjt.create_from_config(tiny_digits_config("mlp"), np.zeros((1, 64), np.float32))
+  checkpoint.save(tmp_path / "params", state.params)
+  rel = flip_a_byte(tmp_path / "params")
+  with pytest.raises(CheckpointError, match=f"file {rel} has changed since it was written"):
+    fjt.train.init_from_checkpoint(state, str(tmp_path / "params"))
