@@ -193,10 +193,6 @@ def _crc32s(paths: Sequence[str]) -> list[int]:
   return out
 
 
-def _crc32(path: str) -> int:
-  return _crc32s([path])[0]
-
-
 def _files(directory: str) -> list[str]:
   found = []
   for dirpath, _, filenames in os.walk(directory):
@@ -382,10 +378,13 @@ def save(path: str | os.PathLike, tree: PyTree, force: bool = True) -> None:
       but is not a checkpoint written by ``save`` is never replaced.
   """
   path = os.path.abspath(os.fspath(path))
-  if os.path.exists(path) and not (force and _is_saved_checkpoint(path)):
-    what = "a checkpoint" if _is_saved_checkpoint(path) else "not a checkpoint written by fjt.checkpoint.save"
-    hint = "pass force=True to replace it" if force is False and what == "a checkpoint" else "choose a new path"
-    raise FileExistsError(f"checkpoint.save: {path} exists and is {what}; {hint}")
+  if os.path.exists(path):
+    if not _is_saved_checkpoint(path):
+      raise FileExistsError(f"checkpoint.save: {path} exists and is not a checkpoint written by "
+                            "fjt.checkpoint.save; choose a new path")
+    if not force:
+      raise FileExistsError(f"checkpoint.save: {path} exists and is a checkpoint; pass force=True "
+                            "to replace it")
   tmp = path + ".fjt-tmp"
   main = jax.process_index() == 0  # One writer per checkpoint in a multi-process run.
   if main:
