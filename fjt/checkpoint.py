@@ -34,7 +34,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from fjt.config import ConfigError
+from fjt.config import ConfigError, positive_int
 from fjt.tree import flatten, path_str, to_nested_dict, unflatten
 
 PyTree = Any
@@ -601,9 +601,9 @@ class RunCheckpointer:
 
   def __init__(self, workdir: str, max_to_keep: int = 2, best_metric: str | None = None,
                best_mode: str = "max"):
-    if isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1:
-      raise ConfigError(f"config key 'checkpoint.max_to_keep': expected an int >= 1 (how many of "
-                        f"the newest steps to keep), got {max_to_keep!r}")
+    if not positive_int(max_to_keep):  # As fjt.options says it for configs.
+      raise ConfigError(f"config key 'checkpoint.max_to_keep': expected a positive int (a run "
+                        f"never deletes its last checkpoint), got {max_to_keep!r}")
     if best_mode not in ("max", "min"):
       raise ConfigError(f"config key 'checkpoint.best_mode': expected 'max' or 'min', got {best_mode!r}")
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))

@@ -213,8 +213,8 @@ def test_damaged_checkpoint_is_named_and_fallback_restores(tmp_path, uninterrupt
 def test_max_to_keep_zero_is_a_one_line_config_error(tmp_path):
   out, err = train_cli(tmp_path, "--config.train.steps=10",
                        "--config.checkpoint.max_to_keep=0").communicate(timeout=300)
-  assert err.strip().splitlines() == ["error: config key 'checkpoint.max_to_keep': expected an int "
-                                      ">= 1 (how many of the newest steps to keep), got 0"]
+  assert err.strip().splitlines() == ["error: config key 'checkpoint.max_to_keep': expected a "
+                                      "positive int (a run never deletes its last checkpoint), got 0"]
   assert not os.path.exists(tmp_path / "checkpoints" / "10")
 
 

@@ -165,8 +165,8 @@ def test_fallback_keeps_earlier_damaged_steps_and_says_when_none_is_left(tmp_pat
 def test_max_to_keep_below_one_is_a_config_error(tmp_path, value):
   with pytest.raises(fjt.ConfigError) as info:
     checkpoint.RunCheckpointer(str(tmp_path), max_to_keep=value)
-  assert str(info.value) == ("config key 'checkpoint.max_to_keep': expected an int >= 1 (how many "
-                             f"of the newest steps to keep), got {value!r}")
+  assert str(info.value) == ("config key 'checkpoint.max_to_keep': expected a positive int (a run "
+                             f"never deletes its last checkpoint), got {value!r}")
 
 
 def test_loading_a_run_onto_variables_takes_its_variables(tmp_path):

@@ -1,6 +1,7 @@
 """Convolutional classifier on NHWC images: (Conv -> BatchNorm -> ReLU -> pool) blocks, then Dense."""
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -23,6 +24,7 @@ class CNN(nn.Module):
   dense_features: Sequence[int] = ()
   num_classes: int = 10
   momentum: float = 0.9
+  input_layout: ClassVar[str] = "nhwc"  # Checked against the data's layout before training.
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
