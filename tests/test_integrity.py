@@ -253,3 +253,13 @@ def test_init_from_checks_the_checksums(tmp_path):
   rel = flip_a_byte(tmp_path / "params")
   with pytest.raises(CheckpointError, match=f"file {rel} has changed since it was written"):
     fjt.train.init_from_checkpoint(state, str(tmp_path / "params"))
+
+
+def test_a_replace_killed_between_two_renames_names_the_old_checkpoint(tmp_path):
+  # Where the OS cannot swap two directories atomically, the old checkpoint waits at
+  # PATH.fjt-old while the new one is renamed into place.
+  checkpoint.save(tmp_path / "c.fjt-old", tree())
+  with pytest.raises(CheckpointError) as info:
+    checkpoint.load(tmp_path / "c")
+  assert str(info.value) == (f"no checkpoint at '{tmp_path}/c': a save replacing it was killed; "
+                             f"the previous checkpoint is '{tmp_path}/c.fjt-old' (rename it back)")
