@@ -130,12 +130,21 @@ def test_resume_does_not_seal_a_step_whose_manifest_is_gone(tmp_path, capsys):
   assert "file fjt_manifest.json is missing" in capsys.readouterr().err
 
 
-def test_a_step_killed_before_its_seal_is_set_aside(tmp_path, capsys):
-  run = run_with_steps(tmp_path)
+def test_a_step_killed_before_its_seal_is_set_aside(tmp_path, monkeypatch, capsys):
+  run_with_steps(tmp_path, steps=(1,))
   newest = step_dir(tmp_path, 2)
-  # As a run killed between Orbax's rename and the manifest leaves it.
-  os.remove(os.path.join(newest, MANIFEST))
-  open(os.path.join(tmp_path, "checkpoints", "2.fjt-unsealed"), "w").close()
+
+  def killed(*args, **kwargs):  # As a run killed between Orbax's rename and the manifest.
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(checkpoint, "write_manifest", killed)
+  run = checkpoint.RunCheckpointer(str(tmp_path), max_to_keep=2)
+  run.save(2, tree(2))
+  with pytest.raises(KeyboardInterrupt):
+    run.close()
+  monkeypatch.undo()
+  assert os.path.isdir(newest) and not os.path.exists(os.path.join(newest, MANIFEST))
+  run = checkpoint.RunCheckpointer(str(tmp_path), max_to_keep=2)
   state, step = run.restore_latest(tree())
   run.close()
   assert step == 1
