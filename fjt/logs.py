@@ -53,10 +53,24 @@ def _complete_lines(path: str) -> tuple[list[str], bool]:
   return [line + "\n" for line in lines[:-1]], bool(lines[-1])
 
 
+def _rows(path: str, lines: list[str]) -> list[tuple[str, dict]]:
+  """``(line, row)`` of each non-blank line; a line that is not a row is an error naming it."""
+  rows = []
+  for number, line in enumerate(lines, 1):
+    if line.strip():
+      try:
+        row = json.loads(line)
+        int(row["step"])
+      except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{path}: line {number} is not a metrics row with a step "
+                         f"({type(e).__name__}: {e})") from e
+      rows.append((line, row))
+  return rows
+
+
 def read_metrics(path: str) -> list[dict]:
   """The rows of a ``metrics.jsonl``, without a last line torn by a kill."""
-  lines, _ = _complete_lines(path)
-  return [json.loads(line) for line in lines if line.strip()]
+  return [row for _, row in _rows(path, _complete_lines(path)[0])]
 
 
 def keep_rows(path: str, last_step: int) -> None:
@@ -68,7 +82,7 @@ def keep_rows(path: str, last_step: int) -> None:
   if not os.path.exists(path):
     return
   lines, torn = _complete_lines(path)
-  kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= last_step]
+  kept = [line for line, row in _rows(path, lines) if row["step"] <= last_step]
   if not torn and len(kept) == len(lines):
     return
   tmp = path + ".tmp"

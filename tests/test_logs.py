@@ -69,3 +69,12 @@ def test_sigkill_during_resume_start_up_leaves_metrics_complete(tmp_path, when, 
                            capture_output=True, text=True, timeout=120)
   assert process.returncode == -signal.SIGKILL, process.stderr
   assert read_text(tmp_path / "metrics.jsonl") == expected
+
+
+def test_a_line_that_is_not_a_row_is_named(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  write_text(path, TEXT + "garbage\n")
+  with pytest.raises(ValueError, match=rf"^{path}: line 7 is not a metrics row with a step "
+                                       r"\(JSONDecodeError: "):
+    MetricWriter(str(tmp_path), start_step=30)
+  assert read_text(path) == TEXT + "garbage\n"  # Nothing rewritten.
