@@ -227,6 +227,35 @@ def mesh_of(tree: PyTree) -> Mesh | None:
   return None
 
 
+def bytes_per_device(tree: PyTree) -> dict[jax.Device, int]:
+  """Bytes of ``tree``'s jax arrays held by each device of this process, summed over the
+  arrays' own ``addressable_shards`` (a replicated array counts whole on every device)."""
+  held: dict[jax.Device, int] = {}
+  for leaf in jax.tree.leaves(tree):
+    if isinstance(leaf, jax.Array):
+      for shard in leaf.addressable_shards:
+        held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
+  return held
+
+
+def shard_bytes(leaf) -> int:
+  """Bytes of ``leaf`` on the device that holds the most of it: from its
+  ``addressable_shards`` for an array, from its sharding's shard shape for a
+  ``jax.ShapeDtypeStruct`` (the whole leaf without a sharding)."""
+  if isinstance(leaf, jax.Array):
+    return max(shard.data.nbytes for shard in leaf.addressable_shards)
+  shape, sharding = tuple(leaf.shape), getattr(leaf, "sharding", None)
+  if sharding is not None:
+    shape = sharding.shard_shape(shape)
+  return math.prod(shape) * np.dtype(leaf.dtype).itemsize
+
+
+def partition_spec(leaf) -> P | None:
+  """The ``PartitionSpec`` of a leaf laid out by a ``NamedSharding``, else None."""
+  sharding = getattr(leaf, "sharding", None)
+  return sharding.spec if isinstance(sharding, NamedSharding) else None
+
+
 def describe_mesh(mesh: Mesh | Mapping[str, int]) -> str:
   """``"data=2 x fsdp=4 x model=1"``."""
   shape = mesh.shape if isinstance(mesh, Mesh) else mesh

@@ -1,0 +1,111 @@
+"""Runs the sharded-state checks of test_sharding.py in one process with N simulated devices.
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_worker.py OUT_DIR CHECK...
+
+Each check writes its numbers into OUT_DIR/<check>.json (and arrays into .npz) for the test to
+compare across processes. A process with one device runs the reference runs.
+"""
+
+import json
+import os
+import shutil
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import fjt  # noqa: E402
+from conftest import tiny_digits_config  # noqa: E402
+from fjt import checkpoint, sharding  # noqa: E402
+from fjt.tree import flatten, to_nested_dict  # noqa: E402
+
+STEPS = 50
+
+
+def _part(names, init=nn.initializers.normal(0.02)):
+  return nn.with_logical_partitioning(init, names)
+
+
+@fjt.models.register("tiny_stack")
+class TinyStack(nn.Module):
+  """A transformer-like Dense stack with GPT-2's logical axes: an input projection (vocab,
+  embed), per block a column-split/row-split pair for attention (heads) and for the MLP (mlp),
+  LayerNorms, and a head (embed, vocab)."""
+  width: int = 32
+  layers: int = 2
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    h = nn.Dense(self.width, kernel_init=_part(("vocab", "embed")), name="wte")(
+        x.reshape(x.shape[0], -1))
+    for i in range(self.layers):
+      y = nn.LayerNorm(scale_init=_part(("norm",), nn.initializers.ones), name=f"ln_{i}")(h)
+      y = nn.Dense(2 * self.width, kernel_init=_part(("embed", "heads")), name=f"c_attn_{i}")(y)
+      h = h + nn.Dense(self.width, kernel_init=_part(("heads", "embed")), name=f"attn_proj_{i}")(
+          nn.tanh(y))
+      y = nn.Dense(4 * self.width, kernel_init=_part(("embed", "mlp")), name=f"c_fc_{i}")(h)
+      h = h + nn.Dense(self.width, kernel_init=_part(("mlp", "embed")), name=f"mlp_proj_{i}")(
+          nn.relu(y))
+    return nn.Dense(self.num_classes, kernel_init=_part(("embed", "vocab")), name="head")(h)
+
+
+def config(mesh=None, steps=STEPS):
+  c = tiny_digits_config("mlp", steps=steps)
+  c.model = fjt.config.ml_collections.ConfigDict({"name": "tiny_stack", "width": 32, "layers": 2,
+                                                  "num_classes": 10})
+  c.optimizer.name, c.optimizer.learning_rate = "adamw", 3e-3
+  c.train.eval_batch_size = 512
+  c.checkpoint.every_steps = 25
+  c.checkpoint.best_metric = ""
+  c.ema.decay = 0.9
+  c.swa.every = 0
+  if mesh:
+    c.mesh = fjt.config.ml_collections.ConfigDict(mesh)
+  return c
+
+
+def save_params(out, name, state):
+  np.savez(os.path.join(out, name + ".npz"), **{k: np.asarray(v) for k, v in
+                                              flatten(to_nested_dict(state.params)).items()})
+
+
+def losses(workdir):
+  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
+
+
+def check_reference(out):
+  state, _ = fjt.fit(config(), os.path.join(out, "one"), progress=False)
+  save_params(out, "one", state)
+  return {"losses": losses(os.path.join(out, "one"))}
+
+
+def check_meshes(out):
+  result = {}
+  for name, mesh in (("d2f4", {"data": 2, "fsdp": 4}), ("m2f4", {"fsdp": 4, "model": 2})):
+    workdir = os.path.join(out, name)
+    state, _ = fjt.fit(config(mesh), workdir, progress=False)
+    save_params(out, name, state)
+    held = sharding.bytes_per_device(state)
+    total = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
+    result[name] = {"losses": losses(workdir), "total": total, "max_held": max(held.values()),
+                    "devices": len(held),
+                    "specs": {k: str(sharding.partition_spec(v)) for k, v in
+                              flatten(to_nested_dict(state)).items()}}
+  return result
+
+
+def main():
+  out, checks = sys.argv[1], sys.argv[2:]
+  for check in checks:
+    result = globals()[f"check_{check}"](out)
+    with open(os.path.join(out, check + ".json"), "w") as f:
+      json.dump(result, f)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,89 @@
+"""Sharded train state over data x fsdp x model meshes (simulated CPU devices, subprocesses)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from jax.sharding import AbstractMesh, PartitionSpec as P
+
+from conftest import ROOT
+from fjt import sharding
+from fjt.config import RUN_DEFAULTS, ConfigError
+
+WORKER = os.path.join(ROOT, "tests", "sharded_worker.py")
+RULES = RUN_DEFAULTS["sharding_rules"]
+
+
+def mesh(data=1, fsdp=1, model=1):
+  return AbstractMesh((data, fsdp, model), ("data", "fsdp", "model"))
+
+
+def test_mesh_spec_maps_logical_names_through_the_rules():
+  spec = lambda logical, shape, dtype="float32", m=mesh(2, 4, 1): sharding.mesh_spec(
+      P(*logical), shape, dtype, m, RULES)
+  assert spec(("embed", "mlp"), (32, 128)) == P("fsdp")  # model=1: not split over it.
+  assert spec(("embed", "mlp"), (32, 128), m=mesh(1, 4, 2)) == P("fsdp", "model")
+  assert spec(("mlp", "embed"), (128, 32), m=mesh(1, 4, 2)) == P("model", "fsdp")  # Row split.
+  assert spec(("vocab", "embed"), (10, 32), m=mesh(1, 4, 4)) == P(None, "fsdp")  # 4 ∤ 10.
+  # ZeRO-3: leaves without names are split over fsdp on their largest dimension it divides.
+  assert spec((), (6, 64)) == P(None, "fsdp")
+  assert spec((), (10,)) == P()  # Nothing divides: replicated.
+  assert spec((), (2,), "uint32") == P()  # Integer leaves (rng, step) stay replicated.
+  assert spec((), (64,), m=mesh(8, 1, 1)) == P()  # Pure data parallel: replicated.
+
+
+def test_train_mesh_errors_name_the_key():
+  with pytest.raises(ConfigError, match="'mesh.pipe': unknown mesh axis"):
+    sharding.create_train_mesh({"pipe": 2}, {})
+  with pytest.raises(ConfigError, match="uses 2 of the 1 devices|cannot lay"):
+    sharding.create_train_mesh({"data": 1, "fsdp": 2}, {})
+
+
+def run_worker(out, devices, *checks, timeout=600):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu")
+  process = subprocess.run([sys.executable, WORKER, str(out), *checks], env=env,
+                           capture_output=True, text=True, timeout=timeout)
+  assert process.returncode == 0, process.stderr[-4000:]
+  return [json.load(open(os.path.join(out, c + ".json"))) for c in checks], process.stderr
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """The reference run on one device, then every 8-device check in one process."""
+  out = tmp_path_factory.mktemp("sharded")
+  (reference,), _ = run_worker(out, 1, "reference")
+  (meshes,), stderr = run_worker(out, 8, "meshes")
+  return out, reference, meshes, stderr
+
+
+def max_diff(out, a, b):
+  x, y = np.load(os.path.join(out, a + ".npz")), np.load(os.path.join(out, b + ".npz"))
+  assert sorted(x) == sorted(y)
+  return max(float(np.max(np.abs(x[k] - y[k]))) for k in x)
+
+
+@pytest.mark.parametrize("name", ["d2f4", "m2f4"])
+def test_sharded_runs_match_one_device(runs, name):
+  out, reference, meshes, _ = runs
+  assert max_diff(out, "one", name) < 1e-4
+  np.testing.assert_allclose(list(meshes[name]["losses"].values()),
+                             list(reference["losses"].values()), rtol=1e-4)
+
+
+def test_fsdp_keeps_a_quarter_of_the_state_per_device(runs):
+  _, _, meshes, _ = runs
+  for name in ("d2f4", "m2f4"):
+    run = meshes[name]
+    assert run["devices"] == 8
+    ratio = run["max_held"] / (run["total"] / 4)
+    print(name, "bytes per device / (total / 4) =", ratio)
+    assert ratio <= 1.15
+  specs = meshes["m2f4"]["specs"]
+  assert specs["params/c_fc_0/kernel"] == "P('fsdp', 'model')"
+  assert specs["params/mlp_proj_0/kernel"] == "P('model', 'fsdp')"
+  assert specs["opt_state/0/0/mu/c_fc_0/kernel"] == "P('fsdp', 'model')"
+  assert specs["step"] == "P()"
