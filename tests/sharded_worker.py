@@ -99,6 +99,39 @@ def check_meshes(out):
   return result
 
 
+def target_state(mesh):
+  """A fresh state of ``config(mesh)`` laid out on that mesh (None: on one device)."""
+  c = config(mesh)
+  example = jnp.zeros((1, 64), jnp.float32)
+  devices = None if mesh is None else sharding.create_train_mesh(c.mesh, {})
+  return fjt.state.create_from_config(c, example, mesh=devices)[2]
+
+
+def check_reshard(out):
+  """The step-25 checkpoint of the data=2 x fsdp=4 run onto other meshes, bitwise; then that
+  run resumed from step 25 on fsdp=8 and on data=8."""
+  step25 = os.path.join(out, "d2f4", "checkpoints", "25")
+  saved = flatten(checkpoint.load(step25))
+  result = {"bitwise": {}}
+  for name, mesh in (("f8", {"fsdp": 8}), ("d8", {"data": 8}), ("one", None)):
+    target = target_state(mesh)
+    restored = checkpoint.load(step25, target)
+    flat, target_flat = flatten(to_nested_dict(restored)), flatten(to_nested_dict(target))
+    result["bitwise"][name] = (
+        sorted(flat) == sorted(saved)
+        and all(np.array_equal(np.asarray(flat[k]), np.asarray(saved[k])) for k in saved)
+        and all(flat[k].sharding == target_flat[k].sharding for k in flat))
+  result["resumed"] = {}
+  for name, mesh in (("f8", {"fsdp": 8}), ("d8", {"data": 8})):
+    workdir = os.path.join(out, f"resume_{name}")
+    shutil.copytree(os.path.join(out, "d2f4"), workdir)
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "50"))  # As if killed after step 25.
+    state, _ = fjt.fit(config(mesh), workdir, progress=False)
+    save_params(out, f"resume_{name}", state)
+    result["resumed"][name] = losses(workdir)
+  return result
+
+
 def main():
   out, checks = sys.argv[1], sys.argv[2:]
   for check in checks:
