@@ -56,8 +56,8 @@ def runs(tmp_path_factory):
   """The reference run on one device, then every 8-device check in one process."""
   out = tmp_path_factory.mktemp("sharded")
   (reference,), _ = run_worker(out, 1, "reference")
-  (meshes, reshard), stderr = run_worker(out, 8, "meshes", "reshard")
-  return out, reference, meshes, reshard, stderr
+  (meshes, reshard, aggregate), stderr = run_worker(out, 8, "meshes", "reshard", "aggregate")
+  return out, reference, meshes, reshard, stderr, aggregate
 
 
 def max_diff(out, a, b):
@@ -68,14 +68,14 @@ def max_diff(out, a, b):
 
 @pytest.mark.parametrize("name", ["d2f4", "m2f4"])
 def test_sharded_runs_match_one_device(runs, name):
-  out, reference, meshes, _, _ = runs
+  out, reference, meshes, _, _, _ = runs
   assert max_diff(out, "one", name) < 1e-4
   np.testing.assert_allclose(list(meshes[name]["losses"].values()),
                              list(reference["losses"].values()), rtol=1e-4)
 
 
 def test_fsdp_keeps_a_quarter_of_the_state_per_device(runs):
-  _, _, meshes, _, _ = runs
+  _, _, meshes, _, _, _ = runs
   for name in ("d2f4", "m2f4"):
     run = meshes[name]
     assert run["devices"] == 8
@@ -90,13 +90,13 @@ def test_fsdp_keeps_a_quarter_of_the_state_per_device(runs):
 
 
 def test_checkpoint_saved_on_data2_fsdp4_restores_bitwise_on_other_meshes(runs):
-  _, _, _, reshard, _ = runs
+  _, _, _, reshard, _, _ = runs
   assert reshard["bitwise"] == {"f8": True, "d8": True, "one": True}
 
 
 @pytest.mark.parametrize("name", ["f8", "d8"])
 def test_training_resumed_on_another_mesh_continues(runs, name):
-  out, _, meshes, reshard, stderr = runs
+  out, _, meshes, reshard, stderr, _ = runs
   resumed, uninterrupted = reshard["resumed"][name], meshes["d2f4"]["losses"]
   assert sorted(resumed, key=int) == sorted(uninterrupted, key=int)  # Steps 10 .. 50.
   np.testing.assert_allclose([resumed[k] for k in uninterrupted], list(uninterrupted.values()),
@@ -105,3 +105,13 @@ def test_training_resumed_on_another_mesh_continues(runs, name):
   mesh = {"f8": "data=1 x fsdp=8 x model=1", "d8": "data=8 x fsdp=1 x model=1"}[name]
   assert (f"was saved on mesh data=2 x fsdp=4 x model=1; resuming on mesh {mesh} "
           "(resharded on restore)") in stderr
+
+
+def test_aggregate_of_sharded_states_equals_that_of_the_gathered_ones(runs):
+  aggregate = runs[-1]
+  assert aggregate["sharded_leaves"] > 10
+  # Bitwise equal to the mean of the host copies, with the inputs' shardings.
+  assert (aggregate["mean"], aggregate["weighted"], aggregate["running"],
+          aggregate["batch_stats"]) == (True, True, True, True)
+  # Shard by shard: no leaf is gathered (the only collective reduces finiteness flags).
+  assert not any(op.startswith(("all-gather", "all-to-all")) for op in aggregate["collectives"])
