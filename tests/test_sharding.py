@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
@@ -115,3 +116,17 @@ def test_aggregate_of_sharded_states_equals_that_of_the_gathered_ones(runs):
           aggregate["batch_stats"]) == (True, True, True, True)
   # Shard by shard: no leaf is gathered (the only collective reduces finiteness flags).
   assert not any(op.startswith(("all-gather", "all-to-all")) for op in aggregate["collectives"])
+
+
+def test_average_script_reads_checkpoints_saved_sharded(runs):
+  out = runs[0]
+  inputs = [str(out / "d2f4"), str(out / "m2f4")]
+  process = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "average.py"),
+                            "--out", str(out / "soup"), *inputs], capture_output=True, text=True,
+                           timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert process.returncode == 0, process.stderr[-3000:]
+  from fjt import aggregate, checkpoint
+  expected = aggregate.mean([checkpoint.load_variables(p)["params"] for p in inputs])
+  soup = checkpoint.load(out / "soup")["params"]
+  for got, want in zip(jax.tree.leaves(soup), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
