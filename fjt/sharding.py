@@ -21,7 +21,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
 
 from fjt.config import ConfigError
 
@@ -53,18 +53,36 @@ def create_mesh(axes: Mapping[str, int] | None = None, devices=None) -> Mesh:
   """A mesh with named axes and sizes, e.g. ``{"data": -1}`` (-1: all the devices
   the other axes leave). Default: one ``data`` axis over every device."""
   devices = list(jax.devices() if devices is None else devices)
-  axes = dict(axes or {"data": -1})
+  axes = resolve_axes(axes or {"data": -1}, len(devices))
+  return Mesh(np.asarray(devices).reshape(tuple(axes.values())), tuple(axes))
+
+
+def resolve_axes(axes: Mapping[str, int], num_devices: int) -> dict[str, int]:
+  """``axes`` with its one -1 (if any) replaced by the devices the others leave; the sizes
+  must multiply to ``num_devices`` (a ``ConfigError`` naming ``mesh`` otherwise)."""
+  axes = dict(axes)
   known = math.prod(size for size in axes.values() if size != -1)
   free = [name for name, size in axes.items() if size == -1]
-  if len(free) > 1 or known <= 0 or len(devices) % known:
-    raise ConfigError(f"config key 'mesh': cannot lay {dict(axes)} over {len(devices)} devices "
+  if len(free) > 1 or known <= 0 or num_devices % known:
+    raise ConfigError(f"config key 'mesh': cannot lay {dict(axes)} over {num_devices} devices "
                       "(sizes must divide the device count; at most one -1)")
   if free:
-    axes[free[0]] = len(devices) // known
-  if math.prod(axes.values()) != len(devices):
+    axes[free[0]] = num_devices // known
+  if math.prod(axes.values()) != num_devices:
     raise ConfigError(f"config key 'mesh': {dict(axes)} uses {math.prod(axes.values())} of the "
-                      f"{len(devices)} devices; use -1 for one axis to take the rest")
-  return Mesh(np.asarray(devices).reshape(tuple(axes.values())), tuple(axes))
+                      f"{num_devices} devices; use -1 for one axis to take the rest")
+  return axes
+
+
+def abstract_mesh(axes: Mapping[str, int], num_devices: int) -> AbstractMesh:
+  """The mesh of ``axes`` (``MESH_AXES`` order, -1 as in ``resolve_axes``) over
+  ``num_devices`` devices that need not exist: for the layout of a state (shard shapes,
+  ``fjt.summary``) without the devices."""
+  unknown = sorted(set(axes) - set(MESH_AXES))
+  if unknown:
+    raise ConfigError(f"config key 'mesh.{unknown[0]}': unknown mesh axis; the axes are {MESH_AXES}")
+  axes = resolve_axes({a: axes.get(a, 1) for a in MESH_AXES}, num_devices)
+  return AbstractMesh(tuple(axes.values()), tuple(axes))
 
 
 def create_train_mesh(axes: Mapping[str, int], batch_sizes: Mapping[str, int],

@@ -13,7 +13,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh
+from jax.sharding import AbstractMesh, Mesh
 
 from fjt import sharding
 from fjt.averaging import TemporalAveraging
@@ -107,7 +107,7 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
 
 
 def state_shardings(model: nn.Module, tx: optax.GradientTransformation, example_x: PyTree,
-                    mesh: Mesh, rules: sharding.Rules,
+                    mesh: Mesh | AbstractMesh, rules: sharding.Rules,
                     averaging: TemporalAveraging = TemporalAveraging(),
                     rng_streams: Sequence[str] = ()) -> TrainState:
   """The ``NamedSharding`` of every leaf of the train state on ``mesh``: a ``TrainState`` of
@@ -150,13 +150,22 @@ def create_from_config(config, example_x, model: nn.Module | None = None,
   return model, tx, state
 
 
-def abstract_from_config(config) -> tuple[nn.Module, TrainState]:
+def abstract_from_config(config, mesh: Mesh | AbstractMesh | None = None
+                         ) -> tuple[nn.Module, TrainState]:
   """The model of ``config`` and the shapes of its fresh train state
-  (``jax.ShapeDtypeStruct`` leaves, via ``jax.eval_shape``: nothing allocated)."""
+  (``jax.ShapeDtypeStruct`` leaves, via ``jax.eval_shape``: nothing allocated). With a
+  ``mesh`` (an ``AbstractMesh`` needs no devices: ``fjt.sharding.abstract_mesh``), each leaf
+  carries its ``NamedSharding`` under ``config.sharding_rules``."""
   from fjt.data import load_dataset
+  from fjt.options import ShardingOptions
 
   example = jax.tree.map(lambda v: v[:1], load_dataset(config.data).train["x"])
   model, tx, averaging = _parts_from_config(config)
   abstract = jax.eval_shape(lambda rng: create_train_state(model, tx, example, rng, averaging),
                             jax.random.PRNGKey(0))
+  if mesh is not None:
+    shardings = state_shardings(model, tx, example, mesh,
+                                ShardingOptions.from_config(config).rules, averaging)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, shardings)
   return model, abstract

@@ -18,6 +18,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fjt  # noqa: E402
+import fjt.summary  # noqa: E402
 from conftest import tiny_digits_config  # noqa: E402
 from fjt import checkpoint, sharding  # noqa: E402
 from fjt.tree import flatten, to_nested_dict  # noqa: E402
@@ -92,7 +93,10 @@ def check_meshes(out):
     save_params(out, name, state)
     held = sharding.bytes_per_device(state)
     total = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
+    rows = fjt.summary.state_table(state)
     result[name] = {"losses": losses(workdir), "total": total, "max_held": max(held.values()),
+                    "summary_per_device": fjt.summary.bytes_per_device(rows),
+                    "summary_total": fjt.summary.totals(rows)["total"]["bytes"],
                     "devices": len(held),
                     "specs": {k: str(sharding.partition_spec(v)) for k, v in
                               flatten(to_nested_dict(state)).items()}}

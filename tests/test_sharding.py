@@ -80,6 +80,8 @@ def test_fsdp_keeps_a_quarter_of_the_state_per_device(runs):
   for name in ("d2f4", "m2f4"):
     run = meshes[name]
     assert run["devices"] == 8
+    # fjt.summary's per-device total is what the arrays' own addressable_shards hold.
+    assert (run["summary_per_device"], run["summary_total"]) == (run["max_held"], run["total"])
     ratio = run["max_held"] / (run["total"] / 4)
     print(name, "bytes per device / (total / 4) =", ratio)
     assert ratio <= 1.15
@@ -130,3 +132,20 @@ def test_average_script_reads_checkpoints_saved_sharded(runs):
   soup = checkpoint.load(out / "soup")["params"]
   for got, want in zip(jax.tree.leaves(soup), jax.tree.leaves(expected)):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_summary_of_a_config_on_a_mesh_needs_no_devices():
+  config = os.path.join(ROOT, "configs", "digits_mlp.py")
+  from fjt import summary
+  rows = {r.path: r for r in summary.state_table(config, mesh={"data": 2, "fsdp": 4})}
+  kernel = rows["params/Dense_0/kernel"]  # (64, 256): named (embed, mlp); embed -> fsdp.
+  assert (kernel.sharding, kernel.bytes, kernel.device_bytes) == ("P('fsdp',)", 65536, 16384)
+  assert rows["params/Dense_2/bias"].sharding == "P()"  # 10 classes: 4 does not divide.
+  assert rows["step"].sharding == "P()"
+  total = summary.totals(list(rows.values()))["total"]["bytes"]
+  assert summary.bytes_per_device(list(rows.values())) <= 1.15 * total / 4
+  process = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "summary.py"), config,
+                            "--mesh", "data=2,fsdp=4"], capture_output=True, text=True,
+                           timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert process.returncode == 0, process.stderr
+  assert "P('fsdp',)" in process.stdout and "per device: " in process.stdout
