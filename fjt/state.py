@@ -113,10 +113,19 @@ def state_shardings(model: nn.Module, tx: optax.GradientTransformation, example_
   """The ``NamedSharding`` of every leaf of the train state on ``mesh``: a ``TrainState`` of
   shardings, found by tracing (nothing allocated). A parameter's optimizer moments and
   averages get the parameter's layout (``fjt.sharding.mesh_spec``)."""
-  abstract = jax.eval_shape(lambda rng: _boxed_train_state(model, tx, example_x, rng, averaging,
-                                                           tuple(rng_streams)),
-                            jax.random.PRNGKey(0))
-  return sharding.logical_shardings(abstract, mesh, rules)
+  return sharding.logical_shardings(
+      boxed_abstract_state(model, tx, example_x, averaging, rng_streams), mesh, rules)
+
+
+def boxed_abstract_state(model: nn.Module, tx: optax.GradientTransformation, example_x: PyTree,
+                         averaging: TemporalAveraging = TemporalAveraging(),
+                         rng_streams: Sequence[str] = ()) -> TrainState:
+  """The shapes of a fresh train state (``jax.ShapeDtypeStruct``), the parameters' logical
+  axis names kept in their ``nn.LogicallyPartitioned`` boxes; e.g. ``jax.eval_shape(
+  server_tx.init, boxed.params)`` gives another optimizer's state its parameters' names."""
+  return jax.eval_shape(lambda rng: _boxed_train_state(model, tx, example_x, rng, averaging,
+                                                       tuple(rng_streams)),
+                        jax.random.PRNGKey(0))
 
 
 def _parts_from_config(config, model: nn.Module | None = None

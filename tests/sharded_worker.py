@@ -180,6 +180,42 @@ def check_aggregate(out):
   }
 
 
+def check_replicas(out):
+  """Two DiLoCo rounds of 4 replicas: on 4 devices (states replicated within each replica) and
+  on 8 devices as replica=4 x fsdp=2 (each replica's state split over 2 devices)."""
+  import fjt.replicas as replicas
+  from fjt.data import splits
+  c = tiny_digits_config("mlp")
+  c.model.features = (16,)
+  c.ema.decay, c.swa.every, c.optimizer.warmup_steps, c.train.steps = 0.0, 0, 1, 4
+  data = fjt.load_dataset(c.data).train
+  num = 4
+  shards = splits.iid_split(data["y"], num, 0)
+  counts = np.asarray([len(s) for s in shards], np.float32)
+  model, tx, state = fjt.create_from_config(c, data["x"][:1])
+  server_tx = replicas.create_server_optimizer("nesterov", 0.7, 0.9)
+  result = {}
+  for name, devices, fsdp in (("replicated", jax.devices()[:4], 1), ("fsdp", jax.devices(), 2)):
+    mesh = replicas.replica_mesh(num, devices, fsdp=fsdp)
+    one, layout = (None, None) if fsdp == 1 else replicas.sharded_layout(
+        model, tx, server_tx, data["x"][:1], mesh, fjt.config.RUN_DEFAULTS["sharding_rules"])
+    run = replicas.shard_state(replicas.replicate(state, num, server_tx), mesh, layout)
+    run_round = replicas.make_round(model, tx, server_tx, mesh, "average", layout=layout)
+    for r in range(2):
+      batches = splits.replica_batches(data, shards, 0, 2 * r, 2, 8)
+      run, metrics = run_round(run, replicas.shard_replicas(batches, mesh),
+                               replicas.shard_replicas(counts, mesh))
+    final = replicas.global_state(run, mesh, one)
+    result[name] = {
+        "leaves": [np.asarray(x).tolist() for x in jax.tree.leaves(run)],
+        "loss": np.asarray(metrics["loss"]).tolist(),
+        "kernel_spec": str(run.replicas.params["Dense_0"]["kernel"].sharding.spec),
+        "server_spec": str(jax.tree.leaves(run.server_opt_state)[-1].sharding.spec),
+        "final_spec": str(final.params["Dense_0"]["kernel"].sharding.spec),
+        "max_held": max(sharding.bytes_per_device(run).values())}
+  return result
+
+
 def main():
   out, checks = sys.argv[1], sys.argv[2:]
   for check in checks:

@@ -57,8 +57,9 @@ def runs(tmp_path_factory):
   """The reference run on one device, then every 8-device check in one process."""
   out = tmp_path_factory.mktemp("sharded")
   (reference,), _ = run_worker(out, 1, "reference")
-  (meshes, reshard, aggregate), stderr = run_worker(out, 8, "meshes", "reshard", "aggregate")
-  return out, reference, meshes, reshard, stderr, aggregate
+  (meshes, reshard, aggregate, replicas), stderr = run_worker(out, 8, "meshes", "reshard",
+                                                              "aggregate", "replicas")
+  return out, reference, meshes, reshard, stderr, aggregate, replicas
 
 
 def max_diff(out, a, b):
@@ -69,14 +70,14 @@ def max_diff(out, a, b):
 
 @pytest.mark.parametrize("name", ["d2f4", "m2f4"])
 def test_sharded_runs_match_one_device(runs, name):
-  out, reference, meshes, _, _, _ = runs
+  out, reference, meshes, *_ = runs
   assert max_diff(out, "one", name) < 1e-4
   np.testing.assert_allclose(list(meshes[name]["losses"].values()),
                              list(reference["losses"].values()), rtol=1e-4)
 
 
 def test_fsdp_keeps_a_quarter_of_the_state_per_device(runs):
-  _, _, meshes, _, _, _ = runs
+  _, _, meshes, *_ = runs
   for name in ("d2f4", "m2f4"):
     run = meshes[name]
     assert run["devices"] == 8
@@ -93,13 +94,13 @@ def test_fsdp_keeps_a_quarter_of_the_state_per_device(runs):
 
 
 def test_checkpoint_saved_on_data2_fsdp4_restores_bitwise_on_other_meshes(runs):
-  _, _, _, reshard, _, _ = runs
+  _, _, _, reshard, *_ = runs
   assert reshard["bitwise"] == {"f8": True, "d8": True, "one": True}
 
 
 @pytest.mark.parametrize("name", ["f8", "d8"])
 def test_training_resumed_on_another_mesh_continues(runs, name):
-  out, _, meshes, reshard, stderr, _ = runs
+  out, _, meshes, reshard, stderr, *_ = runs
   resumed, uninterrupted = reshard["resumed"][name], meshes["d2f4"]["losses"]
   assert sorted(resumed, key=int) == sorted(uninterrupted, key=int)  # Steps 10 .. 50.
   np.testing.assert_allclose([resumed[k] for k in uninterrupted], list(uninterrupted.values()),
@@ -111,7 +112,7 @@ def test_training_resumed_on_another_mesh_continues(runs, name):
 
 
 def test_aggregate_of_sharded_states_equals_that_of_the_gathered_ones(runs):
-  aggregate = runs[-1]
+  aggregate = runs[5]
   assert aggregate["sharded_leaves"] > 10
   # Bitwise equal to the mean of the host copies, with the inputs' shardings.
   assert (aggregate["mean"], aggregate["weighted"], aggregate["running"],
@@ -171,3 +172,17 @@ def test_two_processes_with_fsdp_across_them_resume_on_one(tmp_path):
   assert ("was saved on mesh data=1 x fsdp=2 x model=1; resuming on mesh data=1 x fsdp=1 x "
           "model=1") in err
   assert max_difference(checkpoint.load(tmp_path / "resumed"), one) < 1e-4
+
+
+def test_replicas_with_each_replica_sharded_over_fsdp(runs):
+  replicas = runs[6]
+  sharded, replicated = replicas["fsdp"], replicas["replicated"]
+  for a, b in zip(sharded["leaves"], replicated["leaves"]):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(sharded["loss"], replicated["loss"], rtol=1e-5, atol=1e-5)
+  # Dense_0/kernel (64, 16) is named (embed, mlp): the replica axis, then embed -> fsdp.
+  assert (sharded["kernel_spec"], replicated["kernel_spec"]) == ("P('replica', 'fsdp')",
+                                                                 "P('replica',)")
+  assert sharded["server_spec"] == "P('fsdp',)"  # Server momentum laid out as the params.
+  assert sharded["final_spec"] == "P('fsdp',)"  # The aggregate model stays split.
+  assert sharded["max_held"] < 0.6 * replicated["max_held"]
