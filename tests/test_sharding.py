@@ -152,28 +152,6 @@ def test_summary_of_a_config_on_a_mesh_needs_no_devices():
   assert "P('fsdp',)" in process.stdout and "per device: " in process.stdout
 
 
-def test_two_processes_with_fsdp_across_them_resume_on_one(tmp_path):
-  import shutil
-  from test_distributed import RUN, finish, free_port, max_difference, start
-  from fjt import checkpoint
-  port, fsdp = free_port(), ("--config.mesh.data=1", "--config.mesh.fsdp=2")
-  procs = [start(tmp_path / "two", *RUN, *fsdp, "--coordinator", f"127.0.0.1:{port}",
-                 "--num_processes", "2", "--process_id", str(i)) for i in range(2)]
-  single = start(tmp_path / "one", *RUN)
-  [finish(p) for p in procs], finish(single)
-  one = checkpoint.load(tmp_path / "one")
-  assert max_difference(checkpoint.load(tmp_path / "two"), one) < 1e-4
-  # Killed after step 50: resume the two-process fsdp=2 run in one process on one device.
-  shutil.copytree(tmp_path / "two", tmp_path / "resumed")
-  shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "100")
-  resumed = start(tmp_path / "resumed", *RUN)
-  out, err = resumed.communicate(timeout=300)
-  assert resumed.returncode == 0, err[-3000:]
-  assert ("was saved on mesh data=1 x fsdp=2 x model=1; resuming on mesh data=1 x fsdp=1 x "
-          "model=1") in err
-  assert max_difference(checkpoint.load(tmp_path / "resumed"), one) < 1e-4
-
-
 def test_replicas_with_each_replica_sharded_over_fsdp(runs):
   replicas = runs[6]
   sharded, replicated = replicas["fsdp"], replicas["replicated"]
