@@ -303,7 +303,11 @@ def test_key_map_can_drop_keys_and_names_bad_targets():
   init = jax.tree.map(jnp.asarray, random_variables(case, seed=4))
   state_dict = TorchMLP().state_dict()
   # A new head: drop the old one, the target's freshly initialised Dense_2 stays.
-  variables, report = interop.from_state_dict(state_dict, init, key_map=[(r"head\..*", None)])
+  with pytest.raises(interop.StateDictMismatch, match=re.escape(
+      "2 Flax paths got no value: ['params/Dense_2/bias', 'params/Dense_2/kernel']; 0 torch keys")):
+    interop.from_state_dict(state_dict, init, key_map=[(r"head\..*", None)])
+  variables, report = interop.from_state_dict(state_dict, init, key_map=[(r"head\..*", None)],
+                                              strict=False)
   assert report.unused[-2:] == ("head.weight", "head.bias")
   assert report.unmatched == ("params/Dense_2/bias", "params/Dense_2/kernel")
   for leaf in ("kernel", "bias"):
@@ -429,4 +433,4 @@ def test_without_torch_only_torch_work_fails_and_says_how_to_install(tmp_path, m
   back, _ = fresh.from_state_dict(state_dict, variables)
   assert_trees_equal(back, variables)
   fresh.save_file(state_dict, tmp_path / "w.safetensors")
-  assert_trees_equal(fresh.load_file(tmp_path / "w.safetensors"), state_dict)
+  assert_trees_equal(dict(fresh.load_file(tmp_path / "w.safetensors")), state_dict)
