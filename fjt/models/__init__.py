@@ -9,11 +9,13 @@ from fjt.config import ConfigError
 from fjt.models.cnn import CNN
 from fjt.models.mlp import MLP
 from fjt.models.nnlm import NNLM
+from fjt.models.resnet import ResNet
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLP,
     "cnn": CNN,
     "nnlm": NNLM,
+    "resnet": ResNet,
 }
 
 
@@ -37,4 +39,4 @@ def create_model(config: Mapping) -> nn.Module:
   return cls(**config)
 
 
-__all__ = ["CNN", "MLP", "MODELS", "NNLM", "create_model"]
+__all__ = ["CNN", "MLP", "MODELS", "NNLM", "ResNet", "create_model"]
