@@ -81,9 +81,7 @@ def load_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     import safetensors.numpy
     try:
       arrays = safetensors.numpy.load_file(path)
-    except OSError:
-      raise
-    except Exception as e:  # safetensors raises SafetensorError, and not from a public module.
+    except safetensors.SafetensorError as e:
       raise WeightFileError(f"{os.fspath(path)!r} is not a readable .safetensors file "
                             f"(truncated, oversized or corrupt): {_one_line(e)}") from e
     return SortedStateDict((key, arrays[key]) for key in sorted(arrays, key=natural_key))

@@ -174,7 +174,7 @@ def pair(torch_modules: Mapping[str, TorchModule], free: Mapping[str, list[str]]
 
   ``free`` lists the Flax modules of each kind still to fill, in definition order; it is
   consumed. First by name: a torch module whose name with '.' read as '/' is a free Flax
-  module of one of its kinds (``to_state_dict``'s default names). Then, for an ``ordered``
+  module of one of its kinds (``to_state_dict``'s default names; not the root module ''). Then, for an ``ordered``
   source, by order within each kind: the i-th remaining torch module of a kind, in source
   order, fills the i-th remaining Flax module of that kind, in definition order. For a
   source without order, by shape only where that is unique both ways; any other remaining
@@ -183,7 +183,7 @@ def pair(torch_modules: Mapping[str, TorchModule], free: Mapping[str, list[str]]
   pairs: dict[str, tuple[str, str, bool]] = {}
   for name, module in torch_modules.items():
     path = name.replace(".", "/")
-    kind = next((k for k in module.kinds if path in free[k]), None)
+    kind = next((k for k in module.kinds if path in free[k]), None) if name else None
     if kind is not None:
       free[kind].remove(path)
       pairs[name] = (path, kind, True)

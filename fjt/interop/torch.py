@@ -227,10 +227,10 @@ def from_state_dict(source: Any, variables: PyTree, key_map: KeyMap | None = Non
           matching.tensor_kinds({leaf: values[key] for leaf, key in leaves.items()}), None)
       candidates[name] = matching.TorchModule(leaves, kinds, layout)
   free: dict[str, list[str]] = {kind: [] for kind in matching.LEAVES}
-  for path in matching.definition_order([path for path in flax if path]):
+  for path in matching.definition_order(list(flax)):
     leaves = flax[path]
     kind = matching.flax_kind(leaves, target)
-    if path and kind and not set(filled) & set(leaves.values()):
+    if kind and not set(filled) & set(leaves.values()):
       free[kind].append(path)
   pairs = matching.pair(candidates, free, ordered, values, flax, target, rows)
   for name, (module, kind, by_name) in pairs.items():
