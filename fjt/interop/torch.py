@@ -40,6 +40,7 @@ from fjt.interop import layouts, matching
 from fjt.interop.files import (FILE_TYPES, SortedStateDict, WeightFileError, import_torch,
                                load_file, natural_key, save_file, to_torch, _to_numpy)
 from fjt.models.cnn import CNN
+from fjt.models.gpt import GPT
 from fjt.tree import flatten, unflatten
 
 PyTree = Any
@@ -48,9 +49,32 @@ PyTree = Any
 KeyMap = Sequence[tuple]
 NchwFlatten = Mapping[str, Sequence[int]]
 
-__all__ = ["FILE_TYPES", "ImportReport", "SortedStateDict", "StateDictMismatch", "WeightFileError",
+__all__ = ["DEFAULT_KEY_MAPS", "FILE_TYPES", "GPT2_KEY_MAP", "ImportReport", "SortedStateDict", "StateDictMismatch", "WeightFileError",
            "abstract_variables", "cnn_nchw_flatten", "from_state_dict", "import_torch", "load_file",
-           "save_file", "to_state_dict", "to_torch"]
+           "register_key_map", "save_file", "to_state_dict", "to_torch"]
+
+# Hugging Face GPT2LMHeadModel (or GPT2Model: no "transformer." prefix) -> fjt.models.GPT, whose
+# modules carry GPT-2's names; c_attn, c_proj and c_fc are Conv1D, stored (in, out). The tied
+# lm_head.weight is a copy of wte.weight.
+_HF = r"(?:transformer\.)?"
+GPT2_KEY_MAP: KeyMap = (
+    (_HF + r"(wte|wpe)\.weight", r"params/\1/embedding"),
+    (_HF + r"h\.(\d+)\.(ln_1|ln_2)\.(weight|bias)", r"h_\1/\2"),
+    (_HF + r"h\.(\d+)\.(attn|mlp)\.(c_attn|c_proj|c_fc)\.(weight|bias)", r"h_\1/\2/\3", "as_is"),
+    (_HF + r"ln_f\.(weight|bias)", "ln_f"),
+)
+
+# Target model class -> the key map ``from_state_dict`` uses when given none and the map covers
+# every key of the source (``register_key_map`` adds one).
+DEFAULT_KEY_MAPS: dict[type, KeyMap] = {GPT: GPT2_KEY_MAP}
+
+
+def register_key_map(model: type, key_map: KeyMap) -> None:
+  """Makes ``key_map`` the default of ``from_state_dict`` for the targets of ``model`` (an fjt
+  model class): used when no ``key_map`` is given and it covers every key of the source."""
+  _compile(key_map)  # Fails now, not at import time.
+  DEFAULT_KEY_MAPS[model] = tuple(key_map)
+
 
 _TORCH_LEAF = {flax: name for table in matching.LEAVES.values() for name, flax in table.items()}
 _TORCH_LEAF_ORDER = ("weight", "bias", "running_mean", "running_var")  # As torch lists them.
@@ -165,7 +189,9 @@ def from_state_dict(source: Any, variables: PyTree, key_map: KeyMap | None = Non
   target = _ordered_flat(variables)
   flax = matching.flax_modules(target)
   rows = _nchw_rows(nchw_flatten, target)
-  rules = _compile(key_map)
+  rules, default = _compile(key_map), None
+  if key_map is None:
+    default, rules = _default_key_map(values, tied, target, flax)
   filled: dict[str, np.ndarray] = {}
   matched: dict[str, str | tuple[str, ...]] = {}
   reshaped: dict[str, str | tuple[str, ...]] = {}
@@ -210,9 +236,15 @@ def from_state_dict(source: Any, variables: PyTree, key_map: KeyMap | None = Non
     if rule.templates is None:
       dropped.add(key)
       continue
-    paths = tuple(_rule_path(key, match.expand(t), rule, target, flax) for t in rule.templates)
-    if None not in paths:  # None: a module rule's num_batches_tracked.
-      fill(key, paths, rule.layout or class_layout(key), reshape=True)
+    try:
+      paths = tuple(_rule_path(key, match.expand(t), rule, target, flax) for t in rule.templates)
+      if None not in paths:  # None: a module rule's num_batches_tracked.
+        fill(key, paths, rule.layout or class_layout(key), reshape=True)
+    except ValueError as e:
+      if default is None:
+        raise
+      raise ValueError(f"{e} (with the default key map for {default}, used because it covers "
+                       f"every key of the source; pass key_map=[] to match automatically)") from e
 
   modules: dict[str, dict[str, str]] = {}
   for key in values:
@@ -246,6 +278,11 @@ def from_state_dict(source: Any, variables: PyTree, key_map: KeyMap | None = Non
   counters = {key: int(value) for key, value in values.items()
               if key.rpartition(".")[2] == _COUNTER and value.ndim == 0}
   tied = {key: first for key, first in tied.items() if first in matched and key not in matched}
+  for key in values:  # A copy of a used tensor (a tie saved without shared memory) loses nothing.
+    if key not in matched and key not in tied and key not in counters:
+      twin = _equal_to(values, key, matched)
+      if twin is not None:
+        tied[key] = twin
   report = ImportReport(
       matched=matched, reshaped=reshaped,
       unmatched=tuple(p for p in target if p not in filled),
@@ -435,6 +472,37 @@ def _rename(path: str, rules: list[_Rule], default: str) -> str | None:
     if match:
       return None if rule.templates is None else match.expand(rule.templates[0])
   return default
+
+
+def _default_key_map(values: Mapping[str, np.ndarray], tied: Mapping[str, str],
+                     target: Mapping[str, Any],
+                     flax: matching.FlaxModules) -> tuple[str | None, list[_Rule]]:
+  """The first of ``DEFAULT_KEY_MAPS`` whose rules send every key of the source (but tied
+  copies and ``num_batches_tracked``) to a leaf or module of the target: ``(its name,
+  rules)``; ``(None, [])`` when none does."""
+  for model, key_map in DEFAULT_KEY_MAPS.items():
+    rules = _compile(key_map)
+    covered: list[str] = []
+    for key in values:
+      if key in tied or key.rpartition(".")[2] == _COUNTER:
+        continue
+      rule, match = next(((r, m) for r in rules if (m := r.pattern.fullmatch(key))), (None, None))
+      if rule is not None and rule.templates is not None and all(
+          (path := match.expand(t)) in target or path in flax for t in rule.templates):
+        covered.append(key)
+      elif _equal_to(values, key, covered) is None:
+        break
+    else:
+      return f"{model.__module__}.{model.__name__}", rules
+  return None, []
+
+
+def _equal_to(values: Mapping[str, np.ndarray], key: str, others) -> str | None:
+  """The first of ``others`` whose array equals ``values[key]`` in shape, dtype and bits."""
+  value = values[key]
+  return next((other for other in others if other != key and values[other].shape == value.shape
+               and values[other].dtype == value.dtype and value.ndim >= 2
+               and np.array_equal(values[other], value)), None)
 
 
 def _rule_path(key: str, path: str, rule: _Rule, target: Mapping[str, Any],

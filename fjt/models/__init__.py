@@ -7,6 +7,7 @@ import flax.linen as nn
 
 from fjt.config import ConfigError
 from fjt.models.cnn import CNN
+from fjt.models.gpt import GPT
 from fjt.models.mlp import MLP
 from fjt.models.nnlm import NNLM
 from fjt.models.resnet import ResNet
@@ -16,6 +17,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "cnn": CNN,
     "nnlm": NNLM,
     "resnet": ResNet,
+    "gpt": GPT,
 }
 
 
@@ -39,4 +41,4 @@ def create_model(config: Mapping) -> nn.Module:
   return cls(**config)
 
 
-__all__ = ["CNN", "MLP", "MODELS", "NNLM", "ResNet", "create_model"]
+__all__ = ["CNN", "GPT", "MLP", "MODELS", "NNLM", "ResNet", "create_model"]
