@@ -3,8 +3,11 @@ guessed for sources without order, round trips to the source's own names (issue 
 
 from __future__ import annotations
 
+import os
 import re
 import struct
+import subprocess
+import sys
 
 import flax.linen as fnn
 import jax
@@ -295,3 +298,17 @@ def test_truncated_and_oversized_weight_files_end_in_one_line_errors(tmp_path):
     message = str(error.value)
     assert "\n" not in message and message.startswith(repr(str(tmp_path / name)))
     assert re.search(r"is not a readable (\.safetensors|PyTorch) file \(truncated", message)
+
+
+def test_convert_cli_ends_a_truncated_file_in_one_line(tmp_path):
+  torch.save({"w": torch.ones(100)}, tmp_path / "w.pt")
+  (tmp_path / "cut.pt").write_bytes((tmp_path / "w.pt").read_bytes()[:300])
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run(
+      [sys.executable, os.path.join(root, "scripts", "convert.py"), str(tmp_path / "cut.pt"),
+       str(tmp_path / "out"), "--config", os.path.join(root, "configs", "digits_mlp.py")],
+      capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2
+  assert result.stderr.startswith(f"error: {str(tmp_path / 'cut.pt')!r} is not a readable "
+                                  f"PyTorch file (truncated or corrupt)")
+  assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
