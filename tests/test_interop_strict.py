@@ -54,7 +54,7 @@ def assert_state_dicts_equal(a, b):
 @pytest.fixture(scope="module")
 def resnet():
   model = ResNet18(num_classes=10)
-  x = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)
+  x = np.random.default_rng(0).normal(size=(4, 16, 16, 3)).astype(np.float32)
   torch_x = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
   torch.manual_seed(0)
   module = train_a_few_steps(torch_module(model, x.shape[1:]), torch_x, torch.tensor([1, 2, 3, 4]))
@@ -313,24 +313,3 @@ def test_convert_cli_ends_a_truncated_file_in_one_line(tmp_path):
                                   f"PyTorch file (truncated or corrupt)")
   assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
-
-def readme_interop_round_trips() -> list[str]:
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  with open(os.path.join(root, "README.md")) as f:
-    text = f.read()
-  section = text[text.index("## PyTorch interop"):]
-  section = section[:section.index("\n## ", 1)]
-  return [block for block in re.findall(r"```python\n(.*?)```", section, re.S)
-          if "like=report" in block]
-
-
-def test_readme_resnet_and_gpt2_round_trips_run(capsys):
-  blocks = readme_interop_round_trips()
-  assert len(blocks) == 2 and "ResNet18" in blocks[0] and "GPT2LMHeadModel" in blocks[1]
-  pytest.importorskip("transformers", reason="the README's GPT-2 round trip")
-  for block in blocks:
-    exec(compile(block, "README.md", "exec"), {})
-  printed = capsys.readouterr().out.split("\n")
-  assert printed[0] == "params/BasicBlock_2/Conv_2/kernel"
-  assert float(printed[1]) < 1e-4 and float(printed[3]) < 1e-4
-  assert printed[2] == "{'lm_head.weight': 'transformer.wte.weight'}"
