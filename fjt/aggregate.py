@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fjt.state import PyTree
+from fjt.state import PyTree, model_kwargs
 from fjt.tree import key_str, path_str, tree_paths
 
 INTEGER_POLICIES = ("max", "first", "error")
@@ -672,7 +672,8 @@ def _record_batch_norm_moments(next_fun, args, kwargs, context):
 @functools.partial(jax.jit, static_argnums=0)
 def _batch_moments(model: nn.Module, variables: PyTree, x: jax.Array) -> PyTree:
   with nn.intercept_methods(_record_batch_norm_moments):
-    _, updates = model.apply(variables, x, train=True, mutable=["batch_stats", _MOMENTS],
+    _, updates = model.apply(variables, x, **model_kwargs(model, train=True),
+                             mutable=["batch_stats", _MOMENTS],
                              rngs={"dropout": jax.random.PRNGKey(0)})
   return updates.get(_MOMENTS, {})
 

@@ -77,3 +77,35 @@ def plot_metrics(jsonl_path: str, png_path: str, eval_metric: str,
   fig.tight_layout()
   fig.savefig(png_path, dpi=100)
   plt.close(fig)
+
+
+class RunLog:
+  """Everything a run writes about itself in its workdir, for every fjt loop: ``config.json``,
+  ``metrics.jsonl`` and TensorBoard events (``MetricWriter``), ``summary.json`` and
+  ``metrics.png``. Only process 0 of a multi-process run writes (``enabled``)."""
+
+  def __init__(self, workdir: str, config, start_step: int = 0, enabled: bool = True):
+    self.workdir, self.enabled = workdir, enabled
+    if enabled:
+      with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    self.metrics = MetricWriter(workdir, start_step=start_step, enabled=enabled)
+    self._open = True
+
+  def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
+    self.metrics.write(step, split, metrics)
+
+  def finish(self, summary: Mapping, eval_metric: str,
+             baselines: Mapping[str, float] | None = None) -> None:
+    """Writes ``summary.json`` and plots the logged metrics (``plot_metrics``)."""
+    self.close()
+    if self.enabled:
+      with open(os.path.join(self.workdir, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+      plot_metrics(self.metrics.path, os.path.join(self.workdir, "metrics.png"), eval_metric,
+                   baselines)
+
+  def close(self) -> None:
+    if self._open:
+      self._open = False
+      self.metrics.close()

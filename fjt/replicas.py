@@ -30,7 +30,7 @@ import functools
 import json
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -47,15 +47,18 @@ from fjt import checkpoint
 from fjt import data as fjt_data
 from fjt import train as fjt_train
 from fjt.averaging import TemporalAveraging
-from fjt.config import ConfigError, positive_int, require
+from fjt.config import ConfigError, with_run_defaults
+from fjt.data import Dataset
 from fjt.data import splits as fjt_splits
-from fjt.logs import MetricWriter, plot_metrics
+from fjt.logs import RunLog
+from fjt.models import create_model
+from fjt.options import ReplicaOptions, TrainOptions
 from fjt.sharding import create_mesh, process_rows, put_global, put_replicated, to_host
 from fjt.state import PyTree, TrainState, create_from_config
-from fjt.train import train_step_fn
+from fjt.steps import TaskLike, evaluate, make_eval_step, train_step_fn
+from fjt.train import NonFiniteLossError
 
 AXIS = "replica"
-SPLITS = ("iid", "dirichlet")
 SERVER_OPTIMIZERS = ("none", "momentum", "nesterov")
 OPTIMIZER_STATES = ("keep", "average")
 _NO_AVERAGES = ("config keys 'ema.decay' and 'swa.every': temporal averages are not kept by "
@@ -88,10 +91,11 @@ class ReplicaState:
 
 
 def local_step(model: nn.Module, tx: optax.GradientTransformation, state: TrainState,
-               batch: Batch) -> tuple[TrainState, Metrics]:
-  """One optimizer step of one replica on ``batch`` (``x``, int32 ``y`` ``(B,)``), un-jitted:
-  ``fjt.train.train_step_fn`` (replicas keep no temporal averages)."""
-  return train_step_fn(model, tx)(state, batch)
+               batch: Batch, task: TaskLike = "classification",
+               rng_streams: Sequence[str] = ("dropout",)) -> tuple[TrainState, Metrics]:
+  """One optimizer step of one replica on ``batch``, un-jitted: ``fjt.steps.train_step_fn``
+  with ``task`` (replicas keep no temporal averages)."""
+  return train_step_fn(model, tx, task, rng_streams=rng_streams)(state, batch)
 
 
 def _per_replica(counts: jax.Array, x: jax.Array) -> jax.Array:
@@ -242,17 +246,18 @@ def shard_state(state: ReplicaState, mesh: Mesh) -> ReplicaState:
 
 def make_round(model: nn.Module, tx: optax.GradientTransformation,
                server_tx: optax.GradientTransformation | None = None, mesh: Mesh | None = None,
-               optimizer_state: str = "keep"
+               optimizer_state: str = "keep", task: TaskLike = "classification",
+               rng_streams: Sequence[str] = ("dropout",)
                ) -> Callable[[ReplicaState, Batch, jax.Array], tuple[ReplicaState, Metrics]]:
   """``run_round(state, batches, counts) -> (state, metrics)``, jit-compiled, ``state`` donated.
 
-  ``batches`` holds ``x`` ``(N, L, B, ...)`` and int32 ``y`` ``(N, L, B)``: replica ``k`` takes
-  ``L`` local steps (``local_step``), step ``t`` on ``batches[k, t]``. Then, with ``counts``
+  ``batches`` holds ``x`` ``(N, L, B, ...)`` and ``y`` ``(N, L, B, ...)``: replica ``k`` takes
+  ``L`` local steps (``local_step`` with ``task``), step ``t`` on ``batches[k, t]``. Then, with ``counts``
   ``(N,)`` the weights ``n_k``: params ``w <- w + server_tx.update(w - replica_mean(w_k))``
   (the weighted mean itself when ``server_tx`` is None), ``batch_stats`` merged by
   ``replica_batch_stats``, optimizer states kept per replica (``"keep"``) or replaced by their
   ``replica_mean`` (``"average"``); the aggregate is broadcast to every replica. Metrics:
-  ``loss`` and ``accuracy`` ``(N, L)``. With ``mesh``, inputs and outputs are split over its
+  the train step's (``loss``, ...), each ``(N, L)``. With ``mesh``, inputs and outputs are split over its
   ``"replica"`` axis (the server's state replicated).
   """
   if optimizer_state not in OPTIMIZER_STATES:
@@ -264,7 +269,8 @@ def make_round(model: nn.Module, tx: optax.GradientTransformation,
     start = state.replicas
     num = state.num_replicas
     n = jnp.asarray(counts, jnp.float32)
-    train_replica = lambda s, b: jax.lax.scan(functools.partial(local_step, model, tx), s, b)
+    step = functools.partial(local_step, model, tx, task=task, rng_streams=rng_streams)
+    train_replica = lambda s, b: jax.lax.scan(step, s, b)
     trained, metrics = jax.vmap(train_replica)(start, batches)
     server_opt_state = state.server_opt_state
     if server_tx is None:
@@ -294,33 +300,6 @@ def make_round(model: nn.Module, tx: optax.GradientTransformation,
 # The driver.
 
 
-def _options(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  replicas = config.get("replicas")
-  if not isinstance(replicas, ml_collections.ConfigDict):
-    raise ConfigError("config has no group 'replicas', which fjt.replicas.fit requires")
-  opts = {
-      "num": require(config, "replicas.num", positive_int, "a positive int"),
-      "split": require(config, "replicas.split", lambda v: v in SPLITS, f"one of {SPLITS}"),
-      "local_steps": require(config, "replicas.local_steps", positive_int, "a positive int"),
-      "rounds": require(config, "replicas.rounds", positive_int, "a positive int"),
-      "seed": require(config, "replicas.seed", lambda v: isinstance(v, int), "an int"),
-      "alpha": float(replicas.get("alpha", 0.5)),
-      "min_size": int(replicas.get("min_size", 1)),
-      "server_optimizer": replicas.get("server_optimizer", "none"),
-      "server_learning_rate": float(replicas.get("server_learning_rate", 1.0)),
-      "server_momentum": float(replicas.get("server_momentum", 0.0)),
-      "optimizer_state": replicas.get("optimizer_state", "keep"),
-      "batch_size": require(config, "train.batch_size", positive_int, "a positive int"),
-      "eval_batch_size": config.train.get("eval_batch_size", 1024),
-      "seed_train": require(config, "seed", lambda v: isinstance(v, int), "an int"),
-  }
-  for key in ("pretrain", "init_from"):
-    if config.get(key):
-      raise ConfigError(f"config key {key!r}: fjt.replicas.fit does not start from a checkpoint "
-                        "yet; leave it empty")
-  return opts
-
-
 def _with_steps(config: ml_collections.ConfigDict, steps: int) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict(config.to_dict())
   config.train.steps = steps
@@ -332,14 +311,13 @@ def centralized_config(config: ml_collections.ConfigDict) -> ml_collections.Conf
   optimizer and seed on the whole training set, seeing the same number of examples: batch size
   ``N * B`` for ``rounds * local_steps`` steps, evaluated every ``local_steps`` steps (once per
   round-equivalent) and checkpointed at the end only."""
-  opts = _options(config)
-  steps = opts["rounds"] * opts["local_steps"]
+  opts = ReplicaOptions.from_config(config)
+  steps = opts.rounds * opts.local_steps
   central = _with_steps(config, steps)
   del central["replicas"]
-  central.train.batch_size = opts["num"] * opts["batch_size"]
-  central.train.eval_every = central.train.log_every = opts["local_steps"]
-  if central.get("checkpoint") is not None:
-    central.checkpoint.every_steps = steps
+  central.train.batch_size = opts.num * config.train.batch_size
+  central.train.eval_every = central.train.log_every = opts.local_steps
+  central.checkpoint.every_steps = steps
   return central
 
 
@@ -349,7 +327,7 @@ def _check_finite(loss: np.ndarray, round_: int) -> None:
   bad = np.argwhere(~np.isfinite(loss))
   if len(bad):
     k, t = bad[0]
-    raise fjt_train.NonFiniteLossError(
+    raise NonFiniteLossError(
         f"training loss of replica {k} is {loss[k, t]} at local step {t + 1} of round {round_}; "
         "lower optimizer.learning_rate or set optimizer.grad_clip_norm")
 
@@ -367,18 +345,23 @@ def _check_centralized_dir(directory: str, config: ml_collections.ConfigDict) ->
                       "workdir, or delete that directory to train the baseline again")
 
 
-def split_dataset(labels: np.ndarray, opts: Mapping[str, Any]) -> list[np.ndarray]:
-  """The shards of ``opts["split"]`` (``iid`` or ``dirichlet``) as index arrays."""
+def split_dataset(targets: np.ndarray, opts: ReplicaOptions) -> list[np.ndarray]:
+  """The shards of ``opts.split`` (``iid`` or ``dirichlet``, by the int labels ``targets``) as
+  index arrays."""
   try:
-    if opts["split"] == "iid":
-      return fjt_splits.iid_split(labels, opts["num"], opts["seed"])
-    return fjt_splits.dirichlet_split(labels, opts["num"], opts["alpha"], opts["seed"],
-                                      opts["min_size"])
+    if opts.split == "iid":
+      return fjt_splits.iid_split(targets, opts.num, opts.seed)
+    targets = np.asarray(targets)
+    if targets.ndim != 1 or not np.issubdtype(targets.dtype, np.integer):
+      raise ValueError(f"config key 'replicas.split': 'dirichlet' splits by class labels, one int "
+                       f"per example; these targets are {targets.dtype} {targets.shape}: use 'iid'")
+    return fjt_splits.dirichlet_split(targets, opts.num, opts.alpha, opts.seed, opts.min_size)
   except ValueError as e:  # The split functions name the 'replicas.*' key.
     raise ConfigError(str(e)) from e
 
 
-def fit(config: ml_collections.ConfigDict, workdir: str,
+def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module | None = None,
+        dataset: Dataset | None = None, task: TaskLike | None = None,
         progress: bool = True) -> tuple[TrainState, dict[str, Any]]:
   """Trains ``config.replicas.num`` replicas for ``rounds`` rounds and evaluates the aggregate;
   returns (global state, summary).
@@ -388,17 +371,20 @@ def fit(config: ml_collections.ConfigDict, workdir: str,
   ``server_learning_rate``, ``server_momentum``, ``optimizer_state``. ``train.batch_size`` is
   each replica's batch size B; ``train.steps`` is set to ``rounds * local_steps`` (each
   replica's optimizer steps, which the learning-rate schedule spans). Replica ``k``'s batches
-  are ``fjt.data.splits.replica_batches`` of its shard with seed ``config.seed``.
+  are ``fjt.data.splits.replica_batches`` of its shard with seed ``config.seed``. ``model``,
+  ``dataset`` and ``task`` replace what the config names, as in ``fjt.train.fit``.
 
-  Writes to ``workdir``: ``config.json``, ``splits.json`` (examples and examples per class of
-  each replica), ``metrics.jsonl`` (per round: ``train`` loss/accuracy averaged over replicas and
-  local steps, ``eval`` of the aggregate on the test split), ``metrics.png``, the final global
-  state in ``final/``, the centralised baseline run (``centralized_config``) in
-  ``centralized/``, and ``summary.json`` = ``{"step": rounds, "eval": {"accuracy", "loss",
-  "centralized_accuracy", "centralized_loss"}, "replicas": {...}, "seconds": {...}}``.
+  Writes to ``workdir`` (``fjt.logs.RunLog``): ``config.json``, ``splits.json`` (examples and
+  examples per class of each replica), ``metrics.jsonl`` (per round: ``train`` metrics averaged
+  over replicas and local steps, ``eval`` of the aggregate on the test split), ``metrics.png``,
+  the final global state in ``final/``, the centralised baseline run (``centralized_config``)
+  in ``centralized/``, and ``summary.json`` = ``{"step": rounds, "eval": {the task's metrics,
+  "centralized_<metric>" ...}, "replicas": {...}, "seconds": {...}}``.
   """
-  opts = _options(config)
-  rounds, local_steps, num = opts["rounds"], opts["local_steps"], opts["num"]
+  config = with_run_defaults(config)
+  opts = ReplicaOptions.from_config(config)
+  options = TrainOptions.from_config(config)
+  rounds, local_steps, num = opts.rounds, opts.local_steps, opts.num
   config = _with_steps(config, rounds * local_steps)
   if TemporalAveraging.from_config(config).names:
     raise ConfigError(_NO_AVERAGES)
@@ -406,81 +392,78 @@ def fit(config: ml_collections.ConfigDict, workdir: str,
   _check_centralized_dir(central_dir, central_config)
   main = jax.process_index() == 0  # Only process 0 writes files other than checkpoints.
   fjt_train.prepare_workdir(workdir)
-  if main:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=2))
-  dataset = fjt_data.load_dataset(config.data)
-  if dataset.info.get("task") == "language_model":
-    raise ConfigError("config key 'data.name': replicas train classifiers; "
-                      f"{config.data.name!r} is a language-model dataset")
+  dataset = dataset if dataset is not None else fjt_data.load_dataset(config.data)
+  task = fjt_train.resolve_task(config, dataset, task)
 
   shards = split_dataset(dataset.train["y"], opts)
   counts = [len(s) for s in shards]
-  class_counts = fjt_splits.split_counts(shards, dataset.train["y"], dataset.num_classes)
-  report = {"num": num, "split": opts["split"], "seed": opts["seed"], "counts": counts,
-            "class_counts": class_counts.tolist()}
-  if opts["split"] == "dirichlet":
-    report.update(alpha=opts["alpha"], min_size=opts["min_size"])
+  report = {"num": num, "split": opts.split, "seed": opts.seed, "counts": counts}
+  labels = np.asarray(dataset.train["y"])
+  if dataset.num_classes and labels.ndim == 1 and np.issubdtype(labels.dtype, np.integer):
+    report["class_counts"] = fjt_splits.split_counts(shards, labels, dataset.num_classes).tolist()
+  if opts.split == "dirichlet":
+    report.update(alpha=opts.alpha, min_size=opts.min_size)
+  log = RunLog(workdir, config, enabled=main)
   if main:
     with open(os.path.join(workdir, "splits.json"), "w", encoding="utf-8") as f:
       json.dump(report, f, indent=2)
 
   tic = time.perf_counter()
   mesh = replica_mesh(num)
-  model, tx, state = create_from_config(config, dataset.train["x"][:1])
-  server_tx = create_server_optimizer(opts["server_optimizer"], opts["server_learning_rate"],
-                                     opts["server_momentum"])
+  model = create_model(config.model) if model is None else model
+  fjt_train.check_layout(model, dataset)
+  example = jax.tree.map(lambda v: v[:1], dataset.train["x"])
+  model, tx, state = create_from_config(config, example, model, options.rng_streams)
+  fjt_train.check_model_fits_data(model, state, dataset, task)
+  server_tx = create_server_optimizer(opts.server_optimizer, opts.server_learning_rate,
+                                     opts.server_momentum)
   state = shard_state(replicate(state, num, server_tx), mesh)
-  run_round = make_round(model, tx, server_tx, mesh, opts["optimizer_state"])
+  run_round = make_round(model, tx, server_tx, mesh, opts.optimizer_state, task,
+                         options.rng_streams)
   data_mesh = Mesh(mesh.devices, ("data",))  # Evaluation splits test batches over the devices.
-  eval_step = fjt_train.make_eval_step(model, data_mesh)
-  eval_batch_size = -(-opts["eval_batch_size"] // mesh.size) * mesh.size
+  eval_step = make_eval_step(model, task, mesh=data_mesh)
+  eval_batch_size = -(-options.eval_batch_size // mesh.size) * mesh.size
   weights = shard_replicas(np.asarray(counts, np.float32), mesh)
   mine = local_replicas(num, mesh)
   gather = jax.jit(lambda tree: tree, out_shardings=NamedSharding(mesh, P()))
-  writer = MetricWriter(workdir, enabled=main)
   try:
     with tqdm(total=rounds, disable=not (progress and main), desc="rounds", unit="round",
               dynamic_ncols=True) as bar:
       for r in range(rounds):
         # Each process builds only the batches of its own replicas.
         batches = fjt_splits.replica_batches(dataset.train, [shards[k] for k in mine],
-                                             opts["seed_train"], r * local_steps, local_steps,
-                                             opts["batch_size"], first_replica=mine.start)
+                                             options.seed, r * local_steps, local_steps,
+                                             options.batch_size, first_replica=mine.start)
         state, metrics = run_round(state, put_local_replicas(batches, mesh, num), weights)
         metrics = to_host(gather(metrics))
         _check_finite(metrics["loss"], r + 1)
-        writer.write(r + 1, "train", {k: float(np.mean(v)) for k, v in metrics.items()})
-        eval_metrics = fjt_train.evaluate(eval_step, global_state(state, mesh), dataset.test,
-                                          eval_batch_size, averages=False, mesh=data_mesh)
-        writer.write(r + 1, "eval", eval_metrics)
-        bar.set_postfix(accuracy=f"{eval_metrics['accuracy']:.4f}", refresh=False)
+        log.write(r + 1, "train", {k: float(np.mean(v)) for k, v in metrics.items()})
+        eval_metrics = evaluate(eval_step, global_state(state, mesh), dataset.test,
+                                eval_batch_size, averages=False, mesh=data_mesh)
+        log.write(r + 1, "eval", eval_metrics)
+        bar.set_postfix({task.headline: f"{eval_metrics[task.headline]:.4f}"}, refresh=False)
         bar.update()
   finally:
-    writer.close()
+    log.close()
   final = global_state(state, mesh)
   checkpoint.save(os.path.join(workdir, "final"), final, force=True)
   replicas_seconds = time.perf_counter() - tic
 
   tic = time.perf_counter()
-  _, central = fjt_train.fit(central_config, central_dir, progress=progress)
+  _, central = fjt_train.fit(central_config, central_dir, model=model, dataset=dataset, task=task,
+                             progress=progress)
   central_seconds = time.perf_counter() - tic
 
   summary = {
       "step": rounds,
-      "eval": {**eval_metrics, "centralized_accuracy": central["eval"]["accuracy"],
-               "centralized_loss": central["eval"]["loss"]},
+      "eval": {**eval_metrics, **{f"centralized_{k}": v for k, v in central["eval"].items()}},
       "replicas": {**report, "local_steps": local_steps, "rounds": rounds,
-                   "batch_size": opts["batch_size"],
-                   "server_optimizer": opts["server_optimizer"],
-                   "server_learning_rate": opts["server_learning_rate"],
-                   "server_momentum": opts["server_momentum"],
-                   "optimizer_state": opts["optimizer_state"]},
+                   "batch_size": options.batch_size,
+                   "server_optimizer": opts.server_optimizer,
+                   "server_learning_rate": opts.server_learning_rate,
+                   "server_momentum": opts.server_momentum,
+                   "optimizer_state": opts.optimizer_state},
       "seconds": {"replicas": replicas_seconds, "centralized": central_seconds},
   }
-  if main:
-    with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-      json.dump(summary, f, indent=2)
-    plot_metrics(writer.path, os.path.join(workdir, "metrics.png"), "accuracy",
-                 {"centralized": central["eval"]["accuracy"]})
+  log.finish(summary, task.headline, {"centralized": central["eval"][task.headline]})
   return final, summary

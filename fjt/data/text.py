@@ -29,6 +29,11 @@ _SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-pac
 _DOC_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 
 
+def tokenize(text: str) -> tuple[str, ...]:
+  """Lower-cased word tokens of ``text`` (letters, with an inner apostrophe: ``don't``)."""
+  return tuple(_WORD.findall(text.lower()))
+
+
 def _docstrings(path: str) -> list[str]:
   with open(path, encoding="utf-8") as f:
     source = f.read()
@@ -54,7 +59,7 @@ def stdlib_docstrings(root: str | None = None) -> tuple[tuple[str, tuple[tuple[s
         docs = _docstrings(path)
       except (SyntaxError, UnicodeDecodeError, ValueError):
         continue  # A few files in the stdlib are deliberately not valid Python 3.
-      tokens = tuple(t for d in docs if (t := tuple(_WORD.findall(d.lower()))))
+      tokens = tuple(t for d in docs if (t := tokenize(d)))
       if tokens:
         files.append((os.path.relpath(path, root).replace(os.sep, "/"), tokens))
   if not files:
@@ -62,8 +67,12 @@ def stdlib_docstrings(root: str | None = None) -> tuple[tuple[str, tuple[tuple[s
   return tuple(files)
 
 
+def file_hash(relative_path: str) -> int:
+  return zlib.crc32(relative_path.encode()) % 100
+
+
 def is_validation_file(relative_path: str, validation_percent: int = 10) -> bool:
-  return zlib.crc32(relative_path.encode()) % 100 < validation_percent
+  return file_hash(relative_path) < validation_percent
 
 
 def build_vocab(docs, vocab_size: int) -> dict[str, int]:
@@ -97,9 +106,18 @@ def unigram_perplexity(train_y: np.ndarray, test_y: np.ndarray, vocab_size: int)
 
 def load(vocab_size: int = 5000, context: int = 4, validation_percent: int = 10) -> Dataset:
   """Windows of ``context`` words -> next word, split by source file."""
-  files = stdlib_docstrings()
-  train_docs = [d for path, docs in files if not is_validation_file(path, validation_percent) for d in docs]
-  test_docs = [d for path, docs in files if is_validation_file(path, validation_percent) for d in docs]
+  return window_dataset(stdlib_docstrings(), vocab_size, context, validation_percent)
+
+
+def window_dataset(files, vocab_size: int, context: int, validation_percent: int,
+                   is_validation=None) -> Dataset:
+  """The next-word dataset of ``files`` = ``((relative_path, (doc_tokens, ...)), ...)``: a file
+  is in validation by ``is_validation(path)`` (default ``is_validation_file``); the vocabulary
+  is ``build_vocab`` of the training documents; examples are ``windows``."""
+  if is_validation is None:
+    is_validation = lambda path: is_validation_file(path, validation_percent)
+  train_docs = [d for path, docs in files if not is_validation(path) for d in docs]
+  test_docs = [d for path, docs in files if is_validation(path) for d in docs]
   vocab = build_vocab(train_docs, vocab_size)
   x_train, y_train = windows(train_docs, vocab, context)
   x_test, y_test = windows(test_docs, vocab, context)
@@ -110,6 +128,9 @@ def load(vocab_size: int = 5000, context: int = 4, validation_percent: int = 10)
       "word_types": len({t for d in train_docs + test_docs for t in d}),
       "unigram_perplexity": unigram_perplexity(y_train, y_test, len(vocab)),
       "task": "language_model",
+      "vocab": sorted(vocab, key=vocab.__getitem__),  # Words in id order: row i of the embedding.
   }
+  # The model's output width is the vocabulary size asked for, even where a small corpus has
+  # fewer words (those ids never occur).
   return Dataset(train={"x": x_train, "y": y_train}, test={"x": x_test, "y": y_test},
-                 num_classes=len(vocab), info=info)
+                 num_classes=max(len(vocab), vocab_size), info=info)

@@ -221,8 +221,8 @@ def pair(torch_modules: Mapping[str, TorchModule], free: Mapping[str, list[str]]
         f"the source keeps no order of its modules (a .safetensors file stores its keys "
         f"sorted), and neither names nor shapes decide which of the torch modules "
         f"{sorted(ambiguous)} fills which of the Flax modules {paths}; matching them by order "
-        f"would be a guess that can swap two same-shaped layers. Pass key_map rules, e.g. "
-        f"(r'{example.replace('.', chr(92) + '.')}\\..*', '{paths[0]}') sends every tensor of "
-        f"{example!r} to Flax module {paths[0]!r} by role, or load the source as the torch "
-        f"module itself or as a .pt state_dict, which keep the module order")
+        f"would be a guess that can swap two same-shaped layers. Pass key_map rules: "
+        f"(r'{example.replace('.', chr(92) + '.')}\\..*', '<Flax module>') sends every tensor "
+        f"of {example!r} to the Flax module named, by role; or pass the torch module itself or "
+        f"a .pt state_dict, which keep the module order")
   return pairs

@@ -145,10 +145,13 @@ def from_state_dict(source: Any, variables: PyTree, key_map: KeyMap | None = Non
       A template of None drops the key (reported unused, never an error). ``layout`` (see
       ``fjt.interop.layouts``) fixes how the tensor's axes are read; a rule's value may also
       be reshaped (row-major) to its leaf. A torch module with any key taken by a rule, and a
-      Flax module with any leaf filled by one, are left out of automatic matching.
+      Flax module with any leaf filled by one, are left out of automatic matching. None (the
+      default): the first of ``DEFAULT_KEY_MAPS`` (e.g. ``GPT2_KEY_MAP`` for ``fjt.models.GPT``)
+      whose rules send every key of the source to the target, else none; ``[]``: none.
     strict: if True (the default, like ``load_state_dict``), any Flax path left without a
-      value and any torch key left unused (other than ``num_batches_tracked``, tied
-      duplicates and keys dropped by a rule) raise ``StateDictMismatch`` naming all of them.
+      value and any torch key left unused (other than ``num_batches_tracked``, keys dropped by
+      a rule, and tied copies: keys whose tensor shares memory with, or equals bit for bit, a
+      used one, such as GPT-2's ``lm_head.weight``) raise ``StateDictMismatch`` naming all of them.
       If False, they are listed in the report and the target keeps its leaves.
     nchw_flatten: Flax Dense module path -> ``(C, H, W)``, for a Dense whose torch counterpart
       took input flattened from NCHW features; see ``cnn_nchw_flatten``.

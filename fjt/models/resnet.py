@@ -8,6 +8,7 @@ state_dict by order, with no key map.
 
 import functools
 from collections.abc import Sequence
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -83,6 +84,7 @@ class ResNet(nn.Module):
   stem: str = "imagenet"
   stem_width: int = 64
   momentum: float = 0.9
+  input_layout: ClassVar[str] = "nhwc"  # Checked against the data's layout before training.
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
