@@ -36,3 +36,33 @@ def test_bottleneck_twin_gives_the_same_logits():
   with torch.no_grad():
     expected = module(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
   np.testing.assert_allclose(model.apply(variables, x, train=False), expected, rtol=0, atol=1e-5)
+
+
+def import_torchvision():
+  """torchvision where it imports: its PyPI wheel for torch 2.13.0 fails to import on some
+  machines with errors other than ImportError."""
+  pytest.importorskip("torch", reason="torchvision needs PyTorch")
+  try:
+    import torchvision
+  except Exception as e:  # noqa: BLE001 - any failure to import means: not here.
+    pytest.skip(f"torchvision does not import here: {type(e).__name__}: {e}")
+  return torchvision
+
+
+def test_torchvision_resnet18_imports_by_order_and_the_twin_has_its_keys():
+  torchvision = import_torchvision()
+  import torch
+  from fjt.interop import torch as interop
+  from fjt.interop.torch_models import torch_module
+  model = ResNet18(num_classes=10)
+  x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  module = torchvision.models.resnet18(num_classes=10).eval()
+  twin = torch_module(model, x.shape[1:])
+  assert {k: v.shape for k, v in twin.state_dict().items()} == {
+      k: v.shape for k, v in module.state_dict().items()}
+  variables, report = interop.from_state_dict(module, abstract_variables(model, x[:1]))
+  with torch.no_grad():
+    expected = module(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+  np.testing.assert_allclose(model.apply(variables, x, train=False), expected, rtol=0, atol=1e-4)
+  fresh = torchvision.models.resnet18(num_classes=10)
+  fresh.load_state_dict(interop.to_torch(interop.to_state_dict(variables, like=report)), strict=True)
