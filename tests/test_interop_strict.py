@@ -118,10 +118,12 @@ def test_safetensors_out_of_module_order_is_an_error_not_a_swap(tmp_path):
   # The .pt file keeps the order: an exact import. So does the same file with two rules.
   from_pt, _ = interop.from_state_dict(interop.load_file(tmp_path / "mlp.pt"), target)
   ruled, report = interop.from_state_dict(
-      loaded, target, key_map=[(r"bn_in\..*", "BatchNorm_0"), (r"bn_hidden\..*", "BatchNorm_1")])
+      loaded, target, key_map=[(r"bn_in\..*", "BatchNorm_0"), (r"bn_hidden\..*", "BatchNorm_1"),
+                               (r"Dense_1\..*", "Dense_1", "linear")])  # Layout: the weight's.
   for imported in (from_pt, ruled):
     jax.tree.map(np.testing.assert_array_equal, imported, variables)
   assert report.matched["bn_in.running_var"] == "batch_stats/BatchNorm_0/var"
+  assert report.layouts["Dense_1.weight"] == "linear" and report.layouts["Dense_1.bias"] == "as_is"
   assert report.unused == ("bn_hidden.num_batches_tracked", "bn_in.num_batches_tracked")
 
 

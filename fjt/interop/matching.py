@@ -128,6 +128,36 @@ def class_kind(module: Any) -> tuple[tuple[str, ...], str | None] | None:
   return None
 
 
+def torch_modules(values: Mapping[str, np.ndarray], skip: set[str], ruled: set[str],
+                  known: Mapping[str, tuple[tuple[str, ...], str | None] | None]
+                  ) -> dict[str, TorchModule]:
+  """The source's torch modules in source order, from its keys but ``skip`` (tied copies);
+  a module with any key in ``ruled`` is left out. ``known``: module name -> ``class_kind``."""
+  leaves_of: dict[str, dict[str, str]] = {}
+  for key in values:
+    if key not in skip:
+      prefix, _, leaf = key.rpartition(".")
+      leaves_of.setdefault(prefix, {})[leaf] = key
+  ruled_prefixes = {key.rpartition(".")[0] for key in ruled}
+  modules = {}
+  for name, leaves in leaves_of.items():
+    if name not in ruled_prefixes:
+      kinds, layout = known.get(name) or (
+          tensor_kinds({leaf: values[key] for leaf, key in leaves.items()}), None)
+      modules[name] = TorchModule(leaves, kinds, layout)
+  return modules
+
+
+def free_modules(flax: FlaxModules, flat: Mapping[str, Any], filled: set[str]) -> dict[str, list[str]]:
+  """Kind -> the Flax modules of that kind with no leaf in ``filled``, in definition order."""
+  free: dict[str, list[str]] = {kind: [] for kind in LEAVES}
+  for path in definition_order(list(flax)):
+    kind = flax_kind(flax[path], flat)
+    if kind and not filled & set(flax[path].values()):
+      free[kind].append(path)
+  return free
+
+
 def role_path(kind: str, module: str, leaf: str) -> str | None:
   collection, name = LEAVES[kind].get(leaf, (None, None))
   return None if name is None else f"{collection}/{module}/{name}" if module else f"{collection}/{name}"

@@ -241,32 +241,19 @@ def from_state_dict(source: Any, variables: PyTree, key_map: KeyMap | None = Non
       continue
     try:
       paths = tuple(_rule_path(key, match.expand(t), rule, target, flax) for t in rule.templates)
+      # A module rule's layout is its weight's; its other leaves are read as they are.
+      to_module = not any(match.expand(t) in target for t in rule.templates)
+      layout = None if to_module and key.rpartition(".")[2] != "weight" else rule.layout
       if None not in paths:  # None: a module rule's num_batches_tracked.
-        fill(key, paths, rule.layout or class_layout(key), reshape=True)
+        fill(key, paths, layout or class_layout(key), reshape=True)
     except ValueError as e:
       if default is None:
         raise
       raise ValueError(f"{e} (with the default key map for {default}, used because it covers "
                        f"every key of the source; pass key_map=[] to match automatically)") from e
 
-  modules: dict[str, dict[str, str]] = {}
-  for key in values:
-    if key not in tied:
-      prefix, _, leaf = key.rpartition(".")
-      modules.setdefault(prefix, {})[leaf] = key
-  ruled_prefixes = {key.rpartition(".")[0] for key in ruled}
-  candidates = {}
-  for name, leaves in modules.items():
-    if name not in ruled_prefixes:
-      kinds, layout = known.get(name) or (
-          matching.tensor_kinds({leaf: values[key] for leaf, key in leaves.items()}), None)
-      candidates[name] = matching.TorchModule(leaves, kinds, layout)
-  free: dict[str, list[str]] = {kind: [] for kind in matching.LEAVES}
-  for path in matching.definition_order(list(flax)):
-    leaves = flax[path]
-    kind = matching.flax_kind(leaves, target)
-    if kind and not set(filled) & set(leaves.values()):
-      free[kind].append(path)
+  candidates = matching.torch_modules(values, set(tied), ruled, known)
+  free = matching.free_modules(flax, target, set(filled))
   pairs = matching.pair(candidates, free, ordered, values, flax, target, rows)
   for name, (module, kind, by_name) in pairs.items():
     for leaf, key in candidates[name].leaves.items():
