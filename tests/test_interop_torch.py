@@ -233,6 +233,11 @@ def test_torch_loads_to_state_dict_strictly_with_names_from_the_import_report(ca
   fresh.load_state_dict(interop.to_torch(state_dict), strict=True)
   np.testing.assert_allclose(torch_out(fresh, case.torch_x), fjt_out(case, variables),
                              rtol=0, atol=1e-5)
+  # like=report: the same keys with no rules, and the counters' values; bit for bit.
+  like = interop.to_state_dict(variables, like=report, nchw_flatten=case.nchw)
+  fresh.load_state_dict(interop.to_torch(like), strict=True)
+  for key, value in case.trained.state_dict().items():
+    assert torch.equal(fresh.state_dict()[key], value), key
 
 
 @pytest.mark.parametrize("name,make_torch", [
