@@ -66,3 +66,17 @@ def test_torchvision_resnet18_imports_by_order_and_the_twin_has_its_keys():
   np.testing.assert_allclose(model.apply(variables, x, train=False), expected, rtol=0, atol=1e-4)
   fresh = torchvision.models.resnet18(num_classes=10)
   fresh.load_state_dict(interop.to_torch(interop.to_state_dict(variables, like=report)), strict=True)
+
+
+def test_digits_resnet_config_builds_a_small_resnet_for_8x8_images():
+  import os
+
+  import fjt
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  config = fjt.load_config(os.path.join(root, "configs", "digits_resnet.py"))
+  model = fjt.create_model(config.model)
+  assert isinstance(model, ResNet) and model.stem == "small" and config.data.layout == "nhwc"
+  variables = abstract_variables(model, np.zeros((1, 8, 8, 1), np.float32))
+  assert list(variables["params"]) == ["Conv_0", "BatchNorm_0", "BasicBlock_0", "BasicBlock_1",
+                                       "Dense_0"]
+  assert variables["params"]["BasicBlock_1"]["Conv_2"]["kernel"].shape == (1, 1, 16, 32)
