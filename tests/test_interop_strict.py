@@ -315,3 +315,12 @@ def test_convert_cli_ends_a_truncated_file_in_one_line(tmp_path):
                                   f"PyTorch file (truncated or corrupt)")
   assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
+
+
+def test_a_sorted_target_pairs_the_resnet_stem_wrongly_and_says_why(resnet):
+  model, x, _, module, _ = resnet
+  sorted_target = jax.eval_shape(lambda: fjt.init_variables(model, x[:1], jax.random.PRNGKey(0)))
+  assert list(sorted_target["params"])[0] == "BasicBlock_0"
+  with pytest.raises(ValueError, match=r"'conv1\.weight' has shape \(64, 3, 7, 7\).*paired with "
+                                       r"Flax module 'BasicBlock_0/Conv_0' by order.*abstract_variables"):
+    interop.from_state_dict(module, sorted_target)

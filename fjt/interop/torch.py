@@ -263,7 +263,16 @@ def from_state_dict(source: Any, variables: PyTree, key_map: KeyMap | None = Non
       layout = candidates[name].layout if path.endswith("/kernel") else None
       if layout is None and by_name and path.endswith("/kernel") and values[key].ndim == 2:
         layout = "linear"  # to_state_dict writes Dense kernels as nn.Linear weights.
-      fill(key, (path,), layout, reshape=False)
+      try:
+        fill(key, (path,), layout, reshape=False)
+      except ValueError as e:
+        if by_name:
+          raise
+        raise ValueError(
+            f"{e}. Torch module {name!r} was paired with Flax module {module!r} by order "
+            f"({kind} modules in source order against the target's dict order); a target "
+            f"that went through jax.eval_shape or jax.tree.map has its dict keys sorted, so "
+            f"build it with abstract_variables(model, x), or pass key_map rules") from e
 
   counters = {key: int(value) for key, value in values.items()
               if key.rpartition(".")[2] == _COUNTER and value.ndim == 0}
