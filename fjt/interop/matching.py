@@ -238,11 +238,10 @@ def pair(torch_modules: Mapping[str, TorchModule], free: Mapping[str, list[str]]
       if len(found) != 1:
         continue
       path, kind = found[0]
-      if sum((path, kind) in other for other in fitting.values()) == 1:
+      if sum((path, kind) in other for other in fitting.values()) == 1:  # Unique both ways.
         free[kind].remove(path)
         pairs[name] = (path, kind, False)
         progress = True
-        break
   ambiguous = {name: found for name in rest if name not in pairs and len(found := options(name)) > 1}
   if ambiguous:
     paths = sorted({path for found in ambiguous.values() for path, _ in found})
