@@ -113,6 +113,10 @@ class ImportReport:
   tensors: Mapping[str, tuple[tuple[int, ...], np.dtype]] = dataclasses.field(default_factory=dict)
 
 
+class _ShapeMismatch(ValueError):
+  """A torch tensor that does not fit the Flax leaf it was sent to."""
+
+
 @dataclasses.dataclass(frozen=True)
 class _Rule:
   pattern: re.Pattern
@@ -216,7 +220,7 @@ def from_state_dict(source: Any, variables: PyTree, key_map: KeyMap | None = Non
       lay = layout or _infer_layout(key, part, path, shape)
       converted = layouts.to_flax(part, lay, shape, reshape, rows.get(path))
       if converted is None:
-        raise ValueError(
+        raise _ShapeMismatch(
             f"torch key {key!r} has shape {part.shape}, but Flax path {path!r} has shape "
             f"{shape} and takes a torch tensor of shape {layouts.torch_shape(lay, shape)} "
             f"(layout {lay!r})")
@@ -265,7 +269,7 @@ def from_state_dict(source: Any, variables: PyTree, key_map: KeyMap | None = Non
         layout = "linear"  # to_state_dict writes Dense kernels as nn.Linear weights.
       try:
         fill(key, (path,), layout, reshape=False)
-      except ValueError as e:
+      except _ShapeMismatch as e:
         if by_name:
           raise
         raise ValueError(
