@@ -17,6 +17,7 @@ from jax.sharding import AbstractMesh, Mesh
 
 from fjt import sharding
 from fjt.averaging import TemporalAveraging
+from fjt.tree import unbox
 
 PyTree = Any
 
@@ -78,7 +79,7 @@ def init_variables(model: nn.Module, example_x: PyTree, rng: jax.Array,
   matter). ``rng`` seeds ``params``; each of ``rng_streams`` gets a key of its own, for models
   that draw from them even at init.
   """
-  return nn.meta.unbox(_boxed_variables(model, example_x, rng, rng_streams))
+  return unbox(_boxed_variables(model, example_x, rng, rng_streams))
 
 
 def _boxed_train_state(model: nn.Module, tx: optax.GradientTransformation, example_x: PyTree,
@@ -103,7 +104,8 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
                        rng_streams: Sequence[str] = ()) -> TrainState:
   """A fresh train state at step 0. Pure, so it can run under ``jax.jit`` or
   ``jax.eval_shape`` (for the shapes of a state without allocating it)."""
-  return nn.meta.unbox(_boxed_train_state(model, tx, example_x, rng, averaging, rng_streams))
+  state = _boxed_train_state(model, tx, example_x, rng, averaging, rng_streams)
+  return state.replace(**{f.name: unbox(getattr(state, f.name)) for f in dataclasses.fields(state)})
 
 
 def state_shardings(model: nn.Module, tx: optax.GradientTransformation, example_x: PyTree,
