@@ -472,7 +472,9 @@ def load(path: str | os.PathLike, target: PyTree | None = None, strict: bool = T
       step directory, or a directory written by ``save``.
     target: ``None``, or a pytree (e.g. a ``TrainState`` or ``{"params": ...}``)
       of arrays or ``jax.ShapeDtypeStruct``. Restored leaves take the target's
-      dtype and sharding; the result has the target's type. Onto variables
+      dtype and sharding, whatever mesh the checkpoint was saved from (each device
+      reads only its shards): a state saved on data=2 x fsdp=4 loads onto fsdp=8,
+      data=8 or one device. The result has the target's type. Onto variables
       (``{"params", "batch_stats"}`` or one of them), a run's checkpoint gives
       those sub-trees: its optimizer state, step and rng are not "unexpected".
     strict: with a target, raise ``CheckpointMismatchError`` listing every

@@ -78,21 +78,23 @@ def abstract_mesh(axes: Mapping[str, int], num_devices: int) -> AbstractMesh:
   """The mesh of ``axes`` (``MESH_AXES`` order, -1 as in ``resolve_axes``) over
   ``num_devices`` devices that need not exist: for the layout of a state (shard shapes,
   ``fjt.summary``) without the devices."""
+  axes = resolve_axes(_train_axes(axes), num_devices)
+  return AbstractMesh(tuple(axes.values()), tuple(axes))
+
+
+def _train_axes(axes: Mapping[str, int]) -> dict[str, int]:
+  """Every axis of ``MESH_AXES``, in that order (missing ones of size 1); others are errors."""
   unknown = sorted(set(axes) - set(MESH_AXES))
   if unknown:
     raise ConfigError(f"config key 'mesh.{unknown[0]}': unknown mesh axis; the axes are {MESH_AXES}")
-  axes = resolve_axes({a: axes.get(a, 1) for a in MESH_AXES}, num_devices)
-  return AbstractMesh(tuple(axes.values()), tuple(axes))
+  return {a: axes.get(a, 1) for a in MESH_AXES}
 
 
 def create_train_mesh(axes: Mapping[str, int], batch_sizes: Mapping[str, int],
                       devices=None) -> Mesh:
   """The mesh of a training run: axes in ``MESH_AXES`` order (sizes as ``create_mesh``), and
   each of ``batch_sizes`` (``{config key: rows}``) checked to split over ``batch_axes``."""
-  unknown = sorted(set(axes) - set(MESH_AXES))
-  if unknown:
-    raise ConfigError(f"config key 'mesh.{unknown[0]}': unknown mesh axis; the axes are {MESH_AXES}")
-  mesh = create_mesh({a: axes.get(a, 1) for a in MESH_AXES}, devices)
+  mesh = create_mesh(_train_axes(axes), devices)
   names = [a for a in batch_axes(mesh) if mesh.shape[a] > 1] or ["data"]
   parts = math.prod(mesh.shape[a] for a in names)
   where = (f"the {names[0]!r} axis" if len(names) == 1 else
