@@ -216,6 +216,42 @@ def check_replicas(out):
   return result
 
 
+GPT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "configs", "text_gpt.py")
+
+
+def gpt_config(mesh=None):
+  """configs/text_gpt.py for STEPS steps (warm-up shortened to fit), evaluated at the end."""
+  c = fjt.load_config(GPT_CONFIG)
+  c.train.steps = c.train.eval_every = c.checkpoint.every_steps = STEPS
+  c.train.log_every = 10
+  c.optimizer.warmup_steps = 10
+  if mesh:
+    c.mesh = fjt.config.ml_collections.ConfigDict(mesh)
+  return c
+
+
+def check_gpt(out):
+  """configs/text_gpt.py on this process's devices: one device (the reference), or
+  data=2 x fsdp=4 and fsdp=4 x model=2 on eight."""
+  meshes = ((("one", None),) if jax.device_count() == 1 else
+            (("gpt_d2f4", {"data": 2, "fsdp": 4}), ("gpt_m2f4", {"fsdp": 4, "model": 2})))
+  result = {}
+  for name, mesh in meshes:
+    workdir = os.path.join(out, name if mesh else "gpt_one")
+    state, summary = fjt.fit(gpt_config(mesh), workdir, progress=False)
+    save_params(out, name if mesh else "gpt_one", state)
+    held = sharding.bytes_per_device(state)
+    result[name] = {"losses": losses(workdir), "eval": summary["eval"],
+                    "total": sum(leaf.nbytes for leaf in jax.tree.leaves(state)),
+                    "max_held": max(held.values()),
+                    "summary_per_device": fjt.summary.bytes_per_device(
+                        fjt.summary.state_table(state)),
+                    "specs": {k: str(sharding.partition_spec(v)) for k, v in
+                              flatten(to_nested_dict(state.params)).items()}}
+  return result
+
+
 def main():
   out, checks = sys.argv[1], sys.argv[2:]
   for check in checks:

@@ -164,3 +164,26 @@ def test_replicas_with_each_replica_sharded_over_fsdp(runs):
   assert sharded["server_spec"] == "P('fsdp',)"  # Server momentum laid out as the params.
   assert sharded["final_spec"] == "P('fsdp',)"  # The aggregate model stays split.
   assert sharded["max_held"] < 0.6 * replicated["max_held"]
+
+
+GPT_CONFIG = os.path.join(ROOT, "configs", "text_gpt.py")
+
+
+@pytest.mark.skipif(not os.path.exists(GPT_CONFIG), reason="configs/text_gpt.py not merged yet")
+def test_text_gpt_sharded_matches_one_device_and_keeps_a_quarter_per_device(tmp_path):
+  (one,), _ = run_worker(tmp_path, 1, "gpt")
+  (sharded,), _ = run_worker(tmp_path, 8, "gpt")
+  for name in ("gpt_d2f4", "gpt_m2f4"):
+    run = sharded[name]
+    assert max_diff(tmp_path, "gpt_one", name) < 1e-4
+    np.testing.assert_allclose(list(run["losses"].values()), list(one["one"]["losses"].values()),
+                               rtol=1e-4)
+    ratio = run["max_held"] / (run["total"] / 4)
+    print(f"{name}: bytes per device / (total / 4) = {ratio:.4f}, "
+          f"params max |diff| = {max_diff(tmp_path, 'gpt_one', name):.2e}")
+    assert run["summary_per_device"] == run["max_held"] and ratio <= 1.15
+  specs = sharded["gpt_m2f4"]["specs"]
+  assert specs["h_0/attn/c_attn/kernel"] == "P('fsdp', 'model')"  # Column split.
+  assert specs["h_0/attn/c_proj/kernel"] == "P('model', 'fsdp')"  # Row split.
+  assert specs["h_0/mlp/c_fc/kernel"] == "P('fsdp', 'model')"
+  assert specs["wte/embedding"] == "P('model', 'fsdp')"  # (vocab, embed).
