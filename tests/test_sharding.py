@@ -43,6 +43,20 @@ def test_train_mesh_errors_name_the_key():
     sharding.create_train_mesh({"data": 1, "fsdp": 2}, {})
 
 
+def test_sharding_options_check_the_config():
+  from conftest import tiny_digits_config
+  from fjt.options import ShardingOptions
+  config = tiny_digits_config("mlp")
+  assert ShardingOptions.from_config(config).mesh == {"data": -1, "fsdp": 1, "model": 1}
+  config.mesh.fsdp = 0
+  with pytest.raises(ConfigError, match="'mesh.fsdp': expected a positive int or -1"):
+    ShardingOptions.from_config(config)
+  config.mesh.fsdp = 2
+  config.sharding_rules = (("embed", "tensor"),)
+  with pytest.raises(ConfigError, match="'sharding_rules': expected pairs"):
+    ShardingOptions.from_config(config)
+
+
 def run_worker(out, devices, *checks, timeout=600):
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              JAX_PLATFORMS="cpu")
