@@ -104,7 +104,10 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
                        rng_streams: Sequence[str] = ()) -> TrainState:
   """A fresh train state at step 0. Pure, so it can run under ``jax.jit`` or
   ``jax.eval_shape`` (for the shapes of a state without allocating it)."""
-  state = _boxed_train_state(model, tx, example_x, rng, averaging, rng_streams)
+  return _unbox_state(_boxed_train_state(model, tx, example_x, rng, averaging, rng_streams))
+
+
+def _unbox_state(state: TrainState) -> TrainState:
   return state.replace(**{f.name: unbox(getattr(state, f.name)) for f in dataclasses.fields(state)})
 
 
@@ -172,11 +175,10 @@ def abstract_from_config(config, mesh: Mesh | AbstractMesh | None = None
 
   example = jax.tree.map(lambda v: v[:1], load_dataset(config.data).train["x"])
   model, tx, averaging = _parts_from_config(config)
-  abstract = jax.eval_shape(lambda rng: create_train_state(model, tx, example, rng, averaging),
-                            jax.random.PRNGKey(0))
+  boxed = boxed_abstract_state(model, tx, example, averaging)
+  abstract = _unbox_state(boxed)
   if mesh is not None:
-    shardings = state_shardings(model, tx, example, mesh,
-                                ShardingOptions.from_config(config).rules, averaging)
+    shardings = sharding.logical_shardings(boxed, mesh, ShardingOptions.from_config(config).rules)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, shardings)
   return model, abstract
