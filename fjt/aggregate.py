@@ -357,6 +357,14 @@ def _kept_inputs(bad: dict[int, str], names: Sequence[str], on_nonfinite: str,
   return [i for i in range(len(names)) if i not in bad]
 
 
+def check_finite(trees: Sequence[PyTree], names: Sequence[str] | None = None) -> None:
+  """Raises ``ValueError`` naming the first input (``names[i]``, default "input i") with a NaN
+  or Inf in a floating leaf, and the leaf's path. For callers that read inputs themselves
+  (files, candidates) and must name them as the user knows them."""
+  flats, names = _prepare(trees, "max", None, names)
+  _kept_inputs(_nonfinite_inputs(flats), names, "error", skippable=False)
+
+
 def _raise_integer_mismatch(flats: list[_Flat], names: Sequence[str], k: int) -> None:
   ref = np.asarray(flats[0].leaves[k])
   for i, flat in enumerate(flats[1:], 1):
@@ -830,6 +838,7 @@ def greedy_soup(candidates: Sequence[PyTree], evaluate: Callable[[PyTree], float
   """
   candidates = _as_list(candidates, "candidates")
   _prepare(candidates, integer_policy, None)  # A mismatch fails before any evaluation.
+  check_finite(candidates, [f"candidate {i}" for i in range(len(candidates))])  # Not "input 1" of a trial.
 
   def score_of(tree: PyTree, what: str) -> float:
     score = float(evaluate(tree))
