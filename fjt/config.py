@@ -46,6 +46,10 @@ RUN_DEFAULTS = {
     "swa": {"start_step": 0, "every": 0},  # Stochastic weight averaging; every 0 disables.
     "mesh": {"data": -1},  # Devices on the data axis; -1: every device.
     "distributed": {"timeout_s": 60},  # A peer silent this long ends a multi-process run.
+    # GPU: --xla_gpu_deterministic_ops=true (bitwise-reproducible runs; slower scatter-adds and
+    # reductions). CPU and TPU are deterministic already. See fjt.accelerators.
+    "deterministic": True,
+    "matmul_precision": "default",  # default | high | highest (jax.default_matmul_precision).
     "init_from": "",  # A checkpoint to start from (run workdir, step or saved directory).
     "init_skip": (),  # Path patterns (regex) not to load from init_from, e.g. a new head.
     "freeze": (),  # Path patterns (regex) of parameters that get no updates.

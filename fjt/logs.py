@@ -5,7 +5,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from collections.abc import Mapping
+
+
+def say(message: str) -> None:
+  """One plain line on stderr (``fjt: ...``): what a run decided or noticed on the user's
+  behalf. Not a ``warnings`` warning, whose two-line form names fjt's source line."""
+  print(f"fjt: {message}", file=sys.stderr, flush=True)
 
 
 class MetricWriter:

@@ -43,7 +43,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from fjt import checkpoint
+from fjt import checkpoint, runs, sharding
 from fjt import data as fjt_data
 from fjt import train as fjt_train
 from fjt.averaging import TemporalAveraging
@@ -52,7 +52,8 @@ from fjt.data import Dataset
 from fjt.data import splits as fjt_splits
 from fjt.logs import RunLog
 from fjt.models import create_model
-from fjt.options import ReplicaOptions, TrainOptions
+from fjt.optim import check_optimizer_config
+from fjt.options import ReplicaOptions, TrainOptions, check_model_widths
 from fjt.sharding import create_mesh, process_rows, put_global, put_replicated, to_host
 from fjt.state import PyTree, TrainState, create_from_config
 from fjt.steps import TaskLike, evaluate, make_eval_step, train_step_fn
@@ -384,14 +385,27 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module | None
   config = with_run_defaults(config)
   opts = ReplicaOptions.from_config(config)
   options = TrainOptions.from_config(config)
-  rounds, local_steps, num = opts.rounds, opts.local_steps, opts.num
-  config = _with_steps(config, rounds * local_steps)
+  config = _with_steps(config, opts.rounds * opts.local_steps)
   if TemporalAveraging.from_config(config).names:
     raise ConfigError(_NO_AVERAGES)
+  check_model_widths(config)
+  check_optimizer_config(config.optimizer)
+  fjt_train.prepare_workdir(workdir)
+  sharding.check_same_config(runs.as_record(config), os.path.abspath(workdir),
+                             float(config.distributed.timeout_s))
+  # A workdir's final state is its result: a rerun with another config is refused, as in fit.
+  with runs.WorkdirLock(workdir, enabled=jax.process_index() == 0):
+    runs.check_rerun(workdir, config, os.path.isdir(os.path.join(workdir, "final")))
+    return _fit(config, workdir, opts, options, model, dataset, task, progress)
+
+
+def _fit(config: ml_collections.ConfigDict, workdir: str, opts: ReplicaOptions,
+         options: TrainOptions, model: nn.Module | None, dataset: Dataset | None,
+         task: TaskLike | None, progress: bool) -> tuple[TrainState, dict[str, Any]]:
+  rounds, local_steps, num = opts.rounds, opts.local_steps, opts.num
   central_config, central_dir = centralized_config(config), os.path.join(workdir, "centralized")
   _check_centralized_dir(central_dir, central_config)
   main = jax.process_index() == 0  # Only process 0 writes files other than checkpoints.
-  fjt_train.prepare_workdir(workdir)
   dataset = dataset if dataset is not None else fjt_data.load_dataset(config.data)
   task = fjt_train.resolve_task(config, dataset, task)
 
@@ -451,7 +465,10 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module | None
 
   tic = time.perf_counter()
   _, central = fjt_train.fit(central_config, central_dir, model=model, dataset=dataset, task=task,
-                             progress=progress)
+                             progress=False)  # One summary line, not a line per eval.
+  if progress and main:
+    print(f"centralized baseline ({central_config.train.steps} steps): " +
+          ", ".join(f"{k} {v:.4f}" for k, v in central["eval"].items()), flush=True)
   central_seconds = time.perf_counter() - tic
 
   summary = {

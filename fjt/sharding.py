@@ -21,6 +21,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fjt.config import ConfigError
+from fjt.runs import config_changes
 
 PyTree = Any
 
@@ -39,6 +40,33 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
                              process_id=process_id, initialization_timeout=timeout_s,
                              heartbeat_timeout_seconds=timeout_s,
                              shutdown_timeout_seconds=timeout_s)
+
+
+def check_same_config(record: Mapping[str, Any], name: str, timeout_s: float = 60) -> None:
+  """Refuses to train when the processes of one run were started with different configs.
+
+  Each process publishes ``record`` (a config as ``fjt.runs.as_record`` makes it) in the
+  coordination service's key-value store under ``name`` (e.g. the workdir); process 0 compares
+  every other's with its own, the others compare theirs with process 0's, so each process of
+  a mismatched run raises ``ConfigError`` naming the differing keys, before any work. A no-op
+  in a single-process run.
+  """
+  if jax.process_count() == 1:
+    return
+  import json
+  from jax._src import distributed
+  client, me = distributed.global_state.client, jax.process_index()
+  key = lambda i: f"fjt/config/{name}/{i}"
+  client.key_value_set(key(me), json.dumps(record, sort_keys=True))
+  for other in (range(1, jax.process_count()) if me == 0 else (0,)):
+    theirs = json.loads(client.blocking_key_value_get(key(other), int(timeout_s * 1000)))
+    changes = config_changes(theirs, record) if me == 0 else config_changes(record, theirs)
+    if changes:
+      first, second = (other, me) if me == 0 else (me, other)
+      raise ConfigError(
+          f"the processes of this run were started with different configs (process {second} vs "
+          f"process {first}): " + "; ".join(map(str, changes)) + "; start every process with "
+          "the same --config and overrides")
 
 
 def create_mesh(axes: Mapping[str, int] | None = None, devices=None) -> Mesh:
@@ -125,6 +153,44 @@ def to_host(tree: PyTree) -> PyTree:
   return jax.tree.map(fetch, tree)
 
 
+EXIT_PEER_LOST = 3  # A process of a multi-process run stopped answering.
+
+
+class PeerLostError(RuntimeError):
+  """A process of a multi-process run stopped answering (died, or its host went away)."""
+
+
+def lost_peers() -> list[int] | None:
+  """The indices of the processes the coordination service no longer sees alive, or None if
+  it cannot say (a single-process run, or the service itself is gone)."""
+  from jax._src import distributed
+  client = distributed.global_state.client
+  if client is None:
+    return None
+  everyone = list(range(jax.process_count()))
+  try:
+    alive = client.get_live_nodes(everyone)
+  except Exception:  # The coordinator (process 0) itself may be the one that died.
+    return [0] if jax.process_index() != 0 else None
+  alive = set(alive) if not isinstance(alive, Mapping) else set(alive)
+  return [i for i in everyone if i not in alive]
+
+
+def describe_lost_peers() -> str:
+  lost = lost_peers()
+  if lost:
+    return f"process {', '.join(map(str, lost))} stopped answering"
+  return "a peer process stopped answering"
+
+
+def peer_lost(error: BaseException, step: int) -> PeerLostError:
+  """``error`` (a collective that failed in a multi-process run) as one line naming the lost
+  process and the step."""
+  cause = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+  return PeerLostError(f"process {jax.process_index()} of {jax.process_count()}: "
+                       f"{describe_lost_peers()} during step {step} ({cause})")
+
+
 class Watchdog:
   """Ends the process with a clear error when ``beat()`` is not called for ``timeout_s``.
 
@@ -134,23 +200,25 @@ class Watchdog:
 
   def __init__(self, timeout_s: float, what: str = "a training step"):
     self.timeout_s, self.what = timeout_s, what
-    self._last = time.monotonic()
+    self._last, self.step = time.monotonic(), None
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._watch, name="fjt-watchdog", daemon=True)
     self._thread.start()
 
-  def beat(self) -> None:
-    self._last = time.monotonic()
+  def beat(self, step: int | None = None) -> None:
+    """Progress was made; ``step`` (the last one done) is named if the run is found stuck."""
+    self._last, self.step = time.monotonic(), step
 
   def _watch(self) -> None:
     while not self._stop.wait(min(1.0, self.timeout_s / 4)):
       if time.monotonic() - self._last > self.timeout_s:
+        after = "" if self.step is None else f" after step {self.step}"
         sys.stderr.write(
             f"error: process {jax.process_index()} of {jax.process_count()}: {self.what} made no "
-            f"progress for {self.timeout_s:.0f} s (config key 'distributed.timeout_s'); a peer "
-            "process has probably died. Exiting.\n")
+            f"progress for {self.timeout_s:.0f} s{after} (config key 'distributed.timeout_s'); "
+            f"{describe_lost_peers()}\n")
         sys.stderr.flush()
-        os._exit(3)
+        os._exit(EXIT_PEER_LOST)
 
   def stop(self) -> None:
     self._stop.set()
