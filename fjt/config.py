@@ -101,7 +101,10 @@ def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
     raise ConfigError(f"config file {path!r} failed to load: {type(e).__name__}: {e}") from e
   if not callable(getattr(module, "get_config", None)):
     raise ConfigError(f"config file {path!r} defines no get_config()")
-  config = module.get_config()
+  try:
+    config = module.get_config()
+  except Exception as e:  # The user's function: report it as the file's error, in one line.
+    raise ConfigError(f"get_config() in {path!r} raised {type(e).__name__}: {e}") from e
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(
         f"get_config() in {path!r} returned {type(config).__name__}, expected ml_collections.ConfigDict")
