@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -218,3 +219,19 @@ def test_matmul_precision_is_set_around_a_run():
     assert jax.config.jax_default_matmul_precision == "highest"
   with fjt.accelerators.precision("default"):
     assert jax.config.jax_default_matmul_precision in (None, "highest")  # conftest's, if set.
+
+
+def test_a_second_signal_exits_at_once_without_saving():
+  code = ("import os, signal, sys, time; sys.path.insert(0, sys.argv[1])\n"
+          "from fjt.preemption import StopSignals\n"
+          "with StopSignals() as stop:\n"
+          "  os.kill(os.getpid(), signal.SIGINT); time.sleep(0.5)\n"
+          "  print(stop.requested(7), stop.signal_name, flush=True)\n"
+          "  os.kill(os.getpid(), signal.SIGTERM); time.sleep(5); print('not reached')\n")
+  result = subprocess.run([sys.executable, "-c", code, ROOT], capture_output=True, text=True,
+                          timeout=60)
+  assert result.returncode == 128 + signal.SIGTERM
+  assert result.stdout == "True SIGINT\n"
+  assert result.stderr.splitlines() == [
+      "fjt: SIGINT received: finishing the current step and saving it (send it again to exit "
+      "at once)", "fjt: second signal (SIGTERM): exiting at once, without saving"]
