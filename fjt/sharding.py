@@ -60,13 +60,13 @@ def check_same_config(record: Mapping[str, Any], name: str, timeout_s: float = 6
   client.key_value_set(key(me), json.dumps(record, sort_keys=True))
   for other in (range(1, jax.process_count()) if me == 0 else (0,)):
     theirs = json.loads(client.blocking_key_value_get(key(other), int(timeout_s * 1000)))
-    changes = config_changes(theirs, record) if me == 0 else config_changes(record, theirs)
+    first, differs = (record, other) if me == 0 else (theirs, me)  # Process 0's, and which.
+    changes = config_changes(first, theirs if me == 0 else record)
     if changes:
-      first, second = (other, me) if me == 0 else (me, other)
       raise ConfigError(
-          f"the processes of this run were started with different configs (process {second} vs "
-          f"process {first}): " + "; ".join(map(str, changes)) + "; start every process with "
-          "the same --config and overrides")
+          f"the processes of this run were started with different configs (process {differs} vs "
+          "process 0): " + "; ".join(map(str, changes)) + "; start every process with the same "
+          "--config and overrides")
 
 
 def create_mesh(axes: Mapping[str, int] | None = None, devices=None) -> Mesh:

@@ -25,7 +25,9 @@ def free_port() -> int:
 
 
 def start(workdir, *args, devices=1, **popen):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  # Simulated devices and gloo processes are CPU features: on a GPU machine too.
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu")
   return subprocess.Popen([sys.executable, TRAIN, "--config", CONFIG, "--workdir", str(workdir),
                            *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True, **popen)
@@ -93,6 +95,20 @@ def test_a_killed_peer_ends_the_survivor_within_the_timeout(tmp_path):
   assert survivor.returncode != 0
   assert time.monotonic() - killed_at < 10 + 20  # The timeout, plus detection and teardown.
   assert ("another task died" in err or "a peer process has probably died" in err), err[-2000:]
+
+
+def test_processes_started_with_different_configs_refuse_to_train(tmp_path):
+  port = free_port()
+  procs = [start(tmp_path, "--config.train.steps=50", f"--config.seed={i}", "--coordinator",
+                 f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(i))
+           for i in range(2)]
+  for process in procs:
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 2, err[-2000:]
+    assert err.strip().splitlines()[-1] == (
+        "error: the processes of this run were started with different configs (process 1 vs "
+        "process 0): seed 0 -> 1; start every process with the same --config and overrides")
+  assert not os.path.exists(tmp_path / "metrics.jsonl")
 
 
 def test_replicas_over_two_processes_match_one(tmp_path):
