@@ -36,9 +36,11 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
   or a cluster it detects, such as SLURM).
   """
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # The coordination service's own verdict on a dead peer aborts the process with a C++ stack
+  # trace; the Watchdog (timeout_s) must speak first, so the heartbeat waits twice as long.
   jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                              process_id=process_id, initialization_timeout=timeout_s,
-                             heartbeat_timeout_seconds=timeout_s,
+                             heartbeat_timeout_seconds=2 * timeout_s + 10,
                              shutdown_timeout_seconds=timeout_s)
 
 
@@ -160,24 +162,34 @@ class PeerLostError(RuntimeError):
   """A process of a multi-process run stopped answering (died, or its host went away)."""
 
 
-def lost_peers() -> list[int] | None:
-  """The indices of the processes the coordination service no longer sees alive, or None if
-  it cannot say (a single-process run, or the service itself is gone)."""
+_ALIVE = "fjt/alive/"  # Key-value prefix: each process's Watchdog counts up under it.
+
+
+def _alive_counts(client) -> dict[int, str]:
+  return {int(key.rsplit("/", 1)[1]): value for key, value in client.key_value_dir_get(_ALIVE)}
+
+
+def silent_processes(wait_s: float = 2.0) -> list[int] | None:
+  """The processes whose Watchdog stopped counting in the coordination service's key-value
+  store over ``wait_s`` seconds (a dead process counts no more); ``[0]`` if the service itself
+  (process 0) no longer answers; None in a single-process run."""
   from jax._src import distributed
   client = distributed.global_state.client
   if client is None:
     return None
-  everyone = list(range(jax.process_count()))
   try:
-    alive = client.get_live_nodes(everyone)
-  except Exception:  # The coordinator (process 0) itself may be the one that died.
+    before = _alive_counts(client)
+    time.sleep(wait_s)
+    after = _alive_counts(client)
+  except Exception:  # The coordination service runs in process 0.
     return [0] if jax.process_index() != 0 else None
-  alive = set(alive) if not isinstance(alive, Mapping) else set(alive)
-  return [i for i in everyone if i not in alive]
+  me = jax.process_index()
+  return [i for i in range(jax.process_count())
+          if i != me and (i not in after or after[i] == before.get(i))]
 
 
-def describe_lost_peers() -> str:
-  lost = lost_peers()
+def describe_lost_peers(wait_s: float = 2.0) -> str:
+  lost = silent_processes(wait_s)
   if lost:
     return f"process {', '.join(map(str, lost))} stopped answering"
   return "a peer process stopped answering"
@@ -199,7 +211,9 @@ class Watchdog:
   """
 
   def __init__(self, timeout_s: float, what: str = "a training step"):
+    from jax._src import distributed
     self.timeout_s, self.what = timeout_s, what
+    self._client = distributed.global_state.client
     self._last, self.step = time.monotonic(), None
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._watch, name="fjt-watchdog", daemon=True)
@@ -210,13 +224,21 @@ class Watchdog:
     self._last, self.step = time.monotonic(), step
 
   def _watch(self) -> None:
-    while not self._stop.wait(min(1.0, self.timeout_s / 4)):
+    interval, count = min(1.0, self.timeout_s / 4), 0
+    while not self._stop.wait(interval):
+      count += 1
+      if self._client is not None:  # Tells the others this process is alive.
+        try:
+          self._client.key_value_set(f"{_ALIVE}{jax.process_index()}", str(count),
+                                     allow_overwrite=True)
+        except Exception:
+          pass  # The coordinator is gone; the timeout below says so.
       if time.monotonic() - self._last > self.timeout_s:
         after = "" if self.step is None else f" after step {self.step}"
         sys.stderr.write(
-            f"error: process {jax.process_index()} of {jax.process_count()}: {self.what} made no "
-            f"progress for {self.timeout_s:.0f} s{after} (config key 'distributed.timeout_s'); "
-            f"{describe_lost_peers()}\n")
+            f"error: process {jax.process_index()} of {jax.process_count()}: "
+            f"{describe_lost_peers(3 * interval)}; {self.what} made no progress for "
+            f"{self.timeout_s:.0f} s{after} (config key 'distributed.timeout_s'). Exiting.\n")
         sys.stderr.flush()
         os._exit(EXIT_PEER_LOST)
 

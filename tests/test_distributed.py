@@ -86,15 +86,21 @@ def test_a_killed_peer_ends_the_survivor_within_the_timeout(tmp_path):
          "--coordinator", f"127.0.0.1:{port}", "--num_processes", "2")
   survivor = start(tmp_path, *run, "--process_id", "0")
   victim = start(tmp_path, *run, "--process_id", "1")
-  time.sleep(12)  # Both started and training.
+  deadline = time.monotonic() + 120
+  while not os.path.exists(tmp_path / "metrics.jsonl") and time.monotonic() < deadline:
+    time.sleep(0.1)  # Until both are training: step 100 is logged.
   assert survivor.poll() is None and victim.poll() is None
   victim.send_signal(signal.SIGKILL)
   killed_at = time.monotonic()
   _, err = survivor.communicate(timeout=120)
   victim.communicate()
-  assert survivor.returncode != 0
+  assert survivor.returncode == 3, err[-3000:]
   assert time.monotonic() - killed_at < 10 + 20  # The timeout, plus detection and teardown.
-  assert ("another task died" in err or "a peer process has probably died" in err), err[-2000:]
+  # A collective that fails, or the watchdog when none does: the same one line.
+  said = [line for line in err.splitlines() if line.strip() and not line.startswith("train:")]
+  assert len(said) == 1 and said[0].startswith("error: process 0 of 2: process 1 stopped "
+                                               "answering "), err[-3000:]
+  assert "Traceback" not in err and "Check failed" not in err and "*** " not in err, err[-3000:]
 
 
 def test_processes_started_with_different_configs_refuse_to_train(tmp_path):
