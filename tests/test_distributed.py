@@ -61,7 +61,7 @@ def test_batch_must_split_over_the_devices(tmp_path):
   process = start(tmp_path, "--config.train.batch_size=60", devices=8)
   _, err = process.communicate(timeout=120)
   assert process.returncode == 2
-  assert "'train.batch_size': 60 does not split over the 8 devices of the 'data' axis" in err
+  assert "'train.batch_size': 60 rows do not split over the 8 devices of the 'data' axis" in err
 
 
 def test_two_processes_match_one(tmp_path):
