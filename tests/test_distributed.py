@@ -117,6 +117,26 @@ def test_processes_started_with_different_configs_refuse_to_train(tmp_path):
   assert not os.path.exists(tmp_path / "metrics.jsonl")
 
 
+def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(tmp_path):
+  port = free_port()
+  run = ("--config.train.steps=1000000", "--config.train.eval_every=1000000",
+         "--config.checkpoint.every_steps=1000000", "--config.train.log_every=10",
+         "--coordinator", f"127.0.0.1:{port}", "--num_processes", "2")
+  procs = [start(tmp_path, *run, "--process_id", str(i)) for i in range(2)]
+  deadline = time.monotonic() + 120
+  while not os.path.exists(tmp_path / "metrics.jsonl") and time.monotonic() < deadline:
+    time.sleep(0.1)
+  procs[1].send_signal(signal.SIGTERM)  # The scheduler stops one host first.
+  lines = []
+  for process in procs:
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 4, err[-3000:]
+    lines.append(err.strip().splitlines()[-1])
+  assert lines[0] == lines[1] and lines[0].startswith("fjt: stopped at step "), lines
+  step = int(lines[0].split()[4])
+  assert [s for s, _ in checkpoint.step_dirs(tmp_path / "checkpoints")] == [step]
+
+
 def test_replicas_over_two_processes_match_one(tmp_path):
   port = free_port()
   run = ("--config", os.path.join(ROOT, "configs", "digits_fedavg.py"), "--config.replicas.rounds=3")
