@@ -249,7 +249,9 @@ def test_damaged_checkpoint_is_named_and_fallback_restores(tmp_path, uninterrupt
   out, err = process.communicate(timeout=300)
   assert process.returncode == 0, err
   said = [line for line in err.splitlines() if line.startswith("fjt: ")]
-  assert len(said) == 1 and said[0].startswith(f"fjt: checkpoint {newest}: file {rel}")
+  previous = steps[-2][0]
+  assert len(said) == 2 and said[0].startswith(f"fjt: checkpoint {newest}: file {rel}")
+  assert said[1] == f"fjt: resuming from step {previous} (checkpoint {steps[-2][1]})"
   assert said[0].endswith("trying the previous step") and "Warning" not in err
   assert os.path.isdir(workdir / "checkpoints" / f"damaged-{steps[-1][0]}")
   # Retraining from the older step gives back the same final state.
