@@ -331,7 +331,7 @@ def _fit(config: ml_collections.ConfigDict, workdir: str, options: TrainOptions,
             checkpointer.raise_if_failed()  # A failed save stops the run at the next step.
         if watchdog:
           watchdog.beat(done)
-        if stop.requested(done):
+        if stop.requested(done) and done < steps:  # At the last step the run just finishes.
           with _saving(checkpointer.directory):
             if not save_now:
               checkpointer.save(done, state)

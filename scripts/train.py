@@ -38,6 +38,9 @@ def main(argv=None) -> int:
       parser.error(f"unrecognized argument {item!r}; overrides look like --config.train.steps=100")
     overrides.append(item[len("--config."):])
 
+  import warnings
+  # A warning is one plain line, not the source line that raised it.
+  warnings.formatwarning = lambda message, category, *_: f"warning: {message}\n"
   import fjt  # After argument parsing, so --help is instant.
   from fjt.checkpoint import CheckpointError, CheckpointMismatchError
 
