@@ -15,6 +15,25 @@ def say(message: str) -> None:
   print(f"fjt: {message}", file=sys.stderr, flush=True)
 
 
+def one_line_errors() -> None:
+  """For a command-line tool: a warning is one plain line (not the source line that raised
+  it), and the errors Orbax and TensorStore log from their own threads after a failed save
+  (absl and asyncio log records, callbacks into a closed event loop) are left to the tool's
+  one-line error. Process-wide; library code does not call it."""
+  import logging
+  import warnings
+  warnings.formatwarning = lambda message, category, *_: f"warning: {message}\n"
+  for name in ("absl", "asyncio"):
+    logging.getLogger(name).setLevel(logging.CRITICAL)
+  default = sys.excepthook
+
+  def hook(kind, value, traceback):
+    if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+      default(kind, value, traceback)
+
+  sys.excepthook = hook
+
+
 class MetricWriter:
   """Appends one JSON object per logged step to ``metrics.jsonl`` and writes the
   same scalars as TensorBoard events (tensorboardX; no TensorFlow needed).

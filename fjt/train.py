@@ -186,19 +186,36 @@ def _exclude_compile_time(bar: tqdm) -> None:
     bar.initial, bar.start_t = bar.n, bar._time()
 
 
+# OS errors as the C library words them, found inside the longer messages Orbax and
+# TensorStore wrap them in (e.g. RESOURCE_EXHAUSTED: Error writing ...: No space left on device).
+_OS_ERRORS = ("No space left on device", "Disk quota exceeded", "Read-only file system",
+              "Permission denied", "No such file or directory")
+
+
+def save_error_line(directory: str, error: BaseException) -> str:
+  """One line for an error of a checkpoint save under ``directory``: the step (from Orbax's
+  temporary directory name, if the message has it), the OS error if one is named, else the
+  error's first line, and what to do."""
+  text = str(error)
+  step = re.search(r"/(\d+)\.orbax-checkpoint-tmp", text)
+  cause = next((m for m in _OS_ERRORS if m in text), None)
+  cause = (f"{cause} ({type(error).__name__})" if cause else
+           f"{type(error).__name__}: {(text.strip().splitlines() or [''])[0][:300]}")
+  what = f"step {step.group(1)}" if step else "a checkpoint"
+  return (f"saving {what} under {directory} failed: {cause}. Free disk space or fix the "
+          "directory's permissions, then run the same command to resume from the last saved step")
+
+
 @contextlib.contextmanager
 def _saving(directory: str) -> Iterator[None]:
   """An error of a checkpoint save (a full disk, a directory gone) as one ``CheckpointError``
-  line naming the directory and what to do."""
+  line (``save_error_line``)."""
   try:
     yield
   except (CheckpointError, ConfigError):
     raise
   except Exception as e:  # Orbax and the OS raise many kinds; the user needs one line.
-    cause = (str(e).strip().splitlines() or [""])[0][:300]
-    raise CheckpointError(f"saving a checkpoint under {directory} failed: {type(e).__name__}: "
-                          f"{cause}. Free disk space or fix the directory's permissions, then "
-                          "run the same command to resume from the last saved step") from e
+    raise CheckpointError(save_error_line(directory, e)) from e
 
 
 def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module | None = None,

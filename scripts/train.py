@@ -38,11 +38,10 @@ def main(argv=None) -> int:
       parser.error(f"unrecognized argument {item!r}; overrides look like --config.train.steps=100")
     overrides.append(item[len("--config."):])
 
-  import warnings
-  # A warning is one plain line, not the source line that raised it.
-  warnings.formatwarning = lambda message, category, *_: f"warning: {message}\n"
   import fjt  # After argument parsing, so --help is instant.
   from fjt.checkpoint import CheckpointError, CheckpointMismatchError
+
+  fjt.logs.one_line_errors()
 
   try:
     config = fjt.apply_overrides(fjt.load_config(args.config), overrides)

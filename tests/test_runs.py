@@ -187,8 +187,19 @@ def test_a_failed_background_save_stops_the_run_at_the_next_step(tmp_path, monke
   with pytest.raises(fjt.checkpoint.CheckpointError) as info:
     fjt.fit(config, str(tmp_path), progress=False)
   assert str(info.value).startswith(f"saving a checkpoint under {tmp_path}/checkpoints failed: "
-                                    "OSError: [Errno 28] No space left on device. Free disk")
+                                    "No space left on device (OSError). Free disk")
   assert max(steps_done) <= 12  # Not at the next save (step 20).
+
+
+def test_save_errors_name_the_step_and_the_os_error():
+  error = ValueError('RESOURCE_EXHAUSTED: Error writing "x" in OCDBT database at local file '
+                     '"/w/checkpoints/60.orbax-checkpoint-tmp/default.orbax-checkpoint-tmp/": '
+                     "Failed to write 193186 bytes to file 19: No space left on device "
+                     "[os_error_code='28']")
+  assert fjt.train.save_error_line("/w/checkpoints", error) == (
+      "saving step 60 under /w/checkpoints failed: No space left on device (ValueError). Free "
+      "disk space or fix the directory's permissions, then run the same command to resume from "
+      "the last saved step")
 
 
 def test_cli_one_line_errors_for_a_raising_get_config_and_a_negative_learning_rate(tmp_path):
