@@ -21,7 +21,7 @@ from typing import Any
 
 import ml_collections
 
-from fjt.config import ConfigError
+from fjt.config import RUN_DEFAULTS, ConfigError
 from fjt.logs import say
 
 RECORD = "config.json"
@@ -109,7 +109,7 @@ def check_rerun(workdir: str, config: ml_collections.ConfigDict,
   record = read_record(workdir)
   if record is None or not has_results:
     return []
-  changes = config_changes(record, as_record(config))
+  changes = [c for c in config_changes(record, as_record(config)) if not _new_default(c)]
   refused = [c for c in changes if not result_neutral(c.key)
              and not (c.key == "train.steps" and _raised(c))]
   if refused:
@@ -118,6 +118,13 @@ def check_rerun(workdir: str, config: ml_collections.ConfigDict,
         + "; ".join(map(str, refused)) + ". Use a new --workdir, or --restart to move this run "
         f"aside (to {aside_name(workdir)}) and start over in place")
   return changes
+
+
+def _new_default(change: Change) -> bool:
+  """A key the record lacks (written before fjt had it) set to its ``RUN_DEFAULTS`` value: the
+  run was made with that behaviour, so it is no change."""
+  defaults = _flat(json.loads(json.dumps(RUN_DEFAULTS)))
+  return change.old is _ABSENT and change.key in defaults and change.new == defaults[change.key]
 
 
 def _raised(change: Change) -> bool:

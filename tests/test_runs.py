@@ -82,6 +82,29 @@ def test_a_killed_run_before_its_first_save_protects_nothing(tmp_path):
   assert runs.check_rerun(str(tmp_path), tiny_digits_config(), has_results=False) == []
 
 
+def test_a_record_written_before_a_new_default_key_still_matches(tmp_path):
+  config = tiny_digits_config()
+  record = runs.as_record(config)
+  del record["deterministic"], record["matmul_precision"]  # Written before these keys existed.
+  (tmp_path / "config.json").write_text(json.dumps(record))
+  assert runs.check_rerun(str(tmp_path), config, has_results=True) == []
+  config.matmul_precision = "highest"  # Not the default: a change.
+  with pytest.raises(runs.RunConfigChangedError, match='matmul_precision \\(absent\\) -> "highest"'):
+    runs.check_rerun(str(tmp_path), config, has_results=True)
+
+
+def test_the_progress_rate_leaves_out_the_first_steps_compile_time():
+  from tqdm import tqdm
+  with tqdm(total=100, disable=False, file=open(os.devnull, "w"), smoothing=0) as bar:
+    bar.start_t -= 60  # The first step compiled for a minute.
+    bar.update()
+    fjt.train._exclude_compile_time(bar)
+    bar.start_t -= 1  # Then 10 steps in a second.
+    bar.update(10)
+    assert bar.format_dict["n"] - bar.format_dict["initial"] == 10
+    assert 9 < 10 / (bar.format_dict["elapsed"]) <= 10  # 10 steps/s, not 11 per minute.
+
+
 def test_config_changes_name_absent_keys_and_neutral_groups():
   changes = runs.config_changes({"a": {"b": 1, "c": [1, 2]}, "d": 1}, {"a": {"b": 2, "c": [1, 2]}})
   assert list(map(str, changes)) == ["a.b 1 -> 2", "d 1 -> (absent)"]
