@@ -179,11 +179,13 @@ def metric_names(model: nn.Module, state: TrainState, dataset: Dataset, task: Ta
   return sorted(task.metrics({k: np.float64(1.0) for k in sums}))
 
 
-def _exclude_compile_time(bar: tqdm) -> None:
-  """From now on the bar's rate and ETA count only the steps after this one (the first step
-  of a process compiles; with ``smoothing=0`` the rate is steps / seconds since here)."""
+def _count_first_step(bar: tqdm) -> None:
+  """Counts the first step of a process (which compiled) and starts the bar's clock after it,
+  so rate and ETA (``smoothing=0``: steps / seconds since then) leave the compile time out."""
+  bar.n += 1
   if not bar.disable:  # A disabled bar keeps no clock.
     bar.initial, bar.start_t = bar.n, bar._time()
+    bar.refresh()
 
 
 # OS errors as the C library words them, found inside the longer messages Orbax and
@@ -321,9 +323,10 @@ def _fit(config: ml_collections.ConfigDict, workdir: str, options: TrainOptions,
         if lockstep:
           jax.block_until_ready(metrics)
         window.append(metrics)
-        bar.update()
         if step == start:
-          _exclude_compile_time(bar)
+          _count_first_step(bar)
+        else:
+          bar.update()
         done = step + 1
         save_now = done % checkpoint_every == 0 or done == steps
         if done % options.log_every == 0 or save_now:
