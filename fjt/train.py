@@ -184,7 +184,8 @@ def _count_first_step(bar: tqdm) -> None:
   so rate and ETA (``smoothing=0``: steps / seconds since then) leave the compile time out."""
   bar.n += 1
   if not bar.disable:  # A disabled bar keeps no clock.
-    bar.initial, bar.start_t = bar.n, bar._time()
+    bar.initial = bar.n
+    bar.start_t = bar.last_print_t = bar._time()  # tqdm ends a line only if it printed since.
     bar.refresh()
 
 

@@ -87,7 +87,8 @@ def test_a_killed_peer_ends_the_survivor_within_the_timeout(tmp_path):
   survivor = start(tmp_path, *run, "--process_id", "0")
   victim = start(tmp_path, *run, "--process_id", "1")
   deadline = time.monotonic() + 120
-  while not os.path.exists(tmp_path / "metrics.jsonl") and time.monotonic() < deadline:
+  while time.monotonic() < deadline and not (
+      os.path.exists(tmp_path / "metrics.jsonl") and os.path.getsize(tmp_path / "metrics.jsonl")):
     time.sleep(0.1)  # Until both are training: step 100 is logged.
   assert survivor.poll() is None and victim.poll() is None
   victim.send_signal(signal.SIGKILL)
@@ -124,8 +125,9 @@ def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(tmp_path):
          "--coordinator", f"127.0.0.1:{port}", "--num_processes", "2")
   procs = [start(tmp_path, *run, "--process_id", str(i)) for i in range(2)]
   deadline = time.monotonic() + 120
-  while not os.path.exists(tmp_path / "metrics.jsonl") and time.monotonic() < deadline:
-    time.sleep(0.1)
+  while time.monotonic() < deadline and not (
+      os.path.exists(tmp_path / "metrics.jsonl") and os.path.getsize(tmp_path / "metrics.jsonl")):
+    time.sleep(0.1)  # Until both are training: step 10 is logged.
   procs[1].send_signal(signal.SIGTERM)  # The scheduler stops one host first.
   lines = []
   for process in procs:
@@ -134,6 +136,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(tmp_path):
     lines.append(err.strip().splitlines()[-1])
   assert lines[0] == lines[1] and lines[0].startswith("fjt: stopped at step "), lines
   step = int(lines[0].split()[4])
+  assert step > 10
   assert [s for s, _ in checkpoint.step_dirs(tmp_path / "checkpoints")] == [step]
 
 

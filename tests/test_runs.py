@@ -95,13 +95,16 @@ def test_a_record_written_before_a_new_default_key_still_matches(tmp_path):
 
 def test_the_progress_rate_leaves_out_the_first_steps_compile_time():
   from tqdm import tqdm
-  with tqdm(total=100, file=open(os.devnull, "w"), smoothing=0) as bar:
+  import io
+  out = io.StringIO()
+  with tqdm(total=100, file=out, smoothing=0) as bar:
     bar.start_t -= 60  # The first step compiled for a minute.
     fjt.train._count_first_step(bar)
     assert bar.n == 1 and bar.format_dict["rate"] is None  # Shown as ?step/s, no ETA.
     bar.start_t -= 1  # Then 10 steps in a second.
     bar.update(10)
     assert bar.n == 11 and 9 < 10 / bar.format_dict["elapsed"] <= 10  # Not 11 per minute.
+  assert out.getvalue().endswith("\n")  # Closed with its line ended, so what follows is not glued.
 
 
 def test_config_changes_name_absent_keys_and_neutral_groups():
