@@ -65,6 +65,9 @@ REPLICA_DEFAULTS = {
     "server_learning_rate": 1.0,
     "server_momentum": 0.0,
     "optimizer_state": "keep",  # keep (each replica its own) | average
+    "warmup_steps": 0,  # Synchronous data-parallel steps before the first round (DiLoCo's warm start).
+    "communication_dtype": "float32",  # float32 | bfloat16: the pseudo-gradients as averaged.
+    "baselines": ("centralized",),  # Runs trained beside: centralized/sync (batch N*B), single (B).
 }
 
 

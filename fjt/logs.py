@@ -120,9 +120,11 @@ def keep_rows(path: str, last_step: int) -> None:
 
 
 def plot_metrics(jsonl_path: str, png_path: str, eval_metric: str,
-                 baselines: Mapping[str, float] | None = None) -> None:
+                 baselines: Mapping[str, float] | None = None,
+                 curves: Mapping[str, str] | None = None) -> None:
   """Train loss and the eval metric against step, side by side; each of
-  ``baselines`` (name -> value of the eval metric) is a dashed line."""
+  ``baselines`` (name -> value of the eval metric) is a dashed line, each of ``curves``
+  (name -> another run's metrics.jsonl) that run's eval metric against its steps."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -137,6 +139,11 @@ def plot_metrics(jsonl_path: str, png_path: str, eval_metric: str,
       ax.plot(*zip(*points), marker="." if split == "eval" else None, label=f"{split} {key}")
   for name, value in (baselines or {}).items():
     ax_eval.axhline(value, color="gray", linestyle="--", label=name)
+  for name, path in (curves or {}).items():
+    points = [(r["step"], r[eval_metric]) for r in read_metrics(path)
+              if r["split"] == "eval" and eval_metric in r and math.isfinite(r[eval_metric])]
+    if points:
+      ax_eval.plot(*zip(*points), marker=".", linestyle="--", label=name)
   ax_loss.set(xlabel="step", ylabel="loss", title="loss")
   ax_eval.set(xlabel="step", ylabel=eval_metric, title=f"eval {eval_metric}")
   if eval_metric == "perplexity":
@@ -166,14 +173,15 @@ class RunLog:
     self.metrics.write(step, split, metrics)
 
   def finish(self, summary: Mapping, eval_metric: str,
-             baselines: Mapping[str, float] | None = None) -> None:
+             baselines: Mapping[str, float] | None = None,
+             curves: Mapping[str, str] | None = None) -> None:
     """Writes ``summary.json`` and plots the logged metrics (``plot_metrics``)."""
     self.close()
     if self.enabled:
       with open(os.path.join(self.workdir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
       plot_metrics(self.metrics.path, os.path.join(self.workdir, "metrics.png"), eval_metric,
-                   baselines)
+                   baselines, curves)
 
   def close(self) -> None:
     if self._open:

@@ -124,6 +124,14 @@ class ReplicaOptions:
   server_learning_rate: float
   server_momentum: float
   optimizer_state: str
+  warmup_steps: int
+  communication_dtype: str
+  baselines: tuple[str, ...]
+
+  @property
+  def inner_steps(self) -> int:
+    """Optimizer steps of each replica: the warm start's and the rounds'."""
+    return self.warmup_steps + self.rounds * self.local_steps
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> ReplicaOptions:
@@ -147,4 +155,13 @@ class ReplicaOptions:
         server_momentum=float(require(config, "replicas.server_momentum", number, "a number")),
         optimizer_state=require(config, "replicas.optimizer_state", lambda v: isinstance(v, str),
                                 "a name"),
+        warmup_steps=require(config, "replicas.warmup_steps", lambda v: _int(v) and v >= 0,
+                             "an int >= 0"),
+        communication_dtype=require(config, "replicas.communication_dtype",
+                                    lambda v: v in ("float32", "bfloat16"),
+                                    "'float32' or 'bfloat16'"),
+        baselines=tuple(require(config, "replicas.baselines",
+                                lambda v: all(b in ("centralized", "sync", "single") for b in v),
+                                "names among 'centralized', 'sync' (both: batch N*B) and "
+                                "'single' (batch B)")),
     )

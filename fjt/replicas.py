@@ -22,6 +22,12 @@ Server optimizer (FedOpt, Reddi et al., 2021): the pseudo-gradient of a round is
 the new global params are ``w + server_tx.update(g)``: ``"none"`` is ``w - lr * g`` (lr 1: the
 weighted mean itself, plain FedAvg), ``"momentum"`` is FedAvgM (SGD with momentum on ``g``),
 ``"nesterov"`` is DiLoCo's outer optimizer (Nesterov SGD on ``g``).
+
+Communication (DiLoCo, Douillard et al., 2023; OpenDiLoCo): with ``communication_dtype``
+``bfloat16`` each replica's pseudo-gradient ``w - w_k`` is cast to bfloat16 before the mean (what
+would cross the network), the mean accumulated in float32. ``communication_bytes`` counts what a
+replica sends per round, against what synchronous data parallel sends (a float32 gradient per
+step).
 """
 
 from __future__ import annotations
@@ -54,14 +60,16 @@ from fjt.logs import RunLog
 from fjt.models import create_model
 from fjt.optim import check_optimizer_config
 from fjt.options import ReplicaOptions, TrainOptions, check_model_widths
-from fjt.sharding import create_mesh, process_rows, put_global, put_replicated, to_host
+from fjt.sharding import (create_mesh, needs_lockstep, process_rows, put_global, put_replicated,
+                          put_split, to_host)
 from fjt.state import PyTree, TrainState, create_from_config
-from fjt.steps import TaskLike, evaluate, make_eval_step, train_step_fn
+from fjt.steps import TaskLike, evaluate, make_eval_step, make_train_step, train_step_fn
 from fjt.train import NonFiniteLossError
 
 AXIS = "replica"
 SERVER_OPTIMIZERS = ("none", "momentum", "nesterov")
 OPTIMIZER_STATES = ("keep", "average")
+COMMUNICATION_DTYPES = ("float32", "bfloat16")
 _NO_AVERAGES = ("config keys 'ema.decay' and 'swa.every': temporal averages are not kept by "
                 "replicas; set both to 0")
 
@@ -248,7 +256,7 @@ def shard_state(state: ReplicaState, mesh: Mesh) -> ReplicaState:
 def make_round(model: nn.Module, tx: optax.GradientTransformation,
                server_tx: optax.GradientTransformation | None = None, mesh: Mesh | None = None,
                optimizer_state: str = "keep", task: TaskLike = "classification",
-               rng_streams: Sequence[str] = ("dropout",)
+               rng_streams: Sequence[str] = ("dropout",), communication_dtype: str = "float32"
                ) -> Callable[[ReplicaState, Batch, jax.Array], tuple[ReplicaState, Metrics]]:
   """``run_round(state, batches, counts) -> (state, metrics)``, jit-compiled, ``state`` donated.
 
@@ -257,13 +265,18 @@ def make_round(model: nn.Module, tx: optax.GradientTransformation,
   ``(N,)`` the weights ``n_k``: params ``w <- w + server_tx.update(w - replica_mean(w_k))``
   (the weighted mean itself when ``server_tx`` is None), ``batch_stats`` merged by
   ``replica_batch_stats``, optimizer states kept per replica (``"keep"``) or replaced by their
-  ``replica_mean`` (``"average"``); the aggregate is broadcast to every replica. Metrics:
-  the train step's (``loss``, ...), each ``(N, L)``. With ``mesh``, inputs and outputs are split over its
+  ``replica_mean`` (``"average"``); the aggregate is broadcast to every replica. With
+  ``communication_dtype="bfloat16"`` the pseudo-gradients ``w - w_k`` are averaged as bfloat16
+  values (float32 sums). Metrics: the train step's (``loss``, ...), each ``(N, L)``. With ``mesh``, inputs and outputs are split over its
   ``"replica"`` axis (the server's state replicated).
   """
   if optimizer_state not in OPTIMIZER_STATES:
     raise ConfigError(f"config key 'replicas.optimizer_state': expected one of "
                       f"{OPTIMIZER_STATES}, got {optimizer_state!r}")
+  if communication_dtype not in COMMUNICATION_DTYPES:
+    raise ConfigError(f"config key 'replicas.communication_dtype': expected one of "
+                      f"{COMMUNICATION_DTYPES}, got {communication_dtype!r}")
+  wire = jnp.dtype(communication_dtype)
 
   def run_round(state: ReplicaState, batches: Batch, counts: jax.Array
                 ) -> tuple[ReplicaState, Metrics]:
@@ -274,13 +287,18 @@ def make_round(model: nn.Module, tx: optax.GradientTransformation,
     train_replica = lambda s, b: jax.lax.scan(step, s, b)
     trained, metrics = jax.vmap(train_replica)(start, batches)
     server_opt_state = state.server_opt_state
-    if server_tx is None:
+    if server_tx is None and wire == jnp.float32:
       params = _broadcast(replica_mean(trained.params, n), num)
     else:
       # Rows of start.params are all the global params w, so w - mean_k(w_k) = mean_k(w - w_k),
       # and w + update stays equal in every row without gathering w from one device.
-      pseudo_grad = replica_mean(jax.tree.map(jnp.subtract, start.params, trained.params), n)
-      updates, server_opt_state = server_tx.update(pseudo_grad, server_opt_state)
+      sent = jax.tree.map(lambda w, w_k: (w - w_k).astype(wire), start.params, trained.params)
+      pseudo_grad = jax.tree.map(lambda g, w: g.astype(w.dtype), replica_mean(sent, n),
+                                 start.params)
+      if server_tx is None:  # Plain FedAvg: w - mean_k(w - w_k).
+        updates = jax.tree.map(jnp.negative, pseudo_grad)
+      else:
+        updates, server_opt_state = server_tx.update(pseudo_grad, server_opt_state)
       params = jax.tree.map(lambda w, u: (w + u).astype(w.dtype), start.params, updates)
     opt_state = trained.opt_state
     if optimizer_state == "average":
@@ -307,19 +325,39 @@ def _with_steps(config: ml_collections.ConfigDict, steps: int) -> ml_collections
   return config
 
 
-def centralized_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The centralised baseline of a replicas config, for ``fjt.train.fit``: the same model,
-  optimizer and seed on the whole training set, seeing the same number of examples: batch size
-  ``N * B`` for ``rounds * local_steps`` steps, evaluated every ``local_steps`` steps (once per
-  round-equivalent) and checkpointed at the end only."""
+def baseline_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """A baseline of a replicas config, for ``fjt.train.fit``: the same model, optimizer and seed
+  for as many optimizer steps as each replica takes (``warmup_steps + rounds * local_steps``),
+  evaluated every ``local_steps`` steps and checkpointed at the end only. ``"centralized"`` or
+  ``"sync"``: synchronous data parallel on the whole training set with the global batch
+  ``N * B`` (the same examples seen); ``"single"``: one worker with the per-replica batch B."""
   opts = ReplicaOptions.from_config(config)
-  steps = opts.rounds * opts.local_steps
-  central = _with_steps(config, steps)
-  del central["replicas"]
-  central.train.batch_size = opts.num * config.train.batch_size
-  central.train.eval_every = central.train.log_every = opts.local_steps
-  central.checkpoint.every_steps = steps
-  return central
+  steps = opts.inner_steps
+  baseline = _with_steps(config, steps)
+  del baseline["replicas"]
+  baseline.train.batch_size = config.train.batch_size * (1 if name == "single" else opts.num)
+  baseline.train.eval_every = baseline.train.log_every = opts.local_steps
+  baseline.checkpoint.every_steps = steps
+  return baseline
+
+
+def centralized_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """``baseline_config(config, "centralized")``: batch ``N * B``, every replica's steps."""
+  return baseline_config(config, "centralized")
+
+
+def communication_bytes(params: PyTree, opts: ReplicaOptions) -> dict[str, Any]:
+  """What one replica sends: a pseudo-gradient (``opts.communication_dtype``) per round, against
+  synchronous data parallel's gradient (the params' dtype) per step, for the same inner steps
+  after the warm start."""
+  leaves = jax.tree.leaves(params)
+  size = sum(int(np.prod(np.shape(x))) for x in leaves)
+  gradient_bytes = sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize for x in leaves)
+  sent = opts.rounds * size * np.dtype(jnp.dtype(opts.communication_dtype)).itemsize
+  sync = opts.rounds * opts.local_steps * gradient_bytes
+  return {"rounds": opts.rounds, "dtype": opts.communication_dtype,
+          "bytes_per_replica": sent, "sync_bytes_per_replica": sync,
+          "ratio": sync / sent}
 
 
 def _check_finite(loss: np.ndarray, round_: int) -> None:
@@ -361,6 +399,28 @@ def split_dataset(targets: np.ndarray, opts: ReplicaOptions) -> list[np.ndarray]
     raise ConfigError(str(e)) from e
 
 
+def _warm_start(model, tx, task, state: TrainState, dataset: Dataset, options: TrainOptions,
+                global_batch: int, steps: int, mesh: Mesh, log: RunLog) -> TrainState:
+  """``steps`` synchronous data-parallel steps of ``state`` on batches of ``global_batch`` (the
+  warm start of DiLoCo), over the devices of ``mesh``; logs their train metrics."""
+  state = put_replicated(state, mesh)
+  train_step = make_train_step(model, tx, task, mesh=mesh, rng_streams=options.rng_streams)
+  rows = process_rows(global_batch, mesh)
+  window = []
+  for step in range(steps):
+    local = fjt_data.get_batch(dataset.train, options.seed, step, global_batch, rows)
+    state, metrics = train_step(state, put_split(local, mesh, global_batch))
+    if needs_lockstep(mesh):
+      jax.block_until_ready(metrics)
+    window.append(metrics)
+    if (step + 1) % options.log_every == 0 or step + 1 == steps:
+      window = to_host(window)
+      _check_finite(np.asarray([[m["loss"] for m in window]]), 0)
+      log.write(step + 1, "train", {k: float(np.mean([m[k] for m in window])) for k in window[0]})
+      window = []
+  return to_host(state)
+
+
 def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module | None = None,
         dataset: Dataset | None = None, task: TaskLike | None = None,
         progress: bool = True) -> tuple[TrainState, dict[str, Any]]:
@@ -385,7 +445,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module | None
   config = with_run_defaults(config)
   opts = ReplicaOptions.from_config(config)
   options = TrainOptions.from_config(config)
-  config = _with_steps(config, opts.rounds * opts.local_steps)
+  config = _with_steps(config, opts.inner_steps)
   if TemporalAveraging.from_config(config).names:
     raise ConfigError(_NO_AVERAGES)
   check_model_widths(config)
@@ -402,9 +462,11 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module | None
 def _fit(config: ml_collections.ConfigDict, workdir: str, opts: ReplicaOptions,
          options: TrainOptions, model: nn.Module | None, dataset: Dataset | None,
          task: TaskLike | None, progress: bool) -> tuple[TrainState, dict[str, Any]]:
-  rounds, local_steps, num = opts.rounds, opts.local_steps, opts.num
-  central_config, central_dir = centralized_config(config), os.path.join(workdir, "centralized")
-  _check_centralized_dir(central_dir, central_config)
+  rounds, local_steps, num, warmup = opts.rounds, opts.local_steps, opts.num, opts.warmup_steps
+  baselines = {name: (baseline_config(config, name), os.path.join(workdir, name))
+               for name in opts.baselines}
+  for baseline, directory in baselines.values():
+    _check_centralized_dir(directory, baseline)
   main = jax.process_index() == 0  # Only process 0 writes files other than checkpoints.
   dataset = dataset if dataset is not None else fjt_data.load_dataset(config.data)
   task = fjt_train.resolve_task(config, dataset, task)
@@ -431,12 +493,18 @@ def _fit(config: ml_collections.ConfigDict, workdir: str, opts: ReplicaOptions,
   fjt_train.check_model_fits_data(model, state, dataset, task)
   server_tx = create_server_optimizer(opts.server_optimizer, opts.server_learning_rate,
                                      opts.server_momentum)
-  state = shard_state(replicate(state, num, server_tx), mesh)
-  run_round = make_round(model, tx, server_tx, mesh, opts.optimizer_state, task,
-                         options.rng_streams)
   data_mesh = Mesh(mesh.devices, ("data",))  # Evaluation splits test batches over the devices.
   eval_step = make_eval_step(model, task, mesh=data_mesh)
   eval_batch_size = -(-options.eval_batch_size // mesh.size) * mesh.size
+  if warmup:
+    state = _warm_start(model, tx, task, state, dataset, options, num * options.batch_size,
+                        warmup, data_mesh, log)
+    log.write(warmup, "eval", evaluate(eval_step, put_replicated(state, data_mesh), dataset.test,
+                                       eval_batch_size, averages=False, mesh=data_mesh))
+  communication = communication_bytes(state.params, opts)
+  state = shard_state(replicate(state, num, server_tx), mesh)
+  run_round = make_round(model, tx, server_tx, mesh, opts.optimizer_state, task,
+                         options.rng_streams, opts.communication_dtype)
   weights = shard_replicas(np.asarray(counts, np.float32), mesh)
   mine = local_replicas(num, mesh)
   gather = jax.jit(lambda tree: tree, out_shardings=NamedSharding(mesh, P()))
@@ -446,15 +514,16 @@ def _fit(config: ml_collections.ConfigDict, workdir: str, opts: ReplicaOptions,
       for r in range(rounds):
         # Each process builds only the batches of its own replicas.
         batches = fjt_splits.replica_batches(dataset.train, [shards[k] for k in mine],
-                                             options.seed, r * local_steps, local_steps,
+                                             options.seed, warmup + r * local_steps, local_steps,
                                              options.batch_size, first_replica=mine.start)
         state, metrics = run_round(state, put_local_replicas(batches, mesh, num), weights)
         metrics = to_host(gather(metrics))
         _check_finite(metrics["loss"], r + 1)
-        log.write(r + 1, "train", {k: float(np.mean(v)) for k, v in metrics.items()})
+        inner = warmup + (r + 1) * local_steps  # Rows are at inner steps, as the baselines'.
+        log.write(inner, "train", {k: float(np.mean(v)) for k, v in metrics.items()})
         eval_metrics = evaluate(eval_step, global_state(state, mesh), dataset.test,
                                 eval_batch_size, averages=False, mesh=data_mesh)
-        log.write(r + 1, "eval", eval_metrics)
+        log.write(inner, "eval", eval_metrics)
         bar.set_postfix({task.headline: f"{eval_metrics[task.headline]:.4f}"}, refresh=False)
         bar.update()
   finally:
@@ -463,24 +532,31 @@ def _fit(config: ml_collections.ConfigDict, workdir: str, opts: ReplicaOptions,
   checkpoint.save(os.path.join(workdir, "final"), final, force=True)
   replicas_seconds = time.perf_counter() - tic
 
-  tic = time.perf_counter()
-  _, central = fjt_train.fit(central_config, central_dir, model=model, dataset=dataset, task=task,
-                             progress=False)  # One summary line, not a line per eval.
-  if progress and main:
-    print(f"centralized baseline ({central_config.train.steps} steps): " +
-          ", ".join(f"{k} {v:.4f}" for k, v in central["eval"].items()), flush=True)
-  central_seconds = time.perf_counter() - tic
+  eval_metrics = dict(eval_metrics)
+  seconds = {"replicas": replicas_seconds}
+  for name, (baseline, directory) in baselines.items():
+    tic = time.perf_counter()
+    _, result = fjt_train.fit(baseline, directory, model=model, dataset=dataset, task=task,
+                              progress=False)  # One summary line, not a line per eval.
+    seconds[name] = time.perf_counter() - tic
+    eval_metrics.update({f"{name}_{k}": v for k, v in result["eval"].items()})
+    if progress and main:
+      print(f"{name} baseline ({baseline.train.steps} steps): " +
+            ", ".join(f"{k} {v:.4f}" for k, v in result["eval"].items()), flush=True)
 
   summary = {
       "step": rounds,
-      "eval": {**eval_metrics, **{f"centralized_{k}": v for k, v in central["eval"].items()}},
+      "eval": eval_metrics,
       "replicas": {**report, "local_steps": local_steps, "rounds": rounds,
-                   "batch_size": options.batch_size,
+                   "warmup_steps": warmup, "batch_size": options.batch_size,
                    "server_optimizer": opts.server_optimizer,
                    "server_learning_rate": opts.server_learning_rate,
                    "server_momentum": opts.server_momentum,
                    "optimizer_state": opts.optimizer_state},
-      "seconds": {"replicas": replicas_seconds, "centralized": central_seconds},
+      "communication": communication,
+      "seconds": seconds,
   }
-  log.finish(summary, task.headline, {"centralized": central["eval"][task.headline]})
+  log.finish(summary, task.headline,
+             curves={name: os.path.join(directory, "metrics.jsonl")
+                     for name, (_, directory) in baselines.items()})
   return final, summary

@@ -19,7 +19,8 @@ SUFFIXES = (".txt", ".md", ".rst")
 
 def find_files(paths: Sequence[str]) -> list[tuple[str, str]]:
   """``[(relative_name, file_path), ...]`` for ``paths`` (files, folders searched recursively
-  for ``SUFFIXES``, or glob patterns), sorted by name, each file once."""
+  for ``SUFFIXES``, or glob patterns), sorted by name, each file once. A file named directly or
+  by a glob is read whatever its suffix."""
   if isinstance(paths, str):
     paths = (paths,)
   found = {}

@@ -17,13 +17,17 @@ import flax.linen as nn
 from fjt import config as fjt_config
 from fjt.config import ConfigError
 from fjt.models.cnn import CNN
+from fjt.models.gpt import GPT
 from fjt.models.mlp import MLP
 from fjt.models.nnlm import NNLM
+from fjt.models.resnet import ResNet
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLP,
     "cnn": CNN,
     "nnlm": NNLM,
+    "resnet": ResNet,
+    "gpt": GPT,
 }
 
 
@@ -70,4 +74,4 @@ def create_model(config: Mapping) -> nn.Module:
   return cls(**config)
 
 
-__all__ = ["CNN", "MLP", "MODELS", "NNLM", "create_model", "register"]
+__all__ = ["CNN", "GPT", "MLP", "MODELS", "NNLM", "ResNet", "create_model", "register"]
