@@ -25,13 +25,10 @@ def one_line_errors() -> None:
   warnings.formatwarning = lambda message, category, *_: f"warning: {message}\n"
   for name in ("absl", "asyncio"):
     logging.getLogger(name).setLevel(logging.CRITICAL)
-  default = sys.excepthook
-
-  def hook(kind, value, traceback):
-    if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
-      default(kind, value, traceback)
-
-  sys.excepthook = hook
+  closed = lambda value: isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+  excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+  sys.excepthook = lambda kind, value, tb: None if closed(value) else excepthook(kind, value, tb)
+  sys.unraisablehook = lambda u: None if closed(u.exc_value) else unraisablehook(u)
 
 
 class MetricWriter:

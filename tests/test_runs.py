@@ -271,3 +271,45 @@ def test_a_second_signal_exits_at_once_without_saving():
   assert result.stderr.splitlines() == [
       "fjt: SIGINT received: finishing the current step and saving it (send it again to exit "
       "at once)", "fjt: second signal (SIGTERM): exiting at once, without saving"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """``mount(options, directory=None) -> directory``: a tmpfs mounted with ``options`` (e.g.
+  ``size=4m``, ``ro``) on a new directory, unmounted afterwards; the test is skipped where mounting is not allowed (not root)."""
+  mounted = []
+
+  def mount(options, directory=None):
+    directory = directory or tmp_path / f"disk{len(mounted)}"
+    directory.mkdir(parents=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(directory)],
+                      capture_output=True).returncode:
+      pytest.skip("cannot mount a tmpfs here (needs root)")
+    mounted.append(directory)
+    return directory
+
+  yield mount
+  for directory in mounted:
+    subprocess.run(["umount", str(directory)], check=True)
+
+
+def test_a_full_disk_and_a_read_only_checkpoints_directory_are_one_line_each(small_disk):
+  full = small_disk("size=4m")  # Two checkpoints of the digits MLP fit; the third does not.
+  process = train_cli(full / "run", "--config.model.features=(256, 256)",
+                      "--config.train.steps=200", "--config.checkpoint.every_steps=20",
+                      "--config.checkpoint.max_to_keep=10")
+  _, err = process.communicate(timeout=300)
+  said = [line for line in err.replace("\r", "\n").splitlines()
+          if line.strip() and not line.startswith("train:")]
+  assert process.returncode == 1 and len(said) == 1, err[-3000:]
+  assert said[0].startswith("error: saving step ") and said[0].endswith(
+      "failed: No space left on device (ValueError). Free disk space or fix the directory's "
+      "permissions, then run the same command to resume from the last saved step")
+  workdir = full.parent / "run"
+  small_disk("ro", workdir / "checkpoints")  # The workdir is writable, its checkpoints/ not.
+  process = train_cli(workdir, "--config.train.steps=20")
+  _, err = process.communicate(timeout=120)
+  assert process.returncode == 2 and err.strip().splitlines() == [
+      f"error: directory '{workdir}/checkpoints' is not writable: Read-only file system; fix "
+      "its permissions or use another --workdir"]
+  assert not os.path.exists(workdir / "metrics.jsonl")  # Found before training.
