@@ -7,6 +7,7 @@ import flax.linen as nn
 
 from fjt.config import ConfigError
 from fjt.models.cnn import CNN
+from fjt.models.gpt import GPT
 from fjt.models.mlp import MLP
 from fjt.models.nnlm import NNLM
 
@@ -14,6 +15,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLP,
     "cnn": CNN,
     "nnlm": NNLM,
+    "gpt": GPT,
 }
 
 
@@ -37,4 +39,4 @@ def create_model(config: Mapping) -> nn.Module:
   return cls(**config)
 
 
-__all__ = ["CNN", "MLP", "MODELS", "NNLM", "create_model"]
+__all__ = ["CNN", "GPT", "MLP", "MODELS", "NNLM", "create_model"]
