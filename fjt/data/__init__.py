@@ -4,11 +4,11 @@ import inspect
 from collections.abc import Mapping
 
 from fjt.config import ConfigError
-from fjt.data import digits, text
+from fjt.data import digits, text, tokens
 from fjt.data.batching import batch_indices, eval_batches, get_batch, steps_per_epoch
 from fjt.data.dataset import Dataset
 
-DATASETS = {"digits": digits.load, "text": text.load}
+DATASETS = {"digits": digits.load, "text": text.load, "tokens": tokens.load}
 
 
 def load_dataset(config: Mapping) -> Dataset:
