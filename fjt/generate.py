@@ -1,13 +1,20 @@
-"""Sampling from a GPT with its key/value cache, in one jitted loop."""
+"""Sampling from a GPT with its key/value cache, in one jitted loop; text from a trained run."""
 
 from __future__ import annotations
 
 import functools
+import json
+import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
+from fjt import checkpoint
+from fjt.data import load_dataset
+from fjt.data.tokenizer import Tokenizer, load_tokenizer
+from fjt.models import create_model
 from fjt.models.gpt import GPT, init_cache
 
 PyTree = Any
@@ -76,3 +83,45 @@ def generate(model: GPT, params: PyTree, prompt_ids: jax.Array, num_tokens: int,
   if temperature < 0 or top_k < 0:
     raise ValueError(f"generate: temperature and top_k must be >= 0, got {temperature} and {top_k}")
   return _generate(model, params, prompt_ids, int(num_tokens), rng, float(temperature), int(top_k))
+
+
+def load_run(workdir: str) -> tuple[GPT, PyTree, Tokenizer]:
+  """The model of run ``workdir`` (its ``config.json``), the params of its newest checkpoint
+  and the tokenizer of its data (``dataset.info["tokenizer"]``)."""
+  config_file = os.path.join(workdir, "config.json")
+  try:
+    with open(config_file, encoding="utf-8") as f:
+      config = ml_collections.ConfigDict(json.load(f))
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"{workdir!r} is not a training run: cannot read {config_file!r} ({e})") from e
+  model = create_model(config.model)
+  if not isinstance(model, GPT):
+    raise ValueError(f"run {workdir!r} trained model {config.model.name!r}; sampling needs a "
+                     "GPT ('gpt')")
+  info = load_dataset(config.data).info
+  if "tokenizer" not in info:
+    raise ValueError(f"run {workdir!r}: dataset {config.data.name!r} records no tokenizer "
+                     "(use data 'tokens', or 'text' with block_size)")
+  tokenizer = load_tokenizer(info["tokenizer"])
+  if model.vocab_size != tokenizer.vocab_size:
+    raise ValueError(f"run {workdir!r}: model.vocab_size {model.vocab_size} differs from the "
+                     f"{tokenizer.vocab_size} tokens of the data's tokenizer")
+  return model, checkpoint.load_variables(workdir)["params"], tokenizer
+
+
+def sample_text(workdir: str, prompt: str, num_tokens: int = 100, temperature: float = 1.0,
+                top_k: int = 0, seed: int = 0) -> str:
+  """The prompt and ``num_tokens`` tokens sampled from run ``workdir``, decoded to text.
+
+  The prompt is encoded with the run's tokenizer and preceded by its document separator (as
+  every document of the training stream is); only its last ``block_size - num_tokens`` tokens
+  are kept. The same ``seed`` gives the same text.
+  """
+  model, params, tokenizer = load_run(workdir)
+  if not 0 < num_tokens < model.block_size:
+    raise ValueError(f"--tokens: expected 1 .. {model.block_size - 1} (block_size - 1), got {num_tokens}")
+  ids = [tokenizer.separator_id, *tokenizer.encode(prompt)][-(model.block_size - num_tokens):]
+  out = generate(model, params, jnp.asarray(ids), num_tokens, jax.random.PRNGKey(seed),
+                 temperature, top_k)
+  tokens = [int(i) for i in out[0]]
+  return tokenizer.decode(tokens[1:] if ids[0] == tokenizer.separator_id else tokens)
