@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fjt.state import PyTree
+from fjt.state import PyTree, model_kwargs
 from fjt.tree import key_str, path_str, tree_paths
 
 INTEGER_POLICIES = ("max", "first", "error")
@@ -357,6 +357,14 @@ def _kept_inputs(bad: dict[int, str], names: Sequence[str], on_nonfinite: str,
   return [i for i in range(len(names)) if i not in bad]
 
 
+def check_finite(trees: Sequence[PyTree], names: Sequence[str] | None = None) -> None:
+  """Raises ``ValueError`` naming the first input (``names[i]``, default "input i") with a NaN
+  or Inf in a floating leaf, and the leaf's path. For callers that read inputs themselves
+  (files, candidates) and must name them as the user knows them."""
+  flats, names = _prepare(trees, "max", None, names)
+  _kept_inputs(_nonfinite_inputs(flats), names, "error", skippable=False)
+
+
 def _raise_integer_mismatch(flats: list[_Flat], names: Sequence[str], k: int) -> None:
   ref = np.asarray(flats[0].leaves[k])
   for i, flat in enumerate(flats[1:], 1):
@@ -672,7 +680,8 @@ def _record_batch_norm_moments(next_fun, args, kwargs, context):
 @functools.partial(jax.jit, static_argnums=0)
 def _batch_moments(model: nn.Module, variables: PyTree, x: jax.Array) -> PyTree:
   with nn.intercept_methods(_record_batch_norm_moments):
-    _, updates = model.apply(variables, x, train=True, mutable=["batch_stats", _MOMENTS],
+    _, updates = model.apply(variables, x, **model_kwargs(model, train=True),
+                             mutable=["batch_stats", _MOMENTS],
                              rngs={"dropout": jax.random.PRNGKey(0)})
   return updates.get(_MOMENTS, {})
 
@@ -829,6 +838,7 @@ def greedy_soup(candidates: Sequence[PyTree], evaluate: Callable[[PyTree], float
   """
   candidates = _as_list(candidates, "candidates")
   _prepare(candidates, integer_policy, None)  # A mismatch fails before any evaluation.
+  check_finite(candidates, [f"candidate {i}" for i in range(len(candidates))])  # Not "input 1" of a trial.
 
   def score_of(tree: PyTree, what: str) -> float:
     score = float(evaluate(tree))

@@ -618,8 +618,9 @@ def train_state(nbytes: int, seed: int = 0):
 
 
 def checkpoint_rows(sizes: Sizes, progress: Callable[[str], None] = print) -> list[Row]:
-  """``ckpt_save_blocking_vs_torch_save``, ``ckpt_save_total_vs_torch_save`` and
-  ``ckpt_restore_vs_torch_load`` for a train state of ``sizes.state_bytes``."""
+  """``ckpt_save_blocking_vs_torch_save``, ``ckpt_save_total_vs_torch_save``,
+  ``ckpt_restore_vs_torch_load`` and ``ckpt_verify_vs_restore`` for a train state of
+  ``sizes.state_bytes``."""
   import orbax.checkpoint as ocp
 
   from fjt import checkpoint
@@ -659,6 +660,9 @@ def checkpoint_rows(sizes: Sizes, progress: Callable[[str], None] = print) -> li
     def fjt_restore() -> None:
       jax.block_until_ready(checkpoint.load(newest(), state))
 
+    def fjt_verify() -> None:  # The part of fjt_restore that checks sizes and CRC-32s.
+      checkpoint.verify(newest())
+
     # Orbax alone, the floor under fjt's save and restore: a synchronous save of the same tree
     # with the same options, and a restore of every leaf onto the state's shardings.
     item = to_nested_dict(state)
@@ -680,7 +684,7 @@ def checkpoint_rows(sizes: Sizes, progress: Callable[[str], None] = print) -> li
 
     try:
       times = take_turns({"fjt save": fjt_save, "torch.save": torch_save,
-                          "fjt restore": fjt_restore,
+                          "fjt restore": fjt_restore, "fjt verify": fjt_verify,
                           "torch.load": _torch_synced(lambda: torch.load(torch_path,
                                                                          map_location=device)),
                           "orbax save": orbax_save, "orbax restore": orbax_restore},
@@ -701,10 +705,15 @@ def checkpoint_rows(sizes: Sizes, progress: Callable[[str], None] = print) -> li
           f"{times['orbax save']:.3f} s, {times['orbax save'] / times['torch.save']:.2f}x torch.save"),
       Row("ckpt_restore_vs_torch_load", times["fjt restore"], times["torch.load"], "s", "<= 1.5",
           "checkpoint.load(step, target) onto the state's arrays (key report included) against "
-          "torch.load. Floor: Orbax's restore of the same leaves alone takes "
-          f"{times['orbax restore']:.3f} s, {times['orbax restore'] / times['torch.load']:.2f}x "
-          "torch.load: it reads each array into a zero-filled numpy buffer, then device_put "
-          "copies it, two passes where torch.load makes one"),
+          "torch.load, the CRC-32 of every file checked first (ckpt_verify_vs_restore). Floor: "
+          f"Orbax's restore of the same leaves alone takes {times['orbax restore']:.3f} s, "
+          f"{times['orbax restore'] / times['torch.load']:.2f}x torch.load: it reads each array "
+          "into a zero-filled numpy buffer, then device_put copies it, two passes where "
+          "torch.load makes one"),
+      Row("ckpt_verify_vs_restore", times["fjt verify"], times["fjt restore"], "s", "<= 0.5",
+          "the integrity check every restore starts with (sizes and CRC-32s of every file "
+          f"against the manifest, ranges on all {os.cpu_count()} CPUs) against the whole "
+          "checkpoint.load it is part of"),
   ]
   progress(", ".join(f"{r.name}: {r.ratio:.2f}" for r in rows))
   return rows
@@ -715,7 +724,7 @@ def checkpoint_rows(sizes: Sizes, progress: Callable[[str], None] = print) -> li
 ROW_NAMES = ("train_step_mlp_vs_torch", "train_step_mlp_vs_peak", "train_step_cnn_vs_torch",
              "aggregate_vs_memcpy", "aggregate_vs_torch_loop", "stream_average_peak_rss_models",
              "ckpt_save_blocking_vs_torch_save", "ckpt_save_total_vs_torch_save",
-             "ckpt_restore_vs_torch_load")
+             "ckpt_restore_vs_torch_load", "ckpt_verify_vs_restore")
 
 
 def run(sizes: Sizes = FULL, cnn_config=None, progress: Callable[[str], None] = print) -> list[Row]:

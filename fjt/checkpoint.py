@@ -6,20 +6,24 @@ key differences are computed from Orbax metadata before any array is read, and
 a shape mismatch is always an error unless the path is explicitly skipped.
 
 Every finished checkpoint gets ``fjt_manifest.json``: the size and CRC-32 of each
-of its files. Orbax alone reads a truncated data file without complaint; with
-the manifest a damaged file is named before anything is restored.
+of its files. Orbax alone reads a truncated or bit-flipped data file without
+complaint; every restore checks the manifest first, so a damaged file is named
+before anything is restored. A checkpoint without a manifest is never sealed
+after the fact: it is reported as unverified.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import dataclasses
 import functools
 import json
 import os
 import re
+import shutil
+import sys
 import threading
-import warnings
 import zlib
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -30,11 +34,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from fjt.config import ConfigError, positive_int
 from fjt.tree import flatten, path_str, to_nested_dict, unflatten
 
 PyTree = Any
 MANIFEST = "fjt_manifest.json"
 ITEM = "default"  # The item name a single-item CheckpointManager gives the tree.
+VARIABLES = ("params", "batch_stats")  # The collections of a model's variables.
 
 
 class CheckpointError(RuntimeError):
@@ -76,6 +82,11 @@ class LoadReport:
     return "\n".join(lines)
 
 
+def _say(message: str) -> None:
+  """One plain line on stderr: what a restore decided on the user's behalf."""
+  print(f"fjt: {message}", file=sys.stderr, flush=True)
+
+
 # --- Locating checkpoints ---------------------------------------------------------------------
 
 
@@ -99,6 +110,9 @@ def resolve(path: str | os.PathLike) -> tuple[str, str]:
   """
   path = os.path.abspath(os.fspath(path))  # Orbax takes absolute paths only.
   if not os.path.isdir(path):
+    if os.path.isdir(path + ".fjt-old"):
+      raise CheckpointError(f"no checkpoint at {path!r}: a save replacing it was killed; the "
+                            f"previous checkpoint is {path + '.fjt-old'!r} (rename it back)")
     raise CheckpointError(f"no checkpoint at {path!r}: it is not a directory")
   if os.path.isfile(os.path.join(path, "_METADATA")):
     return path, path
@@ -179,10 +193,6 @@ def _crc32s(paths: Sequence[str]) -> list[int]:
   return out
 
 
-def _crc32(path: str) -> int:
-  return _crc32s([path])[0]
-
-
 def _files(directory: str) -> list[str]:
   found = []
   for dirpath, _, filenames in os.walk(directory):
@@ -215,10 +225,11 @@ def write_manifest(checkpoint_dir: str, arrays: dict[str, list] | None = None) -
   os.replace(tmp, os.path.join(checkpoint_dir, MANIFEST))
 
 
-def verify(checkpoint_dir: str, checksums: bool = False) -> bool:
+def verify(checkpoint_dir: str, checksums: bool = True) -> bool:
   """Checks a checkpoint's files against its manifest; returns False if it has none.
 
-  Sizes are always compared (a stat per file); contents too if ``checksums``.
+  Sizes are compared first (a stat per file), then, if ``checksums``, the CRC-32 of every
+  file (read in parallel ranges on all CPUs: the cost of reading the checkpoint once).
   Raises ``CheckpointError`` naming the directory and the first bad file.
   """
   manifest_path = os.path.join(checkpoint_dir, MANIFEST)
@@ -237,9 +248,21 @@ def verify(checkpoint_dir: str, checksums: bool = False) -> bool:
     if size != expected["size"]:
       raise CheckpointError(f"checkpoint {checkpoint_dir}: file {rel} has {size} bytes, "
                             f"{expected['size']} were written")
-    if checksums and _crc32(full) != expected["crc32"]:
-      raise CheckpointError(f"checkpoint {checkpoint_dir}: file {rel} has changed since it was written")
+  if checksums:
+    rels = list(files)
+    for rel, crc in zip(rels, _crc32s([os.path.join(checkpoint_dir, r) for r in rels])):
+      if crc != files[rel]["crc32"]:
+        raise CheckpointError(f"checkpoint {checkpoint_dir}: file {rel} has changed since it was "
+                              f"written (CRC-32 {crc:08x}, {files[rel]['crc32']:08x} was written)")
   return True
+
+
+def verify_or_say(checkpoint_dir: str) -> None:
+  """``verify`` with checksums before a restore; a checkpoint without a manifest is read
+  as it is, with one line saying its files are not verified (it is not sealed now: that
+  would vouch for whatever happens to be on disk)."""
+  if not verify(checkpoint_dir):
+    _say(f"checkpoint {checkpoint_dir} has no {MANIFEST}: its files are not verified")
 
 
 # --- Metadata and key reports -------------------------------------------------------------------
@@ -319,17 +342,78 @@ def _handler() -> ocp.PyTreeCheckpointHandler:
   return ocp.PyTreeCheckpointHandler(use_zarr3=True, use_compression=False)
 
 
-def save(path: str | os.PathLike, tree: PyTree, force: bool = False) -> None:
-  """Saves any pytree of arrays (e.g. params alone) to the new directory ``path``.
+_RENAME_EXCHANGE = 2  # renameat2 flag (Linux >= 3.15): swap two paths atomically.
+_AT_FDCWD = -100
 
-  Blocks until the checkpoint is complete on disk; written atomically (a
-  temporary directory renamed at the end), then given a manifest.
+
+def _exchange(a: str, b: str) -> bool:
+  """Swaps the directories ``a`` and ``b`` in one atomic step; False where the OS or the file
+  system cannot (then nothing changed)."""
+  try:
+    renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+  except (AttributeError, OSError):
+    return False
+  return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+def _is_saved_checkpoint(path: str) -> bool:
+  return any(os.path.isfile(os.path.join(path, name)) for name in ("_METADATA", MANIFEST))
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    ocp.multihost.sync_global_processes(name)
+
+
+def save(path: str | os.PathLike, tree: PyTree, force: bool = True) -> None:
+  """Saves any pytree of arrays (e.g. params alone) to the directory ``path``, like
+  ``torch.save``: an existing checkpoint there is replaced atomically.
+
+  The new checkpoint is written and given its manifest in ``PATH.fjt-tmp``, then swapped
+  with the old one in one rename, so a process killed at any moment leaves ``path`` holding
+  the old checkpoint or the new one, whole. Blocks until it is complete on disk.
+
+  Args:
+    force: with ``False``, an existing ``path`` is an error instead. A ``path`` that exists
+      but is not a checkpoint written by ``save`` is never replaced.
   """
   path = os.path.abspath(os.fspath(path))
+  if os.path.exists(path):
+    if not _is_saved_checkpoint(path):
+      raise FileExistsError(f"checkpoint.save: {path} exists and is not a checkpoint written by "
+                            "fjt.checkpoint.save; choose a new path")
+    if not force:
+      raise FileExistsError(f"checkpoint.save: {path} exists and is a checkpoint; pass force=True "
+                            "to replace it")
+  tmp = path + ".fjt-tmp"
+  main = jax.process_index() == 0  # One writer per checkpoint in a multi-process run.
+  if main:
+    for leftover in [tmp] + [p for p in _siblings(tmp) if ".orbax-checkpoint-tmp" in p]:
+      shutil.rmtree(leftover, ignore_errors=True)  # Of a save that was killed.
+  _sync("fjt-save-clean")
   with ocp.Checkpointer(_handler()) as checkpointer:
-    checkpointer.save(path, args=ocp.args.PyTreeSave(to_nested_dict(tree)), force=force)
-  if jax.process_index() == 0:  # One writer per checkpoint in a multi-process run.
-    write_manifest(path, array_specs(tree))
+    checkpointer.save(tmp, args=ocp.args.PyTreeSave(to_nested_dict(tree)))
+  if main:
+    write_manifest(tmp, array_specs(tree))
+    if not os.path.exists(path):
+      os.rename(tmp, path)
+    elif _exchange(tmp, path):
+      shutil.rmtree(tmp)  # The old checkpoint, swapped out.
+    else:  # No atomic swap here: between the renames, the old one is at PATH.fjt-old.
+      old = path + ".fjt-old"
+      shutil.rmtree(old, ignore_errors=True)
+      os.rename(path, old)
+      os.rename(tmp, path)
+      shutil.rmtree(old)
+  _sync("fjt-save-done")
+
+
+def _siblings(path: str) -> list[str]:
+  """Paths in ``path``'s directory whose name starts with its name."""
+  parent, name = os.path.split(path)
+  if not os.path.isdir(parent):
+    return []
+  return [os.path.join(parent, n) for n in os.listdir(parent) if n.startswith(name)]
 
 
 def _sharding(leaf) -> jax.sharding.Sharding:
@@ -363,7 +447,9 @@ def load(path: str | os.PathLike, target: PyTree | None = None, strict: bool = T
       step directory, or a directory written by ``save``.
     target: ``None``, or a pytree (e.g. a ``TrainState`` or ``{"params": ...}``)
       of arrays or ``jax.ShapeDtypeStruct``. Restored leaves take the target's
-      dtype and sharding; the result has the target's type.
+      dtype and sharding; the result has the target's type. Onto variables
+      (``{"params", "batch_stats"}`` or one of them), a run's checkpoint gives
+      those sub-trees: its optimizer state, step and rng are not "unexpected".
     strict: with a target, raise ``CheckpointMismatchError`` listing every
       missing, unexpected and mismatched path (outside ``skip``).
     skip: regular expressions (``re.search``) on '/'-joined target paths not to
@@ -375,7 +461,7 @@ def load(path: str | os.PathLike, target: PyTree | None = None, strict: bool = T
     paths in both are loaded, missing ones keep the target's values.
   """
   checkpoint_dir, item_dir = resolve(path)
-  verify(checkpoint_dir)
+  verify_or_say(checkpoint_dir)
   saved = saved_shapes(checkpoint_dir)
   if target is None:
     abstract = {p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=_sharding(None))
@@ -384,6 +470,7 @@ def load(path: str | os.PathLike, target: PyTree | None = None, strict: bool = T
     tree = _tree_metadata(item_dir)
     return jax.tree_util.tree_map_with_path(lambda kp, _: restored[path_str(kp)], tree)
 
+  saved = _onto(saved, target)
   report = compare(saved, target, skip)
   skipped = set(report.skipped)
   if strict:
@@ -418,6 +505,15 @@ def load(path: str | os.PathLike, target: PyTree | None = None, strict: bool = T
   return tree if strict else (tree, report)
 
 
+def _onto(saved: dict[str, jax.ShapeDtypeStruct], target: PyTree) -> dict[str, jax.ShapeDtypeStruct]:
+  """The leaves of ``saved`` that loading onto ``target`` considers: for a variables target
+  (top-level keys among ``VARIABLES``), only the checkpoint's ``VARIABLES`` sub-trees."""
+  nested = to_nested_dict(target)
+  if not (isinstance(nested, dict) and nested and set(nested) <= set(VARIABLES)):
+    return saved
+  return {p: s for p, s in saved.items() if p.split("/", 1)[0] in VARIABLES} or saved
+
+
 def _variables_paths(saved: dict[str, Any]) -> dict[str, str]:
   """``{variables path: saved path}``: ``params/...`` and ``batch_stats/...`` leaves as they are,
   or, for a params tree saved on its own, every leaf under ``params/``."""
@@ -440,7 +536,7 @@ def iter_variables(path: str | os.PathLike, groups: Sequence[Sequence[str]] | No
   code streaming over many checkpoints holds one group, not one model, of each input.
   """
   checkpoint_dir, item_dir = resolve(path)
-  verify(checkpoint_dir)
+  verify_or_say(checkpoint_dir)
   saved = saved_shapes(checkpoint_dir)
   names = _variables_paths(saved)
   for group in [list(names)] if groups is None else groups:
@@ -493,17 +589,23 @@ class RunCheckpointer:
   Saves are asynchronous: ``save`` returns once the state is safe from later
   updates (copied off an accelerator; on CPU, pinned against donation, which
   copies nothing), and the checkpoint is written in the background into a
-  temporary directory renamed when complete, then given its manifest, so a run
-  killed at any moment leaves only whole steps. One save runs at a time: a save
-  waits for the previous one. Keeps the ``max_to_keep`` newest steps plus the
-  best one by ``best_metric``. Errors of a background save are raised by the
+  temporary directory renamed when complete, then sealed with its manifest, so a
+  run killed at any moment leaves only whole steps. A step is marked unsealed
+  (``<step>.fjt-unsealed``) from the start of its save until its manifest is
+  written, so a run killed in between is told apart from a manifest lost later.
+  One save runs at a time: a save waits for the previous one. Keeps the
+  ``max_to_keep`` (>= 1) newest steps plus the best one by ``best_metric``, so the
+  newest step is never deleted. Errors of a background save are raised by the
   next ``save``, ``wait_until_finished`` or ``close``.
   """
 
   def __init__(self, workdir: str, max_to_keep: int = 2, best_metric: str | None = None,
                best_mode: str = "max"):
+    if not positive_int(max_to_keep):  # As fjt.options says it for configs.
+      raise ConfigError(f"config key 'checkpoint.max_to_keep': expected a positive int (a run "
+                        f"never deletes its last checkpoint), got {max_to_keep!r}")
     if best_mode not in ("max", "min"):
-      raise ValueError(f"config key 'checkpoint.best_mode': expected 'max' or 'min', got {best_mode!r}")
+      raise ConfigError(f"config key 'checkpoint.best_mode': expected 'max' or 'min', got {best_mode!r}")
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     policies = [ocp.checkpoint_managers.LatestN(n=max_to_keep)]
     if best_metric:  # BestN keeps the end of an ascending sort, so "max" is not reversed.
@@ -523,33 +625,72 @@ class RunCheckpointer:
                                             item_handlers=_handler())
     return self._manager
 
-  def restore_latest(self, target: PyTree, fallback: bool = False) -> tuple[PyTree, int]:
-    """``(state, step)`` from the newest step that reads cleanly, or ``(target, 0)``
-    when there is none. Leftover temporary directories of unfinished saves are removed.
+  def _unsealed_marker(self, step: int) -> str:
+    return os.path.join(self.directory, f"{step}.fjt-unsealed")
 
-    A damaged newest step is an error naming its directory and file, unless
-    ``fallback``: then each damaged step is renamed ``damaged-<step>`` (nothing
-    is deleted) with a warning, and the next older one is tried.
+  def _set_aside(self, directory: str, name: str) -> str:
+    """Renames a step directory to ``name`` (``name-2``, ... if taken); nothing is deleted."""
+    aside, n = os.path.join(self.directory, name), 1
+    while os.path.exists(aside):
+      n += 1
+      aside = os.path.join(self.directory, f"{name}-{n}")
+    if jax.process_index() == 0:
+      os.rename(directory, aside)
+    return aside
+
+  def restore_latest(self, target: PyTree, fallback: bool = False) -> tuple[PyTree, int]:
+    """``(state, step)`` from the newest step that verifies and reads cleanly, or
+    ``(target, 0)`` when there is none. Leftover temporary directories of unfinished
+    saves are removed.
+
+    Every file is checked against the step's manifest (sizes and CRC-32s) first. A step
+    whose save was killed before its manifest was written is set aside as
+    ``unsealed-<step>`` and the previous one is tried. A damaged newest step, or one whose
+    manifest is missing (unverified: it is never sealed after the fact), is an error
+    naming its directory and file, unless ``fallback``: then it is renamed
+    ``damaged-<step>`` (nothing is deleted), said in one line on stderr, and the next older
+    one is tried. Falling back past every step is said too, and starts from step 0.
     """
     self._join()
+    set_aside = 0
+    unsealed = {step for step, _ in step_dirs(self.directory)
+                if os.path.exists(self._unsealed_marker(step))}
     for step, directory in reversed(step_dirs(self.directory)):
+      sealed = os.path.isfile(os.path.join(directory, MANIFEST))
+      if not sealed and step in unsealed:
+        set_aside += 1
+        aside = self._set_aside(directory, f"unsealed-{step}")
+        _say(f"checkpoint {directory} was never sealed (the run was killed while saving it); "
+             f"moved it to {aside}, trying the previous step")
+        continue
       try:
+        if not sealed:
+          raise CheckpointError(f"checkpoint {directory}: file {MANIFEST} is missing, so its "
+                                "files cannot be verified")
         state = load(directory, target)
       except CheckpointError as e:
         if not fallback:
           raise CheckpointError(
               f"{e}. To resume from the newest step that reads cleanly instead, run again with "
               "--config.checkpoint.fallback=True (damaged steps are kept, renamed damaged-<step>)") from e
-        aside = os.path.join(self.directory, f"damaged-{step}")
-        os.replace(directory, aside)
-        warnings.warn(f"{e}; moved it to {aside} and trying the previous step", stacklevel=2)
+        set_aside += 1
+        aside = self._set_aside(directory, f"damaged-{step}")
+        _say(f"{e}; moved it to {aside}, trying the previous step")
         continue
-      if jax.process_index() == 0 and not os.path.isfile(os.path.join(directory, MANIFEST)):
-        write_manifest(directory)  # Saved by a run killed before it could seal it.
-      self._open()  # Removes leftover temporary directories.
+      self._start()
       return state, step
-    self._open()
+    if set_aside:
+      _say(f"no step under {self.directory} reads cleanly; training from step 0")
+    self._start()
     return target, 0
+
+  def _start(self) -> None:
+    """Removes what killed saves left: temporary directories (Orbax) and unsealed markers."""
+    self._open()
+    if jax.process_index() == 0:
+      for name in os.listdir(self.directory):
+        if name.endswith(".fjt-unsealed"):
+          os.remove(os.path.join(self.directory, name))
 
   def save(self, step: int, state: PyTree, metrics: dict[str, float] | None = None) -> None:
     """Starts saving ``state`` as step ``step``; returns before it is on disk."""
@@ -558,6 +699,9 @@ class RunCheckpointer:
     args = ocp.args.PyTreeSave(to_nested_dict(state))
     arrays = array_specs(args.item)
     views = _host_views(args.item)
+    main, marker = jax.process_index() == 0, self._unsealed_marker(step)
+    if main:  # Before Orbax can rename the step into place.
+      open(marker, "w").close()
     if views is None:  # Orbax copies the arrays to host before it returns.
       manager.save(step, args=args, metrics=metrics)
 
@@ -569,8 +713,10 @@ class RunCheckpointer:
         manager.wait_until_finished()
         directory = os.path.join(self.directory, str(step))
         # One writer per checkpoint in a multi-process run; max_to_keep may have removed it.
-        if jax.process_index() == 0 and os.path.isdir(directory):
+        if main and os.path.isdir(directory):
           write_manifest(directory, arrays)
+        if main:
+          os.remove(marker)
       except BaseException as e:  # Raised in the caller's thread by the next call.
         self._error = e
 

@@ -13,7 +13,7 @@ import ast
 import difflib
 import importlib.util
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import ml_collections
 
@@ -22,9 +22,26 @@ class ConfigError(ValueError):
   """A config file, key or value that cannot be used as given."""
 
 
-# Top-level keys every experiment has: ``load_config`` adds those a file leaves out, so a file
-# states only what it changes and ``--config.ema.decay=0.99`` works on any of them.
+# Every default of a run, in one place: ``load_config`` (and the loops, for configs built in
+# code) adds the keys a config leaves out, so a file states only what it changes and
+# ``--config.ema.decay=0.99`` works on any of them. Required keys (``seed``, ``data``,
+# ``model``, ``optimizer``, ``train.steps``, ``train.batch_size``, ``train.eval_every``) have no
+# default.
 RUN_DEFAULTS = {
+    "task": "",  # A name in fjt.TASKS; empty: the dataset's own (info["task"], else classification).
+    "train": {
+        "log_every": 100,  # Steps between train-metric rows (and NaN checks).
+        "eval_batch_size": 1024,
+        "rng_streams": ("dropout",),  # Flax rng streams the train step supplies, one key each.
+        "grad_accum_steps": 1,  # Micro-batches per optimizer step (batch_size is the total).
+    },
+    "checkpoint": {
+        "every_steps": 0,  # 0: at the end only.
+        "max_to_keep": 2,
+        "best_metric": "",  # Also keep the best step by this eval metric; empty: newest only.
+        "best_mode": "",  # max | min; empty: the task's mode.
+        "fallback": False,  # Resume from an older step when the newest is damaged.
+    },
     "ema": {"decay": 0.0},  # Exponential moving average of the params; 0 disables.
     "swa": {"start_step": 0, "every": 0},  # Stochastic weight averaging; every 0 disables.
     "mesh": {"data": -1},  # Devices on the data axis; -1: every device.
@@ -34,12 +51,38 @@ RUN_DEFAULTS = {
     "freeze": (),  # Path patterns (regex) of parameters that get no updates.
 }
 
+# The defaults of a ``replicas`` group (added only where a config has one).
+REPLICA_DEFAULTS = {
+    "split": "iid",  # iid | dirichlet
+    "alpha": 0.5,  # Dirichlet concentration: smaller is more skewed.
+    "min_size": 1,  # Examples per replica at least (dirichlet re-draws until it holds).
+    "seed": 0,  # Of the split; batches use config.seed.
+    "server_optimizer": "none",  # none | momentum (FedAvgM) | nesterov (DiLoCo outer step)
+    "server_learning_rate": 1.0,
+    "server_momentum": 0.0,
+    "optimizer_state": "keep",  # keep (each replica its own) | average
+    "warmup_steps": 0,  # Synchronous data-parallel steps before the first round (DiLoCo's warm start).
+    "communication_dtype": "float32",  # float32 | bfloat16: the pseudo-gradients as averaged.
+    "baselines": ("centralized",),  # Runs trained beside: centralized/sync (batch N*B), single (B).
+}
+
+
+def _add_defaults(config: ml_collections.ConfigDict, defaults: dict) -> None:
+  for key, value in defaults.items():
+    if isinstance(value, dict):
+      if key not in config or config[key] is None:
+        config[key] = ml_collections.ConfigDict()
+      _add_defaults(config[key], value)
+    elif key not in config:
+      config[key] = value
+
 
 def with_run_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """``config`` with each key of ``RUN_DEFAULTS`` it lacks added (in place; returned)."""
-  for key, value in RUN_DEFAULTS.items():
-    if key not in config:
-      config[key] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
+  """``config`` with each key of ``RUN_DEFAULTS`` (and, if it has a ``replicas`` group,
+  ``REPLICA_DEFAULTS``) that it lacks added, at any depth (in place; returned)."""
+  _add_defaults(config, RUN_DEFAULTS)
+  if config.get("replicas"):
+    _add_defaults(config.replicas, REPLICA_DEFAULTS)
   return config
 
 
@@ -103,10 +146,32 @@ def _parse_value(dotted: str, text: str, current):
   return value
 
 
+# Groups whose keys depend on their ``name`` (``data``: the dataset's options, ``model``: the
+# model's attributes): group -> options(name) -> {key: default} or None if the name is unknown.
+# Filled by ``fjt.data`` and ``fjt.models``, which know their registries.
+SWITCHABLE_GROUPS: dict[str, Callable[[str], dict | None]] = {}
+
+
+def _switch_group(config: ml_collections.ConfigDict, group: str, name: str) -> None:
+  """``config[group]`` for ``name``: its options at their defaults. Nothing of the old group is
+  kept: an option of the same name may mean something else (digits' ``layout`` is what to make,
+  arrays' is what the file holds)."""
+  defaults = SWITCHABLE_GROUPS[group](name)
+  if defaults is not None:  # An unknown name: the loader's own error lists the known ones.
+    config[group] = ml_collections.ConfigDict({"name": name, **defaults})
+
+
 def apply_overrides(config: ml_collections.ConfigDict,
                     overrides: Sequence[str]) -> ml_collections.ConfigDict:
-  """Sets ``a.b=VALUE`` overrides on a copy of ``config``; keys must exist."""
+  """Sets ``a.b=VALUE`` overrides on a copy of ``config``; keys must exist.
+
+  ``data.name=X`` and ``model.name=X`` are applied first and switch their group to X's
+  options at their defaults (``--config.data.name=arrays --config.data.path=F.npz`` works on
+  any config).
+  """
   config = ml_collections.ConfigDict(config.to_dict())
+  switches = [o for o in overrides if o.partition("=")[0] in {f"{g}.name" for g in SWITCHABLE_GROUPS}]
+  overrides = switches + [o for o in overrides if o not in switches]
   for item in overrides:
     dotted, sep, text = item.partition("=")
     if not sep:
@@ -123,6 +188,9 @@ def apply_overrides(config: ml_collections.ConfigDict,
     if isinstance(current, ml_collections.ConfigDict):
       raise ConfigError(f"config key {dotted!r} is a group; set one of its keys: {sorted(current)}")
     node[parts[-1]] = _parse_value(dotted, text, current)
+    if len(parts) == 2 and parts[1] == "name" and parts[0] in SWITCHABLE_GROUPS \
+        and node["name"] != current:
+      _switch_group(config, parts[0], node["name"])
   return config
 
 

@@ -103,8 +103,8 @@ def load_run(workdir: str) -> tuple[GPT, PyTree, Tokenizer]:
     raise ValueError(f"run {workdir!r}: dataset {config.data.name!r} records no tokenizer "
                      "(use data 'tokens', or 'text' with block_size)")
   tokenizer = load_tokenizer(info["tokenizer"])
-  if model.vocab_size != tokenizer.vocab_size:
-    raise ValueError(f"run {workdir!r}: model.vocab_size {model.vocab_size} differs from the "
+  if model.vocab_size < tokenizer.vocab_size:
+    raise ValueError(f"run {workdir!r}: model.vocab_size {model.vocab_size} is smaller than the "
                      f"{tokenizer.vocab_size} tokens of the data's tokenizer")
   return model, checkpoint.load_variables(workdir)["params"], tokenizer
 

@@ -23,6 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fjt import aggregate, checkpoint
+from fjt.tasks import Task
 from fjt.tree import flatten, unflatten
 
 PyTree = Any
@@ -56,24 +57,23 @@ def check_inputs(paths: Sequence[str]) -> None:
       raise ValueError(f"{path} does not have the variables of {paths[0]}:\n{report}")
 
 
-def make_evaluator(config) -> Callable[[dict[str, PyTree]], dict[str, float]]:
-  """``evaluate(variables) -> {"loss", "accuracy"}`` on the test split of ``config``."""
+def make_evaluator(config) -> tuple[Callable[[dict[str, PyTree]], dict[str, float]], Task]:
+  """``(evaluate(variables) -> the task's metrics on the test split of config, task)``."""
+  from fjt.config import with_run_defaults
   from fjt.data import load_dataset
   from fjt.models import create_model
-  from fjt.train import evaluate, make_eval_step
-  from fjt.state import TrainState
+  from fjt.steps import evaluate, make_eval_step
+  from fjt.train import resolve_task
 
+  config = with_run_defaults(config)
   dataset = load_dataset(config.data)
-  model = create_model(config.model)
-  eval_step = make_eval_step(model)
-  batch_size = config.train.get("eval_batch_size", 1024)
+  task = resolve_task(config, dataset)
+  eval_step = make_eval_step(create_model(config.model), task)
 
   def evaluate_variables(variables):
-    state = TrainState(step=np.int32(0), params=variables["params"],
-                       batch_stats=variables["batch_stats"], opt_state={}, rng=np.zeros(2, np.uint32))
-    return evaluate(eval_step, state, dataset.test, batch_size)
+    return evaluate(eval_step, variables, dataset.test, config.train.eval_batch_size)
 
-  return evaluate_variables
+  return evaluate_variables, task
 
 
 def _recompute(config, variables):
@@ -130,11 +130,13 @@ def _streaming_mean(paths, weights, on_input):
   for i, (path, weight) in enumerate(zip(paths, weights)):
     pieces = checkpoint.iter_variables(path, groups + [stats_paths])
     for mean, piece in zip(means, pieces):  # Each piece is read when asked for.
+      aggregate.check_finite([piece], [path])
       mean.add(unflatten(piece), weight)
       del piece
       _release_freed_memory()
     batch_stats = unflatten(next(pieces)).get("batch_stats")
     if batch_stats:  # Pairwise merging is exact: the pooled formula is associative.
+      aggregate.check_finite([batch_stats], [path])
       stats = batch_stats if stats is None else aggregate.merge_batch_stats(
           [stats, batch_stats], [count, weight])
     count += weight
@@ -151,6 +153,9 @@ def average_checkpoints(paths: Sequence[str], out: str, weights: Sequence[float]
                         recompute_batch_stats: bool = False, progress: bool = True) -> MergeResult:
   """Aggregates the variables of checkpoints ``paths`` (run workdirs or checkpoint
   directories) and saves ``{"params", "batch_stats"}`` to the new directory ``out``.
+
+  Every input's files are checked against its manifest as it is read, and an input with a
+  NaN or Inf is an error naming its path and the leaf's.
 
   Args:
     weights: one non-negative weight per input (e.g. example counts); default equal.
@@ -175,7 +180,7 @@ def average_checkpoints(paths: Sequence[str], out: str, weights: Sequence[float]
     raise ValueError(f"output {out!r} exists; choose a new directory")
   check_inputs(paths)
 
-  evaluate = make_evaluator(config) if config is not None else None
+  evaluate, task = make_evaluator(config) if config is not None else (None, None)
   rows = [{"path": p, "weight": w} for p, w in zip(paths, weights)]
   bar = tqdm(total=len(paths), desc=f"average ({method})", unit="input", disable=not progress)
 
@@ -184,26 +189,30 @@ def average_checkpoints(paths: Sequence[str], out: str, weights: Sequence[float]
       rows[i].update(evaluate(read_variables()))
     bar.update()
 
-  chosen = list(range(len(paths)))
-  if method == "mean":
-    merged = _streaming_mean(paths, weights, on_input)
-  else:
-    inputs = []
-    for i, path in enumerate(paths):
-      inputs.append(checkpoint.load_variables(path))
-      on_input(i, lambda: inputs[-1])
-    if method == "greedy":
-      _, chosen, _ = aggregate.greedy_soup(inputs, lambda v: evaluate(v)["accuracy"])
-      inputs, weights = [inputs[i] for i in chosen], [weights[i] for i in chosen]
-      params = aggregate.mean([v["params"] for v in inputs], weights)
-    elif method == "median":
-      params = aggregate.median([v["params"] for v in inputs])
+  try:  # The bar is closed before an error is printed.
+    chosen = list(range(len(paths)))
+    if method == "mean":
+      merged = _streaming_mean(paths, weights, on_input)
     else:
-      params = aggregate.trimmed_mean([v["params"] for v in inputs], trim)
-    stats = [v["batch_stats"] for v in inputs]
-    merged = {"params": params,
-              "batch_stats": aggregate.merge_batch_stats(stats, weights) if stats[0] else {}}
-  bar.close()
+      inputs = []
+      for i, path in enumerate(paths):
+        inputs.append(checkpoint.load_variables(path))
+        aggregate.check_finite([inputs[-1]], [path])
+        on_input(i, lambda: inputs[-1])
+      if method == "greedy":
+        sign = 1.0 if task.mode == "max" else -1.0  # greedy_soup keeps higher scores.
+        _, chosen, _ = aggregate.greedy_soup(inputs, lambda v: sign * evaluate(v)[task.headline])
+        inputs, weights = [inputs[i] for i in chosen], [weights[i] for i in chosen]
+        params = aggregate.mean([v["params"] for v in inputs], weights)
+      elif method == "median":
+        params = aggregate.median([v["params"] for v in inputs])
+      else:
+        params = aggregate.trimmed_mean([v["params"] for v in inputs], trim)
+      stats = [v["batch_stats"] for v in inputs]
+      merged = {"params": params,
+                "batch_stats": aggregate.merge_batch_stats(stats, weights) if stats[0] else {}}
+  finally:
+    bar.close()
   if recompute_batch_stats and merged["batch_stats"]:
     merged = _recompute(config, merged)
 

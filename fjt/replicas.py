@@ -22,6 +22,12 @@ Server optimizer (FedOpt, Reddi et al., 2021): the pseudo-gradient of a round is
 the new global params are ``w + server_tx.update(g)``: ``"none"`` is ``w - lr * g`` (lr 1: the
 weighted mean itself, plain FedAvg), ``"momentum"`` is FedAvgM (SGD with momentum on ``g``),
 ``"nesterov"`` is DiLoCo's outer optimizer (Nesterov SGD on ``g``).
+
+Communication (DiLoCo, Douillard et al., 2023; OpenDiLoCo): with ``communication_dtype``
+``bfloat16`` each replica's pseudo-gradient ``w - w_k`` is cast to bfloat16 before the mean (what
+would cross the network), the mean accumulated in float32. ``communication_bytes`` counts what a
+replica sends per round, against what synchronous data parallel sends (a float32 gradient per
+step).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import functools
 import json
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -47,17 +53,22 @@ from fjt import checkpoint
 from fjt import data as fjt_data
 from fjt import train as fjt_train
 from fjt.averaging import TemporalAveraging
-from fjt.config import ConfigError, positive_int, require
+from fjt.config import ConfigError, with_run_defaults
+from fjt.data import Dataset
 from fjt.data import splits as fjt_splits
-from fjt.logs import MetricWriter, plot_metrics
-from fjt.sharding import create_mesh, process_rows, put_global, put_replicated, to_host
+from fjt.logs import RunLog
+from fjt.models import create_model
+from fjt.options import ReplicaOptions, TrainOptions
+from fjt.sharding import (create_mesh, needs_lockstep, process_rows, put_global, put_replicated,
+                          put_split, to_host)
 from fjt.state import PyTree, TrainState, create_from_config
-from fjt.train import train_step_fn
+from fjt.steps import TaskLike, evaluate, make_eval_step, make_train_step, train_step_fn
+from fjt.train import NonFiniteLossError
 
 AXIS = "replica"
-SPLITS = ("iid", "dirichlet")
 SERVER_OPTIMIZERS = ("none", "momentum", "nesterov")
 OPTIMIZER_STATES = ("keep", "average")
+COMMUNICATION_DTYPES = ("float32", "bfloat16")
 _NO_AVERAGES = ("config keys 'ema.decay' and 'swa.every': temporal averages are not kept by "
                 "replicas; set both to 0")
 
@@ -88,10 +99,11 @@ class ReplicaState:
 
 
 def local_step(model: nn.Module, tx: optax.GradientTransformation, state: TrainState,
-               batch: Batch) -> tuple[TrainState, Metrics]:
-  """One optimizer step of one replica on ``batch`` (``x``, int32 ``y`` ``(B,)``), un-jitted:
-  ``fjt.train.train_step_fn`` (replicas keep no temporal averages)."""
-  return train_step_fn(model, tx)(state, batch)
+               batch: Batch, task: TaskLike = "classification",
+               rng_streams: Sequence[str] = ("dropout",)) -> tuple[TrainState, Metrics]:
+  """One optimizer step of one replica on ``batch``, un-jitted: ``fjt.steps.train_step_fn``
+  with ``task`` (replicas keep no temporal averages)."""
+  return train_step_fn(model, tx, task, rng_streams=rng_streams)(state, batch)
 
 
 def _per_replica(counts: jax.Array, x: jax.Array) -> jax.Array:
@@ -242,38 +254,50 @@ def shard_state(state: ReplicaState, mesh: Mesh) -> ReplicaState:
 
 def make_round(model: nn.Module, tx: optax.GradientTransformation,
                server_tx: optax.GradientTransformation | None = None, mesh: Mesh | None = None,
-               optimizer_state: str = "keep"
+               optimizer_state: str = "keep", task: TaskLike = "classification",
+               rng_streams: Sequence[str] = ("dropout",), communication_dtype: str = "float32"
                ) -> Callable[[ReplicaState, Batch, jax.Array], tuple[ReplicaState, Metrics]]:
   """``run_round(state, batches, counts) -> (state, metrics)``, jit-compiled, ``state`` donated.
 
-  ``batches`` holds ``x`` ``(N, L, B, ...)`` and int32 ``y`` ``(N, L, B)``: replica ``k`` takes
-  ``L`` local steps (``local_step``), step ``t`` on ``batches[k, t]``. Then, with ``counts``
+  ``batches`` holds ``x`` ``(N, L, B, ...)`` and ``y`` ``(N, L, B, ...)``: replica ``k`` takes
+  ``L`` local steps (``local_step`` with ``task``), step ``t`` on ``batches[k, t]``. Then, with ``counts``
   ``(N,)`` the weights ``n_k``: params ``w <- w + server_tx.update(w - replica_mean(w_k))``
   (the weighted mean itself when ``server_tx`` is None), ``batch_stats`` merged by
   ``replica_batch_stats``, optimizer states kept per replica (``"keep"``) or replaced by their
-  ``replica_mean`` (``"average"``); the aggregate is broadcast to every replica. Metrics:
-  ``loss`` and ``accuracy`` ``(N, L)``. With ``mesh``, inputs and outputs are split over its
+  ``replica_mean`` (``"average"``); the aggregate is broadcast to every replica. With
+  ``communication_dtype="bfloat16"`` the pseudo-gradients ``w - w_k`` are averaged as bfloat16
+  values (float32 sums). Metrics: the train step's (``loss``, ...), each ``(N, L)``. With ``mesh``, inputs and outputs are split over its
   ``"replica"`` axis (the server's state replicated).
   """
   if optimizer_state not in OPTIMIZER_STATES:
     raise ConfigError(f"config key 'replicas.optimizer_state': expected one of "
                       f"{OPTIMIZER_STATES}, got {optimizer_state!r}")
+  if communication_dtype not in COMMUNICATION_DTYPES:
+    raise ConfigError(f"config key 'replicas.communication_dtype': expected one of "
+                      f"{COMMUNICATION_DTYPES}, got {communication_dtype!r}")
+  wire = jnp.dtype(communication_dtype)
 
   def run_round(state: ReplicaState, batches: Batch, counts: jax.Array
                 ) -> tuple[ReplicaState, Metrics]:
     start = state.replicas
     num = state.num_replicas
     n = jnp.asarray(counts, jnp.float32)
-    train_replica = lambda s, b: jax.lax.scan(functools.partial(local_step, model, tx), s, b)
+    step = functools.partial(local_step, model, tx, task=task, rng_streams=rng_streams)
+    train_replica = lambda s, b: jax.lax.scan(step, s, b)
     trained, metrics = jax.vmap(train_replica)(start, batches)
     server_opt_state = state.server_opt_state
-    if server_tx is None:
+    if server_tx is None and wire == jnp.float32:
       params = _broadcast(replica_mean(trained.params, n), num)
     else:
       # Rows of start.params are all the global params w, so w - mean_k(w_k) = mean_k(w - w_k),
       # and w + update stays equal in every row without gathering w from one device.
-      pseudo_grad = replica_mean(jax.tree.map(jnp.subtract, start.params, trained.params), n)
-      updates, server_opt_state = server_tx.update(pseudo_grad, server_opt_state)
+      sent = jax.tree.map(lambda w, w_k: (w - w_k).astype(wire), start.params, trained.params)
+      pseudo_grad = jax.tree.map(lambda g, w: g.astype(w.dtype), replica_mean(sent, n),
+                                 start.params)
+      if server_tx is None:  # Plain FedAvg: w - mean_k(w - w_k).
+        updates = jax.tree.map(jnp.negative, pseudo_grad)
+      else:
+        updates, server_opt_state = server_tx.update(pseudo_grad, server_opt_state)
       params = jax.tree.map(lambda w, u: (w + u).astype(w.dtype), start.params, updates)
     opt_state = trained.opt_state
     if optimizer_state == "average":
@@ -294,53 +318,45 @@ def make_round(model: nn.Module, tx: optax.GradientTransformation,
 # The driver.
 
 
-def _options(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  replicas = config.get("replicas")
-  if not isinstance(replicas, ml_collections.ConfigDict):
-    raise ConfigError("config has no group 'replicas', which fjt.replicas.fit requires")
-  opts = {
-      "num": require(config, "replicas.num", positive_int, "a positive int"),
-      "split": require(config, "replicas.split", lambda v: v in SPLITS, f"one of {SPLITS}"),
-      "local_steps": require(config, "replicas.local_steps", positive_int, "a positive int"),
-      "rounds": require(config, "replicas.rounds", positive_int, "a positive int"),
-      "seed": require(config, "replicas.seed", lambda v: isinstance(v, int), "an int"),
-      "alpha": float(replicas.get("alpha", 0.5)),
-      "min_size": int(replicas.get("min_size", 1)),
-      "server_optimizer": replicas.get("server_optimizer", "none"),
-      "server_learning_rate": float(replicas.get("server_learning_rate", 1.0)),
-      "server_momentum": float(replicas.get("server_momentum", 0.0)),
-      "optimizer_state": replicas.get("optimizer_state", "keep"),
-      "batch_size": require(config, "train.batch_size", positive_int, "a positive int"),
-      "eval_batch_size": config.train.get("eval_batch_size", 1024),
-      "seed_train": require(config, "seed", lambda v: isinstance(v, int), "an int"),
-  }
-  for key in ("pretrain", "init_from"):
-    if config.get(key):
-      raise ConfigError(f"config key {key!r}: fjt.replicas.fit does not start from a checkpoint "
-                        "yet; leave it empty")
-  return opts
-
-
 def _with_steps(config: ml_collections.ConfigDict, steps: int) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict(config.to_dict())
   config.train.steps = steps
   return config
 
 
+def baseline_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """A baseline of a replicas config, for ``fjt.train.fit``: the same model, optimizer and seed
+  for as many optimizer steps as each replica takes (``warmup_steps + rounds * local_steps``),
+  evaluated every ``local_steps`` steps and checkpointed at the end only. ``"centralized"`` or
+  ``"sync"``: synchronous data parallel on the whole training set with the global batch
+  ``N * B`` (the same examples seen); ``"single"``: one worker with the per-replica batch B."""
+  opts = ReplicaOptions.from_config(config)
+  steps = opts.inner_steps
+  baseline = _with_steps(config, steps)
+  del baseline["replicas"]
+  baseline.train.batch_size = config.train.batch_size * (1 if name == "single" else opts.num)
+  baseline.train.eval_every = baseline.train.log_every = opts.local_steps
+  baseline.checkpoint.every_steps = steps
+  return baseline
+
+
 def centralized_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The centralised baseline of a replicas config, for ``fjt.train.fit``: the same model,
-  optimizer and seed on the whole training set, seeing the same number of examples: batch size
-  ``N * B`` for ``rounds * local_steps`` steps, evaluated every ``local_steps`` steps (once per
-  round-equivalent) and checkpointed at the end only."""
-  opts = _options(config)
-  steps = opts["rounds"] * opts["local_steps"]
-  central = _with_steps(config, steps)
-  del central["replicas"]
-  central.train.batch_size = opts["num"] * opts["batch_size"]
-  central.train.eval_every = central.train.log_every = opts["local_steps"]
-  if central.get("checkpoint") is not None:
-    central.checkpoint.every_steps = steps
-  return central
+  """``baseline_config(config, "centralized")``: batch ``N * B``, every replica's steps."""
+  return baseline_config(config, "centralized")
+
+
+def communication_bytes(params: PyTree, opts: ReplicaOptions) -> dict[str, Any]:
+  """What one replica sends: a pseudo-gradient (``opts.communication_dtype``) per round, against
+  synchronous data parallel's gradient (the params' dtype) per step, for the same inner steps
+  after the warm start."""
+  leaves = jax.tree.leaves(params)
+  size = sum(int(np.prod(np.shape(x))) for x in leaves)
+  gradient_bytes = sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize for x in leaves)
+  sent = opts.rounds * size * np.dtype(jnp.dtype(opts.communication_dtype)).itemsize
+  sync = opts.rounds * opts.local_steps * gradient_bytes
+  return {"rounds": opts.rounds, "dtype": opts.communication_dtype,
+          "bytes_per_replica": sent, "sync_bytes_per_replica": sync,
+          "ratio": sync / sent}
 
 
 def _check_finite(loss: np.ndarray, round_: int) -> None:
@@ -349,7 +365,7 @@ def _check_finite(loss: np.ndarray, round_: int) -> None:
   bad = np.argwhere(~np.isfinite(loss))
   if len(bad):
     k, t = bad[0]
-    raise fjt_train.NonFiniteLossError(
+    raise NonFiniteLossError(
         f"training loss of replica {k} is {loss[k, t]} at local step {t + 1} of round {round_}; "
         "lower optimizer.learning_rate or set optimizer.grad_clip_norm")
 
@@ -367,18 +383,45 @@ def _check_centralized_dir(directory: str, config: ml_collections.ConfigDict) ->
                       "workdir, or delete that directory to train the baseline again")
 
 
-def split_dataset(labels: np.ndarray, opts: Mapping[str, Any]) -> list[np.ndarray]:
-  """The shards of ``opts["split"]`` (``iid`` or ``dirichlet``) as index arrays."""
+def split_dataset(targets: np.ndarray, opts: ReplicaOptions) -> list[np.ndarray]:
+  """The shards of ``opts.split`` (``iid`` or ``dirichlet``, by the int labels ``targets``) as
+  index arrays."""
   try:
-    if opts["split"] == "iid":
-      return fjt_splits.iid_split(labels, opts["num"], opts["seed"])
-    return fjt_splits.dirichlet_split(labels, opts["num"], opts["alpha"], opts["seed"],
-                                      opts["min_size"])
+    if opts.split == "iid":
+      return fjt_splits.iid_split(targets, opts.num, opts.seed)
+    targets = np.asarray(targets)
+    if targets.ndim != 1 or not np.issubdtype(targets.dtype, np.integer):
+      raise ValueError(f"config key 'replicas.split': 'dirichlet' splits by class labels, one int "
+                       f"per example; these targets are {targets.dtype} {targets.shape}: use 'iid'")
+    return fjt_splits.dirichlet_split(targets, opts.num, opts.alpha, opts.seed, opts.min_size)
   except ValueError as e:  # The split functions name the 'replicas.*' key.
     raise ConfigError(str(e)) from e
 
 
-def fit(config: ml_collections.ConfigDict, workdir: str,
+def _warm_start(model, tx, task, state: TrainState, dataset: Dataset, options: TrainOptions,
+                global_batch: int, steps: int, mesh: Mesh, log: RunLog) -> TrainState:
+  """``steps`` synchronous data-parallel steps of ``state`` on batches of ``global_batch`` (the
+  warm start of DiLoCo), over the devices of ``mesh``; logs their train metrics."""
+  state = put_replicated(state, mesh)
+  train_step = make_train_step(model, tx, task, mesh=mesh, rng_streams=options.rng_streams)
+  rows = process_rows(global_batch, mesh)
+  window = []
+  for step in range(steps):
+    local = fjt_data.get_batch(dataset.train, options.seed, step, global_batch, rows)
+    state, metrics = train_step(state, put_split(local, mesh, global_batch))
+    if needs_lockstep(mesh):
+      jax.block_until_ready(metrics)
+    window.append(metrics)
+    if (step + 1) % options.log_every == 0 or step + 1 == steps:
+      window = to_host(window)
+      _check_finite(np.asarray([[m["loss"] for m in window]]), 0)
+      log.write(step + 1, "train", {k: float(np.mean([m[k] for m in window])) for k in window[0]})
+      window = []
+  return to_host(state)
+
+
+def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module | None = None,
+        dataset: Dataset | None = None, task: TaskLike | None = None,
         progress: bool = True) -> tuple[TrainState, dict[str, Any]]:
   """Trains ``config.replicas.num`` replicas for ``rounds`` rounds and evaluates the aggregate;
   returns (global state, summary).
@@ -388,99 +431,115 @@ def fit(config: ml_collections.ConfigDict, workdir: str,
   ``server_learning_rate``, ``server_momentum``, ``optimizer_state``. ``train.batch_size`` is
   each replica's batch size B; ``train.steps`` is set to ``rounds * local_steps`` (each
   replica's optimizer steps, which the learning-rate schedule spans). Replica ``k``'s batches
-  are ``fjt.data.splits.replica_batches`` of its shard with seed ``config.seed``.
+  are ``fjt.data.splits.replica_batches`` of its shard with seed ``config.seed``. ``model``,
+  ``dataset`` and ``task`` replace what the config names, as in ``fjt.train.fit``.
 
-  Writes to ``workdir``: ``config.json``, ``splits.json`` (examples and examples per class of
-  each replica), ``metrics.jsonl`` (per round: ``train`` loss/accuracy averaged over replicas and
-  local steps, ``eval`` of the aggregate on the test split), ``metrics.png``, the final global
-  state in ``final/``, the centralised baseline run (``centralized_config``) in
-  ``centralized/``, and ``summary.json`` = ``{"step": rounds, "eval": {"accuracy", "loss",
-  "centralized_accuracy", "centralized_loss"}, "replicas": {...}, "seconds": {...}}``.
+  Writes to ``workdir`` (``fjt.logs.RunLog``): ``config.json``, ``splits.json`` (examples and
+  examples per class of each replica), ``metrics.jsonl`` (per round: ``train`` metrics averaged
+  over replicas and local steps, ``eval`` of the aggregate on the test split), ``metrics.png``,
+  the final global state in ``final/``, the centralised baseline run (``centralized_config``)
+  in ``centralized/``, and ``summary.json`` = ``{"step": rounds, "eval": {the task's metrics,
+  "centralized_<metric>" ...}, "replicas": {...}, "seconds": {...}}``.
   """
-  opts = _options(config)
-  rounds, local_steps, num = opts["rounds"], opts["local_steps"], opts["num"]
-  config = _with_steps(config, rounds * local_steps)
+  config = with_run_defaults(config)
+  opts = ReplicaOptions.from_config(config)
+  options = TrainOptions.from_config(config)
+  rounds, local_steps, num, warmup = opts.rounds, opts.local_steps, opts.num, opts.warmup_steps
+  config = _with_steps(config, opts.inner_steps)
   if TemporalAveraging.from_config(config).names:
     raise ConfigError(_NO_AVERAGES)
-  central_config, central_dir = centralized_config(config), os.path.join(workdir, "centralized")
-  _check_centralized_dir(central_dir, central_config)
+  baselines = {name: (baseline_config(config, name), os.path.join(workdir, name))
+               for name in opts.baselines}
+  for baseline, directory in baselines.values():
+    _check_centralized_dir(directory, baseline)
   main = jax.process_index() == 0  # Only process 0 writes files other than checkpoints.
   fjt_train.prepare_workdir(workdir)
-  if main:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=2))
-  dataset = fjt_data.load_dataset(config.data)
-  if dataset.info.get("task") == "language_model":
-    raise ConfigError("config key 'data.name': replicas train classifiers; "
-                      f"{config.data.name!r} is a language-model dataset")
+  dataset = dataset if dataset is not None else fjt_data.load_dataset(config.data)
+  task = fjt_train.resolve_task(config, dataset, task)
 
   shards = split_dataset(dataset.train["y"], opts)
   counts = [len(s) for s in shards]
-  class_counts = fjt_splits.split_counts(shards, dataset.train["y"], dataset.num_classes)
-  report = {"num": num, "split": opts["split"], "seed": opts["seed"], "counts": counts,
-            "class_counts": class_counts.tolist()}
-  if opts["split"] == "dirichlet":
-    report.update(alpha=opts["alpha"], min_size=opts["min_size"])
+  report = {"num": num, "split": opts.split, "seed": opts.seed, "counts": counts}
+  labels = np.asarray(dataset.train["y"])
+  if dataset.num_classes and labels.ndim == 1 and np.issubdtype(labels.dtype, np.integer):
+    report["class_counts"] = fjt_splits.split_counts(shards, labels, dataset.num_classes).tolist()
+  if opts.split == "dirichlet":
+    report.update(alpha=opts.alpha, min_size=opts.min_size)
+  log = RunLog(workdir, config, enabled=main)
   if main:
     with open(os.path.join(workdir, "splits.json"), "w", encoding="utf-8") as f:
       json.dump(report, f, indent=2)
 
   tic = time.perf_counter()
   mesh = replica_mesh(num)
-  model, tx, state = create_from_config(config, dataset.train["x"][:1])
-  server_tx = create_server_optimizer(opts["server_optimizer"], opts["server_learning_rate"],
-                                     opts["server_momentum"])
-  state = shard_state(replicate(state, num, server_tx), mesh)
-  run_round = make_round(model, tx, server_tx, mesh, opts["optimizer_state"])
+  model = create_model(config.model) if model is None else model
+  fjt_train.check_layout(model, dataset)
+  example = jax.tree.map(lambda v: v[:1], dataset.train["x"])
+  model, tx, state = create_from_config(config, example, model, options.rng_streams)
+  fjt_train.check_model_fits_data(model, state, dataset, task)
+  server_tx = create_server_optimizer(opts.server_optimizer, opts.server_learning_rate,
+                                     opts.server_momentum)
   data_mesh = Mesh(mesh.devices, ("data",))  # Evaluation splits test batches over the devices.
-  eval_step = fjt_train.make_eval_step(model, data_mesh)
-  eval_batch_size = -(-opts["eval_batch_size"] // mesh.size) * mesh.size
+  eval_step = make_eval_step(model, task, mesh=data_mesh)
+  eval_batch_size = -(-options.eval_batch_size // mesh.size) * mesh.size
+  if warmup:
+    state = _warm_start(model, tx, task, state, dataset, options, num * options.batch_size,
+                        warmup, data_mesh, log)
+    log.write(warmup, "eval", evaluate(eval_step, put_replicated(state, data_mesh), dataset.test,
+                                       eval_batch_size, averages=False, mesh=data_mesh))
+  communication = communication_bytes(state.params, opts)
+  state = shard_state(replicate(state, num, server_tx), mesh)
+  run_round = make_round(model, tx, server_tx, mesh, opts.optimizer_state, task,
+                         options.rng_streams, opts.communication_dtype)
   weights = shard_replicas(np.asarray(counts, np.float32), mesh)
   mine = local_replicas(num, mesh)
   gather = jax.jit(lambda tree: tree, out_shardings=NamedSharding(mesh, P()))
-  writer = MetricWriter(workdir, enabled=main)
   try:
     with tqdm(total=rounds, disable=not (progress and main), desc="rounds", unit="round",
               dynamic_ncols=True) as bar:
       for r in range(rounds):
         # Each process builds only the batches of its own replicas.
         batches = fjt_splits.replica_batches(dataset.train, [shards[k] for k in mine],
-                                             opts["seed_train"], r * local_steps, local_steps,
-                                             opts["batch_size"], first_replica=mine.start)
+                                             options.seed, warmup + r * local_steps, local_steps,
+                                             options.batch_size, first_replica=mine.start)
         state, metrics = run_round(state, put_local_replicas(batches, mesh, num), weights)
         metrics = to_host(gather(metrics))
         _check_finite(metrics["loss"], r + 1)
-        writer.write(r + 1, "train", {k: float(np.mean(v)) for k, v in metrics.items()})
-        eval_metrics = fjt_train.evaluate(eval_step, global_state(state, mesh), dataset.test,
-                                          eval_batch_size, averages=False, mesh=data_mesh)
-        writer.write(r + 1, "eval", eval_metrics)
-        bar.set_postfix(accuracy=f"{eval_metrics['accuracy']:.4f}", refresh=False)
+        inner = warmup + (r + 1) * local_steps  # Rows are at inner steps, as the baselines'.
+        log.write(inner, "train", {k: float(np.mean(v)) for k, v in metrics.items()})
+        eval_metrics = evaluate(eval_step, global_state(state, mesh), dataset.test,
+                                eval_batch_size, averages=False, mesh=data_mesh)
+        log.write(inner, "eval", eval_metrics)
+        bar.set_postfix({task.headline: f"{eval_metrics[task.headline]:.4f}"}, refresh=False)
         bar.update()
   finally:
-    writer.close()
+    log.close()
   final = global_state(state, mesh)
   checkpoint.save(os.path.join(workdir, "final"), final, force=True)
   replicas_seconds = time.perf_counter() - tic
 
-  tic = time.perf_counter()
-  _, central = fjt_train.fit(central_config, central_dir, progress=progress)
-  central_seconds = time.perf_counter() - tic
+  eval_metrics = dict(eval_metrics)
+  seconds = {"replicas": replicas_seconds}
+  for name, (baseline, directory) in baselines.items():
+    tic = time.perf_counter()
+    _, result = fjt_train.fit(baseline, directory, model=model, dataset=dataset, task=task,
+                              progress=progress)
+    seconds[name] = time.perf_counter() - tic
+    eval_metrics.update({f"{name}_{k}": v for k, v in result["eval"].items()})
 
   summary = {
       "step": rounds,
-      "eval": {**eval_metrics, "centralized_accuracy": central["eval"]["accuracy"],
-               "centralized_loss": central["eval"]["loss"]},
+      "eval": eval_metrics,
       "replicas": {**report, "local_steps": local_steps, "rounds": rounds,
-                   "batch_size": opts["batch_size"],
-                   "server_optimizer": opts["server_optimizer"],
-                   "server_learning_rate": opts["server_learning_rate"],
-                   "server_momentum": opts["server_momentum"],
-                   "optimizer_state": opts["optimizer_state"]},
-      "seconds": {"replicas": replicas_seconds, "centralized": central_seconds},
+                   "warmup_steps": warmup, "batch_size": options.batch_size,
+                   "server_optimizer": opts.server_optimizer,
+                   "server_learning_rate": opts.server_learning_rate,
+                   "server_momentum": opts.server_momentum,
+                   "optimizer_state": opts.optimizer_state},
+      "communication": communication,
+      "seconds": seconds,
   }
-  if main:
-    with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-      json.dump(summary, f, indent=2)
-    plot_metrics(writer.path, os.path.join(workdir, "metrics.png"), "accuracy",
-                 {"centralized": central["eval"]["accuracy"]})
+  log.finish(summary, task.headline,
+             curves={name: os.path.join(directory, "metrics.jsonl")
+                     for name, (_, directory) in baselines.items()})
   return final, summary

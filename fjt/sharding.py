@@ -98,13 +98,12 @@ def process_rows(global_rows: int, mesh: Mesh, axis: str = "data") -> slice:
   return slice(start, start + per_process)
 
 
-def put_split(local: Mapping[str, np.ndarray], mesh: Mesh, global_rows: int,
-              axis: str = "data") -> dict[str, jax.Array]:
-  """This process's rows of a global batch (see ``process_rows``) as global arrays
-  split over ``axis``."""
+def put_split(local: PyTree, mesh: Mesh, global_rows: int, axis: str = "data") -> PyTree:
+  """This process's rows of a global batch (a pytree, see ``process_rows``) as global
+  arrays split over ``axis``."""
   sharding = split(mesh, axis)
-  return {k: jax.make_array_from_process_local_data(sharding, v, (global_rows, *v.shape[1:]))
-          for k, v in local.items()}
+  return jax.tree.map(lambda v: jax.make_array_from_process_local_data(
+      sharding, v, (global_rows, *v.shape[1:])), local)
 
 
 def needs_lockstep(mesh: Mesh) -> bool:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -42,19 +45,42 @@ class TrainState:
     return {"params": self.params, "batch_stats": self.batch_stats}
 
 
-def init_variables(model: nn.Module, example_x: jax.Array, rng: jax.Array) -> dict[str, PyTree]:
-  """``model.init`` in eval mode: ``{"params": ..., "batch_stats": ...}`` (always both keys)."""
-  variables = model.init(rng, example_x, train=False)
+@functools.lru_cache(maxsize=64)
+def _takes_train(cls: type) -> bool:
+  try:
+    return "train" in inspect.signature(cls.__call__).parameters
+  except (TypeError, ValueError):
+    return False
+
+
+def model_kwargs(model: nn.Module, train: bool) -> dict[str, bool]:
+  """``{"train": train}`` if ``model.__call__`` has a ``train`` parameter, else ``{}``: fjt's
+  models take one, a plain ``nn.Dense`` or a user's module may not."""
+  return {"train": train} if _takes_train(type(model)) else {}
+
+
+def init_variables(model: nn.Module, example_x: PyTree, rng: jax.Array,
+                   rng_streams: Sequence[str] = ()) -> dict[str, PyTree]:
+  """``model.init`` in eval mode: ``{"params": ..., "batch_stats": ...}`` (always both keys).
+
+  ``example_x`` is one batch of inputs (an array or a dict of arrays; only shapes and dtypes
+  matter). ``rng`` seeds ``params``; each of ``rng_streams`` gets a key of its own, for models
+  that draw from them even at init.
+  """
+  rngs = {"params": rng, **{name: jax.random.fold_in(rng, i + 1)
+                            for i, name in enumerate(rng_streams)}}
+  variables = model.init(rngs, example_x, **model_kwargs(model, train=False))
   return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
-                       example_x: jax.Array, rng: jax.Array,
-                       averaging: TemporalAveraging = TemporalAveraging()) -> TrainState:
+                       example_x: PyTree, rng: jax.Array,
+                       averaging: TemporalAveraging = TemporalAveraging(),
+                       rng_streams: Sequence[str] = ()) -> TrainState:
   """A fresh train state at step 0. Pure, so it can run under ``jax.jit`` or
   ``jax.eval_shape`` (for the shapes of a state without allocating it)."""
   init_rng, state_rng = jax.random.split(rng)
-  variables = init_variables(model, example_x, init_rng)
+  variables = init_variables(model, example_x, init_rng, rng_streams)
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=variables["params"],
@@ -64,23 +90,27 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
       averages=averaging.init(variables))
 
 
-def _parts_from_config(config) -> tuple[nn.Module, optax.GradientTransformation, TemporalAveraging]:
+def _parts_from_config(config, model: nn.Module | None = None
+                       ) -> tuple[nn.Module, optax.GradientTransformation, TemporalAveraging]:
   from fjt.models import create_model  # Local imports keep this module light.
   from fjt.optim import create_optimizer
 
-  model = create_model(config.model)
+  model = create_model(config.model) if model is None else model
   tx = create_optimizer(config.optimizer, int(config.train.steps), tuple(config.get("freeze", ())))
   return model, tx, TemporalAveraging.from_config(config)
 
 
-def create_from_config(config, example_x) -> tuple[nn.Module, optax.GradientTransformation, TrainState]:
-  """The model, optimizer and fresh train state that ``config`` describes.
+def create_from_config(config, example_x, model: nn.Module | None = None,
+                       rng_streams: Sequence[str] = ()
+                       ) -> tuple[nn.Module, optax.GradientTransformation, TrainState]:
+  """The model (``config.model``, unless ``model`` is given), optimizer and fresh train state
+  that ``config`` describes.
 
   ``example_x`` is one batch of inputs (only its shape and dtype matter).
   """
-  model, tx, averaging = _parts_from_config(config)
-  state = jax.jit(create_train_state, static_argnums=(0, 1, 4))(
-      model, tx, example_x, jax.random.PRNGKey(config.seed), averaging)
+  model, tx, averaging = _parts_from_config(config, model)
+  state = jax.jit(create_train_state, static_argnums=(0, 1, 4, 5))(
+      model, tx, example_x, jax.random.PRNGKey(config.seed), averaging, tuple(rng_streams))
   return model, tx, state
 
 
@@ -89,7 +119,7 @@ def abstract_from_config(config) -> tuple[nn.Module, TrainState]:
   (``jax.ShapeDtypeStruct`` leaves, via ``jax.eval_shape``: nothing allocated)."""
   from fjt.data import load_dataset
 
-  example = load_dataset(config.data).train["x"][:1]
+  example = jax.tree.map(lambda v: v[:1], load_dataset(config.data).train["x"])
   model, tx, averaging = _parts_from_config(config)
   abstract = jax.eval_shape(lambda rng: create_train_state(model, tx, example, rng, averaging),
                             jax.random.PRNGKey(0))

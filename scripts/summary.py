@@ -3,6 +3,7 @@
   python scripts/summary.py runs/digits_cnn [--stats]
   python scripts/summary.py configs/digits_cnn.py
   python scripts/summary.py --diff runs/digits_cnn configs/digits_finetune.py
+  python scripts/summary.py runs/digits_mlp --activations [--batch 256] [--plot acts.png]
 """
 
 import argparse
@@ -16,9 +17,17 @@ def main(argv=None) -> int:
   parser.add_argument("--freeze", action="append", default=[], help="path pattern of frozen params")
   parser.add_argument("--diff", nargs=2, metavar=("A", "B"),
                       help="report what loading A onto B would find missing, unexpected, mismatched")
+  parser.add_argument("--activations", action="store_true",
+                      help="the outputs of every layer for a batch of the run's validation data")
+  parser.add_argument("--batch", type=int, default=256, help="examples in that batch (default 256)")
+  parser.add_argument("--plot", metavar="FILE.png", help="with --activations: one histogram per layer")
   args = parser.parse_args(argv)
   if bool(args.source) == bool(args.diff):
     parser.error("give either SOURCE or --diff A B")
+  if args.plot and not args.activations:
+    parser.error("--plot draws the activations: add --activations")
+  if args.batch < 1:
+    parser.error(f"--batch must be positive, got {args.batch}")
 
   from fjt import summary  # After argument parsing, so --help is instant.
   from fjt.checkpoint import CheckpointError
@@ -29,6 +38,14 @@ def main(argv=None) -> int:
       report = summary.diff(*args.diff)
       print(report)
       return 0 if not (report.missing or report.unexpected or report.mismatched) else 1
+    if args.activations:
+      model, variables, config = summary.load_model(args.source)
+      captured = summary.capture(model, variables, summary.validation_batch(config, args.batch))
+      print(summary.format_activations(summary.activation_rows(captured)))
+      if args.plot:
+        summary.plot_activations(captured, args.plot)
+        print(f"wrote {args.plot}")
+      return 0
     print(summary.format_table(summary.state_table(args.source, args.stats, args.freeze)))
   except (CheckpointError, ConfigError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -27,3 +27,15 @@ def tiny_digits_config(model: str = "mlp", steps: int = 30) -> ml_collections.Co
 @pytest.fixture
 def tiny_config():
   return tiny_digits_config
+
+
+def pytest_terminal_summary(terminalreporter):
+  """One line per reason for the tests that were skipped (e.g. an optional extra not installed),
+  so that "3 skipped" never hides what did not run."""
+  import collections
+  reasons = collections.Counter()
+  for report in terminalreporter.stats.get("skipped", []):
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    reasons[reason.removeprefix("Skipped: ")] += 1
+  for reason, count in sorted(reasons.items()):
+    terminalreporter.write_line(f"skipped {count}: {reason}")

@@ -462,3 +462,13 @@ def test_aggregate_variables_of_two_mlps():
   with pytest.warns(UserWarning, match="input 1 at params/Dense_1/bias"):
     skipped = agg.aggregate_variables([a, nan], counts=[1, 1], on_nonfinite="skip")
   equal_trees(skipped["batch_stats"], jax.tree.map(jnp.asarray, a["batch_stats"]))
+
+
+def test_greedy_soup_names_a_nan_candidate_by_its_index():
+  trees = [{"w": np.full(3, float(i), np.float32)} for i in range(3)]
+  trees[2]["w"][1] = np.nan
+  scores = []
+  with pytest.raises(ValueError) as info:
+    agg.greedy_soup(trees, lambda t: scores.append(1) or 1.0)
+  assert str(info.value) == "candidate 2 has a non-finite value (NaN or Inf) at w"
+  assert scores == []  # Before any evaluation.

@@ -172,15 +172,22 @@ def copy_run(src, dst):
   return dst
 
 
-@pytest.mark.parametrize("damage", ["truncate", "delete"])
+@pytest.mark.parametrize("damage", ["truncate", "delete", "bitflip"])
 def test_damaged_checkpoint_is_named_and_fallback_restores(tmp_path, uninterrupted, damage):
   workdir = copy_run(uninterrupted, tmp_path / "run")
   steps = checkpoint.step_dirs(workdir / "checkpoints")
   newest = steps[-1][1]
-  victim = sorted(glob.glob(os.path.join(newest, "default", "**", "d", "*"), recursive=True))[0]
+  victim = max(glob.glob(os.path.join(newest, "default", "**", "d", "*"), recursive=True),
+               key=os.path.getsize)
   if damage == "truncate":
     with open(victim, "r+b") as f:
       f.truncate(10)
+  elif damage == "bitflip":  # Same size: only the CRC-32 can tell.
+    with open(victim, "r+b") as f:
+      f.seek(os.path.getsize(victim) // 2)
+      byte = f.read(1)[0]
+      f.seek(-1, os.SEEK_CUR)
+      f.write(bytes([byte ^ 1]))
   else:
     os.remove(victim)
   rel = os.path.relpath(victim, newest)
@@ -190,15 +197,25 @@ def test_damaged_checkpoint_is_named_and_fallback_restores(tmp_path, uninterrupt
   assert f"checkpoint {newest}: file {rel}" in err and "--config.checkpoint.fallback=True" in err
   assert "Traceback" not in err
   assert os.path.isdir(newest)  # Nothing deleted.
-  if damage == "delete":
-    return  # The fallback path is the same for both kinds of damage.
+  if damage != "truncate":
+    return  # The fallback path is the same for every kind of damage.
   process = train_cli(workdir, *KILL_RUN, "--config.checkpoint.fallback=True")
   out, err = process.communicate(timeout=300)
   assert process.returncode == 0, err
-  assert "trying the previous step" in err
+  said = [line for line in err.splitlines() if line.startswith("fjt: ")]
+  assert len(said) == 1 and said[0].startswith(f"fjt: checkpoint {newest}: file {rel}")
+  assert said[0].endswith("trying the previous step") and "Warning" not in err
   assert os.path.isdir(workdir / "checkpoints" / f"damaged-{steps[-1][0]}")
   # Retraining from the older step gives back the same final state.
   assert_trees_equal(checkpoint.load(workdir), checkpoint.load(uninterrupted))
+
+
+def test_max_to_keep_zero_is_a_one_line_config_error(tmp_path):
+  out, err = train_cli(tmp_path, "--config.train.steps=10",
+                       "--config.checkpoint.max_to_keep=0").communicate(timeout=300)
+  assert err.strip().splitlines() == ["error: config key 'checkpoint.max_to_keep': expected a "
+                                      "positive int (a run never deletes its last checkpoint), got 0"]
+  assert not os.path.exists(tmp_path / "checkpoints" / "10")
 
 
 def test_fine_tuning_freezes_the_body_and_trains_a_new_head(tmp_path):

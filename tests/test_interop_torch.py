@@ -233,6 +233,11 @@ def test_torch_loads_to_state_dict_strictly_with_names_from_the_import_report(ca
   fresh.load_state_dict(interop.to_torch(state_dict), strict=True)
   np.testing.assert_allclose(torch_out(fresh, case.torch_x), fjt_out(case, variables),
                              rtol=0, atol=1e-5)
+  # like=report: the same keys with no rules, and the counters' values; bit for bit.
+  like = interop.to_state_dict(variables, like=report, nchw_flatten=case.nchw)
+  fresh.load_state_dict(interop.to_torch(like), strict=True)
+  for key, value in case.trained.state_dict().items():
+    assert torch.equal(fresh.state_dict()[key], value), key
 
 
 @pytest.mark.parametrize("name,make_torch", [
@@ -303,7 +308,11 @@ def test_key_map_can_drop_keys_and_names_bad_targets():
   init = jax.tree.map(jnp.asarray, random_variables(case, seed=4))
   state_dict = TorchMLP().state_dict()
   # A new head: drop the old one, the target's freshly initialised Dense_2 stays.
-  variables, report = interop.from_state_dict(state_dict, init, key_map=[(r"head\..*", None)])
+  with pytest.raises(interop.StateDictMismatch, match=re.escape(
+      "2 Flax paths got no value: ['params/Dense_2/bias', 'params/Dense_2/kernel']; 0 torch keys")):
+    interop.from_state_dict(state_dict, init, key_map=[(r"head\..*", None)])
+  variables, report = interop.from_state_dict(state_dict, init, key_map=[(r"head\..*", None)],
+                                              strict=False)
   assert report.unused[-2:] == ("head.weight", "head.bias")
   assert report.unmatched == ("params/Dense_2/bias", "params/Dense_2/kernel")
   for leaf in ("kernel", "bias"):
@@ -429,4 +438,4 @@ def test_without_torch_only_torch_work_fails_and_says_how_to_install(tmp_path, m
   back, _ = fresh.from_state_dict(state_dict, variables)
   assert_trees_equal(back, variables)
   fresh.save_file(state_dict, tmp_path / "w.safetensors")
-  assert_trees_equal(fresh.load_file(tmp_path / "w.safetensors"), state_dict)
+  assert_trees_equal(dict(fresh.load_file(tmp_path / "w.safetensors")), state_dict)

@@ -83,3 +83,38 @@ def test_average_cli_prints_the_evaluation_table(tmp_path, saved_variables):
   assert lines[0].split() == ["input", "weight", "loss", "accuracy", "used"]
   assert lines[-1].startswith(str(tmp_path / "soup")) and lines[-1].endswith("result")
   assert len(lines) == 5 and all(line.split()[-1] in ("yes", "no") for line in lines[1:4])
+
+
+@pytest.fixture
+def nan_input(tmp_path, saved_variables):
+  """The inputs with the last one replaced by a copy holding a NaN in one kernel."""
+  _, trees, paths = saved_variables
+  bad = jax.tree.map(np.array, trees[2])
+  bad["params"]["Dense_0"]["kernel"][3, 5] = np.nan
+  checkpoint.save(tmp_path / "nan", bad)
+  return paths[:2] + [str(tmp_path / "nan")]
+
+
+@pytest.mark.parametrize("method", ["mean", "median", "greedy"])
+def test_a_nan_input_is_named_by_its_path(tmp_path, saved_variables, nan_input, method):
+  config = saved_variables[0] if method == "greedy" else None
+  with pytest.raises(ValueError) as info:
+    merge.average_checkpoints(nan_input, str(tmp_path / "out"), method=method, config=config,
+                              progress=False)
+  assert str(info.value) == (f"{nan_input[2]} has a non-finite value (NaN or Inf) at "
+                             "params/Dense_0/kernel")
+  assert not os.path.exists(tmp_path / "out")
+
+
+def test_average_cli_names_a_nan_input_in_one_line(tmp_path, saved_variables, nan_input):
+  config, _, _ = saved_variables
+  config_file = tmp_path / "config.py"
+  config_file.write_text("import ml_collections\n\ndef get_config():\n  return ml_collections."
+                         f"ConfigDict({config.to_dict()!r})\n")
+  result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "average.py"), "--out",
+                           str(tmp_path / "soup"), *nan_input, "--config", str(config_file),
+                           "--method", "greedy"], capture_output=True, text=True, timeout=180)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1] == (
+      f"error: {nan_input[2]} has a non-finite value (NaN or Inf) at params/Dense_0/kernel")
+  assert "Traceback" not in result.stderr and "on_nonfinite" not in result.stderr

@@ -99,8 +99,8 @@ def test_batch_norm_statistics_update_in_training_only():
 
 
 def test_unknown_model_name_lists_known_models():
-  with pytest.raises(ConfigError, match=r"unknown model 'resnet'.*\['cnn', 'mlp', 'nnlm'\]"):
-    fjt.create_model({"name": "resnet"})
+  with pytest.raises(ConfigError, match=r"unknown model 'vgg'; known models: \['cnn', .*'mlp', 'nnlm', 'resnet'\]"):
+    fjt.create_model({"name": "vgg"})
 
 
 def test_unknown_model_attribute_is_named():

@@ -7,6 +7,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import fjt
@@ -226,9 +227,10 @@ def test_fit_writes_its_workdir(tmp_path):
   assert central["eval"]["accuracy"] == summary["eval"]["centralized_accuracy"]
   assert json.load(open(tmp_path / "centralized" / "config.json"))["train"]["batch_size"] == 4 * 32
   logged = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-  assert [r["step"] for r in logged if r["split"] == "eval"] == [1, 2, 3]
-  assert logged[-1] == {"step": 3, "split": "eval", "loss": summary["eval"]["loss"],
+  assert [r["step"] for r in logged if r["split"] == "eval"] == [2, 4, 6]  # Inner steps.
+  assert logged[-1] == {"step": 6, "split": "eval", "loss": summary["eval"]["loss"],
                        "accuracy": summary["eval"]["accuracy"]}
+  assert summary["communication"]["ratio"] == 2.0  # A pseudo-gradient per 2 local steps.
   report = json.load(open(tmp_path / "splits.json"))
   assert sum(report["counts"]) == len(LABELS) and min(report["counts"]) >= 10
   assert [sum(c) for c in report["class_counts"]] == report["counts"]
@@ -304,3 +306,39 @@ def test_round_sharded_over_8_devices_equals_one_device(tmp_path):
   assert "'replicas.num': 12 replicas do not split evenly over the 8 devices" in report["errors"][0]
   assert "'replicas.num': 4 replicas do not split evenly over the 8 devices" in report["errors"][1]
   assert "use a multiple of 8" in report["errors"][2]
+
+
+def test_a_round_of_one_plain_sgd_step_equals_a_synchronous_data_parallel_step():
+  model = fjt.MLP(features=(16,), batch_norm=False)
+  tx = optax.sgd(0.1)
+  data = fjt.load_dataset({"name": "digits"}).train
+  state = fjt.create_train_state(model, tx, data["x"][:1], jax.random.PRNGKey(0))
+  shards = [np.arange(k * 100, (k + 1) * 100) for k in range(4)]  # Equal counts.
+  batches = splits.replica_batches(data, shards, 0, 0, 1, 8)  # (4, 1, 8, ...)
+  run_round = fjt.replicas.make_round(model, tx)
+  replicated, _ = run_round(fjt.replicas.replicate(state, 4), batches, np.full(4, 100.0))
+  global_batch = jax.tree.map(lambda x: x[:, 0].reshape(32, *x.shape[3:]), batches)
+  synchronous, _ = jax.jit(fjt.train_step_fn(model, tx))(state, global_batch)
+  assert_close(rows(replicated.replicas)[0].params, synchronous.params, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("communication_dtype", ["float32", "bfloat16"])
+def test_the_outer_nesterov_step_is_optax_sgd_on_the_pseudo_gradient(communication_dtype):
+  model, tx, state, batches, counts = setup(num=3, local_steps=2, rounds=2)
+  server_tx = fjt.replicas.create_server_optimizer("nesterov", 0.7, 0.9)
+  replicated = fjt.replicas.replicate(state, 3, server_tx)
+  run_round = fjt.replicas.make_round(model, tx, server_tx,
+                                      communication_dtype=communication_dtype)
+  local_steps = jax.jit(jax.vmap(lambda s, b: jax.lax.scan(
+      functools.partial(fjt.replicas.local_step, model, tx), s, b)[0]))
+  outer = optax.sgd(0.7, momentum=0.9, nesterov=True)
+  w, outer_state = state.params, outer.init(state.params)
+  wire = jnp.dtype(communication_dtype)
+  for r in range(2):
+    trained = local_steps(replicated.replicas, batches[r])  # Before the round donates them.
+    replicated, _ = run_round(replicated, batches[r], counts)
+    sent = [jax.tree.map(lambda a, b: (a - b[k]).astype(wire), w, trained.params) for k in range(3)]
+    pseudo_grad = jax.tree.map(lambda g: g.astype(jnp.float32), fjt.aggregate.mean(sent, counts))
+    updates, outer_state = outer.update(pseudo_grad, outer_state)
+    w = optax.apply_updates(w, updates)
+  assert_close(rows(replicated.replicas)[0].params, w, rtol=1e-5, atol=1e-6)

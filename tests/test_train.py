@@ -24,7 +24,7 @@ def test_two_runs_with_the_same_seed_are_bitwise_identical(tmp_path):
 def test_train_step_compiles_once_per_run(tmp_path, monkeypatch):
   steps = []
   make = fjt.train.make_train_step
-  monkeypatch.setattr(fjt.train, "make_train_step", lambda *a: steps.append(make(*a)) or steps[-1])
+  monkeypatch.setattr(fjt.train, "make_train_step", lambda *a, **k: steps.append(make(*a, **k)) or steps[-1])
   config = tiny_digits_config("mlp", steps=25)
   config.train.eval_every = 10  # Evaluation between steps must not cause a recompile.
   fjt.fit(config, str(tmp_path), progress=False)
@@ -107,7 +107,7 @@ def test_ema_and_swa_follow_their_definitions():
   averaging = TemporalAveraging(ema_decay=0.9, swa_start=2, swa_every=3)
   state = fjt.create_train_state(model, tx, data.train["x"][:1], jax.random.PRNGKey(0), averaging)
   initial = jax.device_get(state.variables)
-  step_fn = fjt.make_train_step(model, tx, averaging)
+  step_fn = fjt.make_train_step(model, tx, averaging=averaging)
   history = []
   for step in range(9):
     state, _ = step_fn(state, fjt.get_batch(data.train, 0, step, 32))

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 import jax
 import numpy as np
+
+from fjt.data.dataset import num_examples
 
 
 @functools.lru_cache(maxsize=4)
@@ -39,9 +42,10 @@ def batch_indices(seed: int, step: int, num_examples: int, batch_size: int) -> n
   return perm[offset * batch_size:(offset + 1) * batch_size]
 
 
-def get_batch(arrays: Mapping[str, np.ndarray], seed: int, step: int, batch_size: int,
-              rows: slice = slice(None)) -> dict[str, np.ndarray]:
-  """The training batch of ``step``: each array indexed by ``batch_indices``.
+def get_batch(arrays: Mapping[str, Any], seed: int, step: int, batch_size: int,
+              rows: slice = slice(None)) -> dict[str, Any]:
+  """The training batch of ``step``: each array of ``arrays`` (a pytree, e.g. with a dict
+  ``x``) indexed by ``batch_indices``.
 
   ``rows`` selects part of the global batch: the rows one process supplies in a
   multi-process run; only those examples are gathered.
@@ -51,23 +55,27 @@ def get_batch(arrays: Mapping[str, np.ndarray], seed: int, step: int, batch_size
   """
   if hasattr(arrays, "sample_batch"):
     return arrays.sample_batch(seed, step, batch_size, rows)
-  num_examples = len(next(iter(arrays.values())))
-  idx = batch_indices(seed, step, num_examples, batch_size)[rows]
-  return {k: v[idx] for k, v in arrays.items()}
+  idx = batch_indices(seed, step, num_examples(arrays), batch_size)[rows]
+  return jax.tree.map(lambda v: v[idx], arrays)
 
 
-def eval_batches(arrays: Mapping[str, np.ndarray],
-                 batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(arrays: Mapping[str, Any], batch_size: int) -> Iterator[dict[str, Any]]:
   """Every example once, in order, in batches of one fixed shape.
 
-  The last batch is padded with copies of example 0 and carries ``mask``
-  (float32, 1 for real examples), so one compiled eval step serves all batches.
+  The last batch is padded with copies of example 0. Every batch carries ``mask``:
+  float32 ``(B,)``, 1 for real examples and 0 for padding, times the split's own
+  ``mask`` where it has one (e.g. per-token weights ``(B, T)``), so one compiled eval
+  step serves all batches and padding never counts.
   """
-  num_examples = len(next(iter(arrays.values())))
-  for start in range(0, num_examples, batch_size):
+  total = num_examples(arrays)
+  for start in range(0, total, batch_size):
     idx = np.arange(start, start + batch_size)
-    mask = (idx < num_examples).astype(np.float32)
-    idx = np.where(idx < num_examples, idx, 0)
-    batch = {k: v[idx] for k, v in arrays.items()}
-    batch["mask"] = mask
+    valid = (idx < total).astype(np.float32)
+    idx = np.where(idx < total, idx, 0)
+    batch = jax.tree.map(lambda v: v[idx], dict(arrays))
+    if "mask" in batch:
+      own = np.asarray(batch["mask"], np.float32)
+      batch["mask"] = own * valid.reshape((-1,) + (1,) * (own.ndim - 1))
+    else:
+      batch["mask"] = valid
     yield batch

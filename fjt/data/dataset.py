@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -10,19 +11,40 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-  """Two splits of host arrays, each ``{"x": inputs, "y": int32 labels}``.
+  """Two splits of host arrays, each ``{"x": inputs, "y": targets}`` (plus an optional
+  ``mask``, see ``fjt.tasks``). ``x`` may be an array or a dict of arrays; every array of a
+  split has the same leading (example) axis.
 
   Attributes:
     train: training split, indexed by ``fjt.data.get_batch``.
     test: held-out split (the validation split for text).
-    num_classes: number of labels, i.e. the width of the model's output.
-    info: extra facts about the data (vocabulary, baselines), JSON-friendly.
+    num_classes: number of classes, i.e. the width of the model's output; None for
+      targets that are not class ids (regression).
+    info: extra facts about the data, JSON-friendly: ``task`` (the default task's name),
+      ``layout`` of images, vocabulary size, baselines.
   """
-  train: dict[str, np.ndarray]
-  test: dict[str, np.ndarray]
-  num_classes: int
+  train: dict[str, Any]
+  test: dict[str, Any]
+  num_classes: int | None
   info: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   @property
   def num_train(self) -> int:
-    return len(self.train["y"])
+    return num_examples(self.train)
+
+  @property
+  def task(self) -> str:
+    """The name of the task these targets are for (``fjt.TASKS``)."""
+    return self.info.get("task", "classification")
+
+
+def num_examples(arrays) -> int:
+  """The length of the leading axis shared by every array of ``arrays`` (a pytree)."""
+  import jax  # Local: this module is imported by light tools too.
+
+  if isinstance(arrays, Mapping):  # Also a Mapping that is no pytree (fjt.data.windows.TokenWindows).
+    arrays = dict(arrays)
+  lengths = {len(leaf) for leaf in jax.tree.leaves(arrays)}
+  if len(lengths) != 1:
+    raise ValueError(f"the arrays of a split must have one number of examples, got {sorted(lengths)}")
+  return lengths.pop()

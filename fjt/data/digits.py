@@ -45,4 +45,4 @@ def load(layout: str = "flat", classes: Sequence[int] = (), test_fraction: float
     x_test, y_test = x_test[keep_test], relabel[y_test[keep_test]]
     num_classes = len(classes)
   return Dataset(train={"x": x_train, "y": y_train}, test={"x": x_test, "y": y_test},
-                 num_classes=num_classes)
+                 num_classes=num_classes, info={"task": "classification", "layout": layout})

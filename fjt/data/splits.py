@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping, Sequence
 
+import jax
 import numpy as np
 
 
@@ -125,4 +126,8 @@ def replica_batches(arrays: Mapping[str, np.ndarray], shards: Sequence[np.ndarra
   idx = np.stack([shard[stream_indices(seed, first_replica + i, first_step, num_steps, batch_size,
                                        len(shard))]
                   for i, shard in enumerate(shards)])
-  return {k: v[idx] for k, v in arrays.items()}
+  def take(v):  # One flat gather: lazy columns (token windows) index by 1-D arrays.
+    rows = np.asarray(v[idx.reshape(-1)])
+    return rows.reshape(idx.shape + rows.shape[1:])
+
+  return jax.tree.map(take, dict(arrays))

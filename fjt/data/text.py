@@ -30,6 +30,11 @@ _SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-pac
 _DOC_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 
 
+def tokenize(text: str) -> tuple[str, ...]:
+  """Lower-cased word tokens of ``text`` (letters, with an inner apostrophe: ``don't``)."""
+  return tuple(_WORD.findall(text.lower()))
+
+
 def _docstrings(path: str) -> list[str]:
   with open(path, encoding="utf-8") as f:
     source = f.read()
@@ -38,11 +43,6 @@ def _docstrings(path: str) -> list[str]:
     tree = ast.parse(source)
   return [doc for node in ast.walk(tree) if isinstance(node, _DOC_NODES)
           if (doc := ast.get_docstring(node))]
-
-
-def word_tokens(text: str) -> tuple[str, ...]:
-  """The lower-cased words of ``text`` (runs of letters, with an inner apostrophe)."""
-  return tuple(_WORD.findall(text.lower()))
 
 
 @functools.lru_cache(maxsize=2)
@@ -72,14 +72,18 @@ def stdlib_docstrings(root: str | None = None) -> tuple[tuple[str, tuple[tuple[s
   """``((relative_path, (docstring_tokens, ...)), ...)`` in sorted path order."""
   files = []
   for path, docs in stdlib_docstring_texts(root):
-    tokens = tuple(t for d in docs if (t := word_tokens(d)))
+    tokens = tuple(t for d in docs if (t := tokenize(d)))
     if tokens:
       files.append((path, tokens))
   return tuple(files)
 
 
+def file_hash(relative_path: str) -> int:
+  return zlib.crc32(relative_path.encode()) % 100
+
+
 def is_validation_file(relative_path: str, validation_percent: int = 10) -> bool:
-  return zlib.crc32(relative_path.encode()) % 100 < validation_percent
+  return file_hash(relative_path) < validation_percent
 
 
 def build_vocab(docs, vocab_size: int) -> dict[str, int]:
@@ -113,21 +117,32 @@ def unigram_perplexity(train_y: np.ndarray, test_y: np.ndarray, vocab_size: int)
 
 def load(vocab_size: int = 5000, context: int = 4, validation_percent: int = 10,
          block_size: int = 0) -> Dataset:
-  """Windows of ``context`` words -> next word, split by source file.
+  """Windows of ``context`` words -> next word, split by source file; with ``block_size``,
+  blocks of a token stream for a GPT (see ``window_dataset``)."""
+  return window_dataset(stdlib_docstrings(), vocab_size, context, validation_percent,
+                        block_size=block_size)
 
-  With ``block_size > 0`` (a GPT's context), the docstrings of each split become one token
-  stream (each docstring preceded by ``<s>``) and the splits are ``TokenWindows`` of it:
-  ``x``, ``y`` int32 ``(N, block_size)`` with ``y`` the next token of each position; training
-  batches are random windows, evaluation the validation stream in consecutive windows. The
-  vocabulary and the file split are the same as for ``context`` windows.
-  """
-  files = stdlib_docstrings()
-  train_docs = [d for path, docs in files if not is_validation_file(path, validation_percent) for d in docs]
-  test_docs = [d for path, docs in files if is_validation_file(path, validation_percent) for d in docs]
+
+def window_dataset(files, vocab_size: int, context: int, validation_percent: int,
+                   is_validation=None, block_size: int = 0) -> Dataset:
+  """The next-word dataset of ``files`` = ``((relative_path, (doc_tokens, ...)), ...)``: a file
+  is in validation by ``is_validation(path)`` (default ``is_validation_file``); the vocabulary
+  is ``build_vocab`` of the training documents; examples are ``windows``.
+
+  With ``block_size > 0`` (a GPT's context; ``context`` is unused), the documents of each
+  split become one token stream (each document preceded by ``<s>``) and the splits are
+  ``TokenWindows`` of it: ``x``, ``y`` int32 ``(N, block_size)`` with ``y`` the next token of
+  each position; training batches are random windows, evaluation the validation stream in
+  consecutive windows. The vocabulary and the file split are the same as for ``context``
+  windows, and ``info["tokenizer"]`` is the word vocabulary, so a run can decode samples."""
+  if is_validation is None:
+    is_validation = lambda path: is_validation_file(path, validation_percent)
+  train_docs = [d for path, docs in files if not is_validation(path) for d in docs]
+  test_docs = [d for path, docs in files if is_validation(path) for d in docs]
   vocab = build_vocab(train_docs, vocab_size)
   if block_size:
     train, test = (TokenWindows(token_stream(_ids(docs, vocab), vocab[BOS]), block_size, stride)
-        for docs, stride in ((train_docs, 1), (test_docs, block_size)))
+                   for docs, stride in ((train_docs, 1), (test_docs, block_size)))
     y_train, y_test = train.tokens[1:], test.tokens[1:]
   else:
     x_train, y_train = windows(train_docs, vocab, context)
@@ -140,10 +155,13 @@ def load(vocab_size: int = 5000, context: int = 4, validation_percent: int = 10,
       "word_types": len({t for d in train_docs + test_docs for t in d}),
       "unigram_perplexity": unigram_perplexity(y_train, y_test, len(vocab)),
       "task": "language_model",
+      "vocab": sorted(vocab, key=vocab.__getitem__),  # Words in id order: row i of the embedding.
   }
+  # The model's output width is the vocabulary size asked for, even where a small corpus has
+  # fewer words (those ids never occur).
   if block_size:
-    info["tokenizer"] = {"type": "word", "vocab": list(vocab)}
-  return Dataset(train=train, test=test, num_classes=len(vocab), info=info)
+    info["tokenizer"] = {"type": "word", "vocab": info["vocab"]}
+  return Dataset(train=train, test=test, num_classes=max(len(vocab), vocab_size), info=info)
 
 
 def _ids(docs, vocab: dict[str, int]) -> list[list[int]]:

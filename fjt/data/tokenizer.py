@@ -14,7 +14,7 @@ from typing import Protocol
 
 import tokenizers
 
-from fjt.data.text import BOS, UNK, word_tokens
+from fjt.data.text import BOS, UNK, tokenize
 
 BPE_END = "<|endoftext|>"  # GPT-2's document separator, the BPE's only special token.
 
@@ -31,7 +31,7 @@ class Tokenizer(Protocol):
 
 
 class WordTokenizer:
-  """Lower-cased words (``fjt.data.text.word_tokens``) -> ids of ``vocab`` (a list of words,
+  """Lower-cased words (``fjt.data.text.tokenize``) -> ids of ``vocab`` (a list of words,
   id = position; ``<s>`` is 0, ``<unk>`` 1, as ``fjt.data.text.build_vocab`` makes them)."""
 
   def __init__(self, vocab: Sequence[str]):
@@ -44,10 +44,12 @@ class WordTokenizer:
 
   def encode(self, text: str) -> list[int]:
     unk = self.ids[UNK]
-    return [self.ids.get(t, unk) for t in word_tokens(text)]
+    return [self.ids.get(t, unk) for t in tokenize(text)]
 
   def decode(self, ids: Sequence[int]) -> str:
-    return " ".join("\n" if i == self.separator_id else self.vocab[i] for i in ids)
+    # Ids past the vocabulary (a model wider than a small corpus's vocabulary) read as <unk>.
+    return " ".join("\n" if i == self.separator_id else
+                    self.vocab[i] if i < self.vocab_size else UNK for i in ids)
 
   def to_json(self) -> str:
     return json.dumps({"type": "word", "vocab": self.vocab})

@@ -83,7 +83,7 @@ def build_tokenizer(kind: str, texts: Sequence[str], vocab_size: int) -> Tokeniz
   """``word``: the ``vocab_size - 2`` most frequent words of ``texts`` (``fjt.data.text``'s
   vocabulary); ``bpe``: a byte-level BPE of ``vocab_size`` tokens trained on ``texts``."""
   if kind == "word":
-    vocab = text.build_vocab([text.word_tokens(t) for t in texts], vocab_size)
+    vocab = text.build_vocab([text.tokenize(t) for t in texts], vocab_size)
     return WordTokenizer(list(vocab))
   if kind == "bpe":
     return train_bpe(texts, vocab_size)

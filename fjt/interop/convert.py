@@ -10,29 +10,28 @@ from fjt import checkpoint
 from fjt.config import load_config
 from fjt.interop import torch as interop
 from fjt.models import CNN, create_model
-from fjt.state import abstract_from_config
 
 
-def _nchw_flatten(config, model):
-  """PyTorch flattens conv features as NCHW: the CNN's first Dense gets its rows permuted."""
-  if not isinstance(model, CNN):
-    return None
+def _example(config):
   from fjt.data import load_dataset
-  example = load_dataset(config.data).train["x"][:1]
-  return interop.cnn_nchw_flatten(model, example.shape)
+  return load_dataset(config.data).train["x"][:1]
+
+
+def _nchw_flatten(model, example):
+  """PyTorch flattens conv features as NCHW: the CNN's first Dense gets its rows permuted."""
+  return interop.cnn_nchw_flatten(model, example.shape) if isinstance(model, CNN) else None
 
 
 def import_weights(weights_path: str, out_dir: str, config_path: str) -> interop.ImportReport:
   """A ``.safetensors`` / ``.pt`` state_dict -> an fjt checkpoint (``{"params",
-  "batch_stats"}``) for the model of ``config_path``, written to ``out_dir``."""
-  config = load_config(config_path)
-  model, abstract = abstract_from_config(config)
+  "batch_stats"}``) for the model of ``config_path``, written to ``out_dir``. Strict: every
+  variable of the model must get a value and every tensor (but ``num_batches_tracked``) a
+  place, or ``interop.StateDictMismatch`` names them all."""
   state_dict = interop.load_file(weights_path)
-  variables, report = interop.from_state_dict(state_dict, abstract.variables,
-                                              nchw_flatten=_nchw_flatten(config, model))
-  if report.unmatched:
-    raise ValueError(f"{weights_path} has no values for {list(report.unmatched)} of the model of "
-                     f"{config_path}")
+  config = load_config(config_path)
+  model, example = create_model(config.model), _example(config)
+  variables, report = interop.from_state_dict(state_dict, interop.abstract_variables(model, example),
+                                              nchw_flatten=_nchw_flatten(model, example))
   checkpoint.save(out_dir, variables)
   return report
 
@@ -45,7 +44,7 @@ def export_weights(checkpoint_path: str, out_path: str, config_path: str | None 
   nchw = None
   if config_path:
     config = load_config(config_path)
-    nchw = _nchw_flatten(config, create_model(config.model))
+    nchw = _nchw_flatten(create_model(config.model), _example(config))
   state_dict = interop.to_state_dict(jax.device_get(variables), nchw_flatten=nchw)
   interop.save_file(state_dict, out_path)
   return list(state_dict)

@@ -1,14 +1,18 @@
-"""PyTorch ``state_dict`` <-> fjt variables, and ``.safetensors`` / ``.pt`` weight files.
+"""PyTorch ``state_dict`` or ``nn.Module`` <-> fjt variables, that never loads silently wrong.
 
 ``from_state_dict`` fills a Flax variables tree ``{"params": ..., "batch_stats": ...}`` from a
-PyTorch ``state_dict`` (name -> tensor or array); ``to_state_dict`` is its exact inverse.
-Layouts (PyTorch -> Flax; the reverse on export):
+PyTorch module or ``state_dict`` (name -> tensor or array) and reports what went where;
+``to_state_dict(variables, like=report)`` writes the same torch keys back, so the source
+module's ``load_state_dict(strict=True)`` takes them. Layouts (PyTorch -> Flax; the reverse on
+export; see ``fjt.interop.layouts``):
 
-  Linear.weight (out, in)                 -> Dense.kernel (in, out)
-  ConvNd.weight (out, in, *spatial)       -> Conv.kernel (*spatial, in, out)   e.g. OIHW -> HWIO
+  Linear.weight (out, in)                 -> Dense.kernel (in, out)              "linear"
+  Hugging Face Conv1D.weight (in, out)    -> Dense.kernel (in, out)              "as_is"
+  ConvNd.weight (out, in, *spatial)       -> Conv.kernel (*spatial, in, out)     "conv"
   BatchNorm.weight, .bias                 -> params/BatchNorm_i/scale, bias
   BatchNorm.running_mean, .running_var    -> batch_stats/BatchNorm_i/mean, var
-  BatchNorm.num_batches_tracked           -> not used (Flax keeps no count)
+  BatchNorm.num_batches_tracked           -> not used (Flax keeps no count); kept in the report
+  LayerNorm / GroupNorm / RMSNorm .weight, .bias -> scale, bias
   Embedding.weight (num, dim)             -> Embed.embedding (num, dim), unchanged
 
 PyTorch flattens conv features as (C, H, W) and fjt's CNN as (H, W, C), so the Dense after
@@ -23,42 +27,62 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import pickle
 import re
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import flax.core
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
+from fjt.interop import layouts, matching
+from fjt.interop.files import (FILE_TYPES, SortedStateDict, WeightFileError, import_torch,
+                               load_file, natural_key, save_file, to_torch, _to_numpy)
 from fjt.models.cnn import CNN
-from fjt.tree import flatten, path_str
+from fjt.models.gpt import GPT
+from fjt.tree import flatten, unflatten
 
 PyTree = Any
-KeyMap = Sequence[tuple[str, "str | None"]]
+# (pattern, template) or (pattern, template, layout); a template is a Flax path, a Flax module
+# path, a tuple of those (a fused tensor split along its first axis), or None (drop the key).
+KeyMap = Sequence[tuple]
 NchwFlatten = Mapping[str, Sequence[int]]
 
-FILE_TYPES = (".safetensors", ".pt", ".pth")
+__all__ = ["DEFAULT_KEY_MAPS", "FILE_TYPES", "GPT2_KEY_MAP", "ImportReport", "SortedStateDict", "StateDictMismatch", "WeightFileError",
+           "abstract_variables", "cnn_nchw_flatten", "from_state_dict", "import_torch", "load_file",
+           "register_key_map", "save_file", "to_state_dict", "to_torch"]
 
-# For each kind of module: torch leaf name -> (collection, Flax leaf name).
-_LEAVES: dict[str, dict[str, tuple[str, str]]] = {
-    "dense": {"weight": ("params", "kernel"), "bias": ("params", "bias")},
-    "conv": {"weight": ("params", "kernel"), "bias": ("params", "bias")},
-    "batchnorm": {"weight": ("params", "scale"), "bias": ("params", "bias"),
-                  "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")},
-    "embed": {"weight": ("params", "embedding")},
-}
-_TORCH_LEAF = {flax: name for table in _LEAVES.values() for name, flax in table.items()}
+# Hugging Face GPT2LMHeadModel (or GPT2Model: no "transformer." prefix) -> fjt.models.GPT, whose
+# modules carry GPT-2's names; c_attn, c_proj and c_fc are Conv1D, stored (in, out). The tied
+# lm_head.weight is a copy of wte.weight.
+_HF = r"(?:transformer\.)?"
+GPT2_KEY_MAP: KeyMap = (
+    (_HF + r"(wte|wpe)\.weight", r"params/\1/embedding"),
+    (_HF + r"h\.(\d+)\.(ln_1|ln_2)\.(weight|bias)", r"h_\1/\2"),
+    (_HF + r"h\.(\d+)\.(attn|mlp)\.(c_attn|c_proj|c_fc)\.(weight|bias)", r"h_\1/\2/\3", "as_is"),
+    (_HF + r"ln_f\.(weight|bias)", "ln_f"),
+)
+
+# Target model class -> the key map ``from_state_dict`` uses when given none and the map covers
+# every key of the source (``register_key_map`` adds one).
+DEFAULT_KEY_MAPS: dict[type, KeyMap] = {GPT: GPT2_KEY_MAP}
+
+
+def register_key_map(model: type, key_map: KeyMap) -> None:
+  """Makes ``key_map`` the default of ``from_state_dict`` for the targets of ``model`` (an fjt
+  model class): used when no ``key_map`` is given and it covers every key of the source."""
+  _compile(key_map)  # Fails now, not at import time.
+  DEFAULT_KEY_MAPS[model] = tuple(key_map)
+
+
+_TORCH_LEAF = {flax: name for table in matching.LEAVES.values() for name, flax in table.items()}
 _TORCH_LEAF_ORDER = ("weight", "bias", "running_mean", "running_var")  # As torch lists them.
+_COUNTER = "num_batches_tracked"
 
-# Torch dtypes numpy lacks: (torch dtype name, ml_dtypes type, integer type of the same width).
-_BIT_CAST = (("bfloat16", ml_dtypes.bfloat16, np.int16),
-             ("float8_e4m3fn", ml_dtypes.float8_e4m3fn, np.uint8),
-             ("float8_e5m2", ml_dtypes.float8_e5m2, np.uint8))
+
+class StateDictMismatch(ValueError):
+  """A strict import left Flax paths without a value or torch keys unused."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,161 +90,279 @@ class ImportReport:
   """What ``from_state_dict`` did, by torch key and '/'-joined Flax path.
 
   Attributes:
-    matched: torch key -> Flax path of every value used, in state_dict order.
-    reshaped: the entries of ``matched`` whose layout changed (transposed kernels,
-      NCHW-flatten row permutations).
+    matched: torch key -> Flax path of every value used, in source order; a tuple of paths
+      for a fused tensor split by a rule (``in_proj_weight`` -> q, k, v kernels).
+    reshaped: the entries of ``matched`` whose layout changed (transposed, permuted, split or
+      reshaped).
     unmatched: Flax paths that got no value; they keep the target's leaf.
-    unused: torch keys whose value was not used, BatchNorm's ``num_batches_tracked`` among them.
+    unused: torch keys whose value was not used, BatchNorm's ``num_batches_tracked`` among
+      them (never an error: Flax keeps no count; its value is in ``counters``).
+    layouts: torch key -> the layout its value was read in ("linear", "conv", "as_is").
+    tied: torch key -> the earlier key whose tensor it shares (GPT-2's ``lm_head.weight`` ->
+      ``transformer.wte.weight``), for the duplicates of a matched key.
+    counters: ``num_batches_tracked`` key -> its value.
+    tensors: every torch key of the source, in source order -> (shape, numpy dtype).
   """
-  matched: Mapping[str, str]
-  reshaped: Mapping[str, str]
+  matched: Mapping[str, str | tuple[str, ...]]
+  reshaped: Mapping[str, str | tuple[str, ...]]
   unmatched: tuple[str, ...]
   unused: tuple[str, ...]
+  layouts: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  tied: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  counters: Mapping[str, int] = dataclasses.field(default_factory=dict)
+  tensors: Mapping[str, tuple[tuple[int, ...], np.dtype]] = dataclasses.field(default_factory=dict)
 
 
-def from_state_dict(state_dict: Mapping[str, Any], variables: PyTree,
-                    key_map: KeyMap | None = None,
+class _ShapeMismatch(ValueError):
+  """A torch tensor that does not fit the Flax leaf it was sent to."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+  pattern: re.Pattern
+  templates: tuple[str, ...] | None
+  layout: str | None
+
+
+def from_state_dict(source: Any, variables: PyTree, key_map: KeyMap | None = None,
+                    strict: bool = True,
                     nchw_flatten: NchwFlatten | None = None) -> tuple[PyTree, ImportReport]:
-  """Fills Flax ``variables`` from a PyTorch ``state_dict``.
+  """Fills Flax ``variables`` from a PyTorch module or ``state_dict``.
 
   Args:
-    state_dict: torch key -> ``torch.Tensor`` or array, e.g. ``module.state_dict()`` or
-      ``load_file(path)``. Its order matters for automatic matching (below).
-    variables: the target, e.g. ``fjt.init_variables(model, x, rng)``, ``{"params",
-      "batch_stats"}`` of arrays or ``jax.ShapeDtypeStruct``. It fixes every shape and dtype.
-    key_map: ``(pattern, template)`` rules, tried in order on every torch key; the first whose
-      pattern ``re.fullmatch``-es the key sends its value to the Flax path
-      ``match.expand(template)``, e.g. ``(r"head\\.weight", "params/Dense_2/kernel")`` or
-      ``(r"features\\.(\\d+)\\.bias", r"params/Conv_\\1/bias")``; a template of ``None`` drops
-      the key (reported unused). Layouts convert as in automatic matching, by the Flax leaf
-      name (``kernel`` is transposed). A torch module with any key taken by a rule, and a Flax
-      module with any leaf filled by one, are left out of automatic matching, so map every
-      tensor of a renamed module.
+    source: a ``torch.nn.Module`` (each tensor's layout then comes from its module's class),
+      or a ``state_dict``: torch key -> ``torch.Tensor`` or array, e.g. ``module.state_dict()``
+      or ``load_file(path)``. A module, a state_dict as PyTorch returns it and a ``.pt``
+      file keep the source's module order; a ``.safetensors`` file (``SortedStateDict``)
+      does not, and is never matched by order.
+    variables: the target: nested dicts of arrays or ``jax.ShapeDtypeStruct``, e.g.
+      ``fjt.init_variables(model, x, rng)`` or ``abstract_variables(model, x)``. It fixes every
+      shape and dtype, and its dict order (Flax's ``init`` order, which is definition order)
+      drives matching by order; ``jax.tree`` operations such as ``jax.eval_shape`` sort dict
+      keys, which keeps the order of modules of one type at one level but not across types.
+    key_map: rules tried in order on every torch key, the first whose ``pattern``
+      ``re.fullmatch``-es the key deciding: ``(pattern, template)`` or ``(pattern, template,
+      layout)``. ``match.expand(template)`` is a Flax leaf path (``params/Dense_2/kernel``),
+      or a Flax module path (``BatchNorm_0``: the key's last part then picks the leaf by role,
+      ``running_mean`` -> ``batch_stats/BatchNorm_0/mean``), or a tuple of those: the tensor
+      is split along its first axis into that many equal parts (a fused q/k/v projection).
+      A template of None drops the key (reported unused, never an error). ``layout`` (see
+      ``fjt.interop.layouts``) fixes how the tensor's axes are read; a rule's value may also
+      be reshaped (row-major) to its leaf. A torch module with any key taken by a rule, and a
+      Flax module with any leaf filled by one, are left out of automatic matching. None (the
+      default): the first of ``DEFAULT_KEY_MAPS`` (e.g. ``GPT2_KEY_MAP`` for ``fjt.models.GPT``)
+      whose rules send every key of the source to the target, else none; ``[]``: none.
+    strict: if True (the default, like ``load_state_dict``), any Flax path left without a
+      value and any torch key left unused (other than ``num_batches_tracked``, keys dropped by
+      a rule, and tied copies: keys whose tensor shares memory with, or equals bit for bit, a
+      used one, such as GPT-2's ``lm_head.weight``) raise ``StateDictMismatch`` naming all of them.
+      If False, they are listed in the report and the target keeps its leaves.
     nchw_flatten: Flax Dense module path -> ``(C, H, W)``, for a Dense whose torch counterpart
       took input flattened from NCHW features; see ``cnn_nchw_flatten``.
 
-  Automatic matching pairs whole modules. A torch module is a key's prefix before its last
-  '.'; its kind comes from its tensors: ``running_mean`` and ``running_var`` -> BatchNorm;
-  a ``weight`` of rank >= 3 -> Conv; a 2-D ``weight`` with ``bias`` -> Dense; a 2-D ``weight``
-  alone -> Embed while the target has an Embed module left, else a bias-free Dense. A Flax
-  module is a path between collection and leaf (``Dense_0``), its kind from its leaves
-  (``embedding``; ``batch_stats`` mean and var; a 2-D or higher ``kernel``). First a torch
-  module whose name with '.' read as '/' is a Flax module of its kind is paired with it (so
-  ``to_state_dict``'s default names come back). Then, per kind, the remaining torch modules
-  in state_dict order (PyTorch's registration order) pair with the remaining Flax modules in
-  natural order of their paths (``Dense_2`` before ``Dense_10``), which for Linen's automatic
-  names is definition order: the i-th ``nn.Linear`` fills the i-th ``nn.Dense``. Flax's dict
-  order is not used: ``jax.tree`` operations sort dict keys.
+  Automatic matching pairs whole modules, then leaves by role. Kinds: a torch module's from
+  its class for a module source (Linear, Hugging Face Conv1D -> dense; ConvNd -> conv;
+  Embedding -> embed; BatchNorm -> batchnorm; LayerNorm, GroupNorm, RMSNorm -> norm), else
+  from its tensors (``running_mean`` and ``running_var`` -> batchnorm; a ``weight`` of rank
+  >= 3 -> conv, 2 -> dense, or embed when it has no bias, 1 -> norm); a Flax module's from
+  its leaves (``matching.flax_kind``). In this order:
+    1. by name: a torch module whose name with '.' read as '/' is a Flax module of its kind
+       (``to_state_dict``'s default names come back; their 2-D weights are in its "linear"
+       layout);
+    2. a source with order: within each kind, the i-th remaining torch module in source
+       order (PyTorch's registration order) fills the i-th remaining Flax module in the
+       target's definition order: ``conv1``, ``layer1.0.conv1``, ... fill ``Conv_0``,
+       ``BasicBlock_0/Conv_0``, ...;
+    3. a source without order: by shapes where exactly one torch module fits exactly one
+       Flax module; where two or more fit, an error that asks for a key_map.
+  A weight's layout comes from the rule, else its module's class, else its shape: rank >= 3 is
+  "conv"; a 2-D (a, b) is "linear" if the kernel is (b, a) and "as_is" if it is (a, b), and a
+  square one is an error asking for the module or a rule, never a guess.
 
   Returns:
-    ``(variables, report)``: the target's tree with every matched leaf replaced by a jax array
-    of the target leaf's shape and dtype (cast from the torch dtype; placed on the target's
-    sharding when it has a multi-device one), and an ``ImportReport``.
+    ``(variables, report)``: the target's tree (same dict order) with every matched leaf
+    replaced by a jax array of the target leaf's shape and dtype (cast from the torch dtype;
+    placed on the target's sharding when it has a multi-device one), and an ``ImportReport``.
 
   Raises:
-    ValueError: a value's shape does not fit its Flax path (the message names both, with both
-      shapes), a rule names a path the target lacks, two keys fill one path, or
-      ``nchw_flatten`` does not fit the target.
+    StateDictMismatch (a ValueError): a strict import with unmatched paths or unused keys.
+    ValueError: a value's shape does not fit its Flax path (the message names both), a square
+      2-D weight of unknown layout, modules of a source without order that only order could
+      pair, a rule naming a path the target lacks, two keys filling one path, or
+      ``nchw_flatten`` not fitting the target.
   """
-  target = flatten(variables)
+  values, ordered, torch_classes = _read_source(source)
+  tied = _ties(values)
+  target = _ordered_flat(variables)
+  flax = matching.flax_modules(target)
   rows = _nchw_rows(nchw_flatten, target)
-  values = {key: _to_numpy(value) for key, value in state_dict.items()}
+  rules, default = _compile(key_map), None
+  if key_map is None:
+    default, rules = _default_key_map(values, tied, target, flax)
   filled: dict[str, np.ndarray] = {}
-  matched: dict[str, str] = {}
-  reshaped: dict[str, str] = {}
+  matched: dict[str, str | tuple[str, ...]] = {}
+  reshaped: dict[str, str | tuple[str, ...]] = {}
+  read_as: dict[str, str] = {}
+  known = {name: matching.class_kind(module) for name, module in torch_classes.items()}
 
-  def fill(key: str, path: str) -> None:
-    if path in filled:
-      other = next(k for k, p in matched.items() if p == path)
-      raise ValueError(f"torch keys {other!r} and {key!r} both map to Flax path {path!r}")
-    value, leaf = values[key], target[path]
-    expected = _torch_shape(path, tuple(leaf.shape))
-    if value.shape != expected:
-      raise ValueError(
-          f"torch key {key!r} has shape {value.shape}, but Flax path {path!r} has shape "
-          f"{tuple(leaf.shape)} and takes a torch tensor of shape {expected}")
-    converted = _flax_layout(value, path, rows.get(path))
-    filled[path] = np.array(converted, dtype=leaf.dtype, order="C")  # A copy: torch may reuse its memory.
-    matched[key] = path
-    if converted is not value:
-      reshaped[key] = path
+  def fill(key: str, paths: tuple[str, ...], layout: str | None, reshape: bool) -> None:
+    value = values[key]
+    if len(paths) > 1 and (value.ndim == 0 or value.shape[0] % len(paths)):
+      raise ValueError(f"torch key {key!r} of shape {value.shape} does not split into "
+                       f"{len(paths)} equal parts along its first axis for {list(paths)}")
+    parts = np.split(value, len(paths)) if len(paths) > 1 else [value]
+    for part, path in zip(parts, paths):
+      if path in filled:
+        other = next(k for k, p in matched.items() if path in ((p,) if isinstance(p, str) else p))
+        raise ValueError(f"torch keys {other!r} and {key!r} both map to Flax path {path!r}")
+      leaf = target[path]
+      shape = tuple(leaf.shape)
+      lay = layout or _infer_layout(key, part, path, shape)
+      converted = layouts.to_flax(part, lay, shape, reshape, rows.get(path))
+      if converted is None:
+        raise _ShapeMismatch(
+            f"torch key {key!r} has shape {part.shape}, but Flax path {path!r} has shape "
+            f"{shape} and takes a torch tensor of shape {layouts.torch_shape(lay, shape)} "
+            f"(layout {lay!r})")
+      filled[path] = np.array(converted, dtype=leaf.dtype, order="C")  # A copy: torch may reuse its memory.
+      read_as[key] = lay
+      if converted is not value:
+        reshaped[key] = paths[0] if len(paths) == 1 else paths
+    matched[key] = paths[0] if len(paths) == 1 else paths
 
-  ruled = set()
-  rules = _compile(key_map)
+  def class_layout(key: str) -> str | None:
+    prefix, _, leaf = key.rpartition(".")
+    return known[prefix][1] if leaf == "weight" and known.get(prefix) else None
+
+  ruled, dropped = set(), set()
   for key in values:
-    for pattern, template in rules:
-      match = pattern.fullmatch(key)
-      if match:
-        ruled.add(key)
-        if template is not None:
-          path = match.expand(template)
-          if path not in target:
-            raise ValueError(
-                f"key_map rule ({pattern.pattern!r}, {template!r}) maps torch key {key!r} to "
-                f"Flax path {path!r}, which the target does not have")
-          fill(key, path)
-        break
+    rule, match = next(((r, m) for r in rules if (m := r.pattern.fullmatch(key))), (None, None))
+    if rule is None:
+      continue
+    ruled.add(key)
+    if rule.templates is None:
+      dropped.add(key)
+      continue
+    try:
+      paths = tuple(_rule_path(key, match.expand(t), rule, target, flax) for t in rule.templates)
+      # A module rule's layout is its weight's; its other leaves are read as they are.
+      to_module = not any(match.expand(t) in target for t in rule.templates)
+      layout = None if to_module and key.rpartition(".")[2] != "weight" else rule.layout
+      if None not in paths:  # None: a module rule's num_batches_tracked.
+        fill(key, paths, layout or class_layout(key), reshape=True)
+    except ValueError as e:
+      if default is None:
+        raise
+      raise ValueError(f"{e} (with the default key map for {default}, used because it covers "
+                       f"every key of the source; pass key_map=[] to match automatically)") from e
 
-  for names, module, kind in _pair_modules(values, ruled, target, set(filled)):
-    for name, key in names.items():
-      collection, leaf = _LEAVES[kind].get(name, (None, None))
-      path = f"{collection}/{module}/{leaf}"
-      if leaf is not None and path in target:
-        fill(key, path)
+  candidates = matching.torch_modules(values, set(tied), ruled, known)
+  free = matching.free_modules(flax, target, set(filled))
+  pairs = matching.pair(candidates, free, ordered, values, flax, target, rows)
+  for name, (module, kind, by_name) in pairs.items():
+    for leaf, key in candidates[name].leaves.items():
+      path = matching.role_path(kind, module, leaf)
+      if path is None or path not in target:
+        continue
+      layout = candidates[name].layout if path.endswith("/kernel") else None
+      if layout is None and by_name and path.endswith("/kernel") and values[key].ndim == 2:
+        layout = "linear"  # to_state_dict writes Dense kernels as nn.Linear weights.
+      try:
+        fill(key, (path,), layout, reshape=False)
+      except _ShapeMismatch as e:
+        if by_name:
+          raise
+        raise ValueError(
+            f"{e}. Torch module {name!r} was paired with Flax module {module!r} by order "
+            f"({kind} modules in source order against the target's dict order); a target "
+            f"that went through jax.eval_shape or jax.tree.map has its dict keys sorted, so "
+            f"build it with abstract_variables(model, x), or pass key_map rules") from e
 
-  def place(keypath, leaf):
-    path = path_str(keypath)
-    if path not in filled:
-      return leaf
-    sharding = getattr(leaf, "sharding", None)
-    if sharding is not None and len(sharding.device_set) > 1:
-      return jax.device_put(filled[path], sharding)
-    return jnp.asarray(filled[path])
-
+  counters = {key: int(value) for key, value in values.items()
+              if key.rpartition(".")[2] == _COUNTER and value.ndim == 0}
+  tied = {key: first for key, first in tied.items() if first in matched and key not in matched}
+  for key in values:  # A copy of a used tensor (a tie saved without shared memory) loses nothing.
+    if key not in matched and key not in tied and key not in counters:
+      twin = _equal_to(values, key, matched)
+      if twin is not None:
+        tied[key] = twin
   report = ImportReport(
       matched=matched, reshaped=reshaped,
       unmatched=tuple(p for p in target if p not in filled),
-      unused=tuple(k for k in values if k not in matched))
-  return jax.tree_util.tree_map_with_path(place, variables), report
+      unused=tuple(k for k in values if k not in matched and k not in tied),
+      layouts=read_as, tied=tied, counters=counters,
+      tensors={key: (tuple(value.shape), value.dtype) for key, value in values.items()})
+  unused = [k for k in report.unused if k not in counters and k not in dropped]
+  if strict and (report.unmatched or unused):
+    raise StateDictMismatch(
+        f"strict import: {len(report.unmatched)} Flax paths got no value: "
+        f"{list(report.unmatched)}; {len(unused)} torch keys were not used: {unused}. Map them "
+        f"with key_map rules, or pass strict=False to keep the target's values for the "
+        f"unmatched paths (the report lists both)")
+  return _with_leaves(variables, filled), report
+
+
+def abstract_variables(model, example_x: Any) -> PyTree:
+  """``fjt.init_variables(model, example_x, rng)``'s shapes and dtypes as
+  ``jax.ShapeDtypeStruct``, nothing computed, in definition order (``jax.eval_shape``
+  alone sorts dict keys): the target ``from_state_dict`` matches by order."""
+  from fjt.state import init_variables  # Local: fjt.state imports the optimizer stack.
+  order: list[str] = []
+
+  def init():
+    variables = init_variables(model, example_x, jax.random.PRNGKey(0))
+    order.extend(_ordered_flat(variables))
+    return variables
+
+  shapes = flatten(jax.eval_shape(init))
+  return unflatten({path: shapes[path] for path in order})
 
 
 def to_state_dict(variables: PyTree, key_map: KeyMap | None = None,
-                  nchw_flatten: NchwFlatten | None = None) -> dict[str, np.ndarray]:
+                  nchw_flatten: NchwFlatten | None = None,
+                  like: ImportReport | None = None) -> dict[str, np.ndarray]:
   """The PyTorch ``state_dict`` of Flax ``variables``: dotted keys, torch layouts and dtypes.
 
-  The inverse of ``from_state_dict``: ``from_state_dict(to_state_dict(v), v)`` gives ``v``
-  back bit for bit. Pass the result through ``to_torch`` for ``module.load_state_dict``.
+  With ``like``, the report of the ``from_state_dict`` that made ``variables``: the source's
+  own keys in its order, each in the layout, shape and dtype it was read in (split tensors
+  fused back), tied duplicates as the same array and ``num_batches_tracked`` with its value,
+  so the source module's ``load_state_dict(..., strict=True)`` takes ``to_torch`` of it and
+  gets back bit for bit what it had wherever fjt did not change the values. Keys the import
+  left unused are not written (a strict import has none but counters and tied keys).
 
-  Default names keep the Flax module path: ``params/Dense_0/kernel`` -> ``Dense_0.weight``,
-  ``params/BatchNorm_0/scale`` -> ``BatchNorm_0.weight``, ``batch_stats/BatchNorm_0/mean`` ->
-  ``BatchNorm_0.running_mean``, ``params/Embed_0/embedding`` -> ``Embed_0.weight``, nested
-  modules dotted (``Block_0.Dense_0.weight``). That is the state_dict of a torch module whose
-  attributes carry the Flax names (``self.Dense_0 = nn.Linear(...)``); for other names give
+  Without ``like``, default names keep the Flax module path: ``params/Dense_0/kernel`` ->
+  ``Dense_0.weight`` (Dense kernels as ``nn.Linear`` weights), ``params/BatchNorm_0/scale`` ->
+  ``BatchNorm_0.weight``, ``batch_stats/BatchNorm_0/mean`` -> ``BatchNorm_0.running_mean``,
+  ``params/Embed_0/embedding`` -> ``Embed_0.weight``, nested modules dotted
+  (``Block_0.Dense_0.weight``): the state_dict of a torch module whose attributes carry the
+  Flax names, which ``from_state_dict`` matches back by name. For other names give
   ``key_map``: ``(pattern, template)`` rules ``re.fullmatch``-ed on the '/'-joined Flax path,
-  the first match naming the torch key ``match.expand(template)``, e.g.
-  ``(r"params/Dense_2/kernel", "head.weight")``; a template of ``None`` leaves the leaf out.
-  Rules must name every tensor of a renamed module.
-
-  Every BatchNorm (a module with ``batch_stats`` mean and var) also gets
-  ``<module>.num_batches_tracked = np.int64(0)`` after its ``running_var``, so
-  ``load_state_dict(strict=True)`` accepts the result; PyTorch reads that count only for
-  ``momentum=None`` (cumulative averages), which fjt does not track.
+  the first match naming the torch key ``match.expand(template)``; a template of ``None``
+  leaves the leaf out. Every BatchNorm also gets ``<module>.num_batches_tracked =
+  np.int64(0)`` after its ``running_var``; PyTorch reads that count only for
+  ``momentum=None``, which fjt does not track.
 
   Args:
     variables: ``{"params", "batch_stats"}`` (or any tree of arrays).
-    key_map: Flax path -> torch key rules, as above.
+    key_map: Flax path -> torch key rules, as above (not with ``like``).
     nchw_flatten: as in ``from_state_dict``; rows go back to PyTorch's NCHW flatten order.
+    like: an ``ImportReport``, as above.
 
   Returns:
-    torch key -> C-contiguous numpy array, modules in natural order of their Flax paths
-    (``Dense_2`` before ``Dense_10``), within a module weight, bias, running_mean,
-    running_var, num_batches_tracked. Dtypes are kept (bfloat16 as ``ml_dtypes.bfloat16``).
+    torch key -> C-contiguous numpy array. Without ``like``, modules in natural order of their
+    Flax paths (``Dense_2`` before ``Dense_10``), within a module weight, bias, running_mean,
+    running_var, num_batches_tracked, dtypes kept (bfloat16 as ``ml_dtypes.bfloat16``).
 
   Raises:
-    ValueError: two Flax paths map to one torch key, or ``nchw_flatten`` does not fit.
+    ValueError: two Flax paths map to one torch key, ``nchw_flatten`` does not fit, or
+      ``like`` names a Flax path that ``variables`` lacks.
   """
-  flat = flatten(variables)
+  flat = _ordered_flat(variables)
   rows = _nchw_rows(nchw_flatten, flat)
+  if like is not None:
+    if key_map:
+      raise ValueError("to_state_dict: pass key_map or like, not both (like has the names)")
+    return _like(flat, like, rows)
   rules = _compile(key_map)
   out: dict[str, np.ndarray] = {}
   sources: dict[str, str] = {}
@@ -230,19 +372,47 @@ def to_state_dict(variables: PyTree, key_map: KeyMap | None = None,
       raise ValueError(f"Flax paths {sources[key]!r} and {path!r} both map to torch key {key!r}")
     out[key], sources[key] = value, path
 
-  for module, leaves in sorted(_modules(flat).items(), key=lambda item: _natural_key(item[0])):
+  modules = matching.flax_modules(flat)
+  for module, leaves in sorted(modules.items(), key=lambda item: natural_key(item[0])):
     keys = {}
     for (collection, leaf), path in sorted(leaves.items(), key=lambda item: _leaf_rank(item[0])):
       keys[leaf] = key = _rename(path, rules, default=".".join(
           p for p in (module.replace("/", "."), _TORCH_LEAF.get((collection, leaf), leaf)) if p))
       if key is not None:
         value = np.asarray(jax.device_get(flat[path]))
+        if leaf == "kernel" and value.ndim >= 2:
+          layout = "linear" if value.ndim == 2 else "conv"
+          value = layouts.to_torch(value, layout, layouts.torch_shape(layout, value.shape),
+                                   rows.get(path))
         # order="C", not np.ascontiguousarray, which turns 0-d arrays into 1-d ones.
-        emit(key, np.asarray(_torch_layout(value, path, rows.get(path)), order="C"), path)
-    if _flax_kind(leaves, flat) == "batchnorm" and keys["mean"] is not None:
+        emit(key, np.asarray(value, order="C"), path)
+    if matching.flax_kind(leaves, flat) == "batchnorm" and keys["mean"] is not None:
       prefix = keys["mean"].rpartition(".")[0]
-      emit(f"{prefix}.num_batches_tracked" if prefix else "num_batches_tracked",
-           np.array(0, np.int64), leaves[("batch_stats", "mean")])
+      emit(f"{prefix}.{_COUNTER}" if prefix else _COUNTER, np.array(0, np.int64),
+           leaves[("batch_stats", "mean")])
+  return out
+
+
+def _like(flat: Mapping[str, Any], like: ImportReport,
+          rows: Mapping[str, tuple[int, int, int]]) -> dict[str, np.ndarray]:
+  out: dict[str, np.ndarray] = {}
+  for key, (shape, dtype) in like.tensors.items():
+    if key in like.matched:
+      paths = like.matched[key]
+      paths = (paths,) if isinstance(paths, str) else paths
+      missing = [path for path in paths if path not in flat]
+      if missing:
+        raise ValueError(f"to_state_dict(like=report): torch key {key!r} was imported from Flax "
+                         f"paths {missing}, which the variables do not have")
+      part = (shape[0] // len(paths), *shape[1:]) if len(paths) > 1 else shape
+      parts = [layouts.to_torch(np.asarray(jax.device_get(flat[path])), like.layouts[key], part,
+                                rows.get(path)) for path in paths]
+      value = parts[0] if len(parts) == 1 else np.concatenate(parts)
+      out[key] = np.array(value, dtype=dtype, order="C")
+    elif key in like.tied:
+      out[key] = out[like.tied[key]]
+    elif key in like.counters:
+      out[key] = np.array(like.counters[key], dtype)
   return out
 
 
@@ -267,161 +437,6 @@ def cnn_nchw_flatten(model: CNN, input_shape: Sequence[int]) -> dict[str, tuple[
   return {"params/Dense_0": (int(channels), int(height) // 2**pools, int(width) // 2**pools)}
 
 
-def to_torch(arrays: Mapping[str, Any]) -> dict[str, Any]:
-  """``{key: torch.Tensor}`` on the CPU with the same bits and dtypes (bfloat16 included).
-
-  For ``module.load_state_dict(to_torch(to_state_dict(variables)))``; needs PyTorch.
-  """
-  torch = import_torch()
-  return {key: _to_tensor(torch, value) for key, value in arrays.items()}
-
-
-def load_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Reads a weight file into ``{key: numpy array}``.
-
-  ``.safetensors`` (via ``safetensors.numpy``, no PyTorch needed): keys come back in natural
-  order (``features.4`` before ``features.10``), since the format keeps no order of its own;
-  bfloat16 arrives as ``ml_dtypes.bfloat16``, float8 dtypes are not readable by
-  ``safetensors.numpy``. A tree saved by ``save_file`` has '/'-joined keys:
-  ``fjt.tree.unflatten(load_file(path))`` rebuilds it.
-
-  ``.pt`` / ``.pth``: ``torch.load(path, weights_only=True, map_location="cpu")`` and nothing
-  else: never a full unpickle, which can run arbitrary code. The file must hold a flat
-  mapping of name -> tensor, e.g. ``torch.save(module.state_dict(), path)``; its order is kept.
-
-  Raises:
-    ValueError: an unknown extension, a ``.pt`` file that needs more than weights-only
-      unpickling, or one that is not a mapping of tensors. The message names the file.
-    ImportError: a ``.pt`` file without PyTorch installed.
-  """
-  suffix = _file_type(path)
-  if suffix == ".safetensors":
-    import safetensors.numpy
-    arrays = safetensors.numpy.load_file(path)
-    return {key: arrays[key] for key in sorted(arrays, key=_natural_key)}
-  torch = import_torch()
-  try:
-    obj = torch.load(path, weights_only=True, map_location="cpu")
-  except pickle.UnpicklingError as e:
-    detail = next((line.strip() for line in str(e).splitlines() if "WeightsUnpickler" in line), "")
-    raise ValueError(
-        f"{os.fspath(path)!r} is not a weights-only PyTorch file, and only weights-only files "
-        f"are accepted: its pickle needs objects other than tensors and plain containers, and "
-        f"unpickling those can run arbitrary code. Re-save it as torch.save(module.state_dict()) "
-        f"or as .safetensors. {detail}".rstrip()) from e
-  if not isinstance(obj, Mapping):
-    raise ValueError(f"{os.fspath(path)!r}: expected a state_dict (a mapping name -> tensor), "
-                     f"found a {type(obj).__name__}")
-  for key, value in obj.items():
-    if not isinstance(value, torch.Tensor):
-      raise ValueError(
-          f"{os.fspath(path)!r}: expected a state_dict (a mapping name -> tensor), but key "
-          f"{key!r} holds a {type(value).__name__}; top-level keys: {list(obj)[:10]}")
-  return {str(key): _to_numpy(value) for key, value in obj.items()}
-
-
-def save_file(tree: PyTree, path: str | os.PathLike) -> None:
-  """Writes a flat ``{key: array}`` or a nested tree of arrays to ``path``, atomically.
-
-  A flat mapping (e.g. ``to_state_dict``'s result) keeps its keys and order; nested mappings
-  and other pytrees are flattened to '/'-joined paths (``params/Dense_0/kernel``). Values may
-  be numpy, jax or torch arrays; dtypes and bits are kept, bfloat16 included. The file is
-  written next to ``path`` under a temporary name and renamed, so it is never half-written.
-
-  ``.safetensors`` needs no PyTorch; ``.pt`` / ``.pth`` is ``torch.save`` of a dict of CPU
-  tensors, readable by ``torch.load(path, weights_only=True)``.
-  """
-  suffix = _file_type(path)
-  if isinstance(tree, Mapping) and not any(isinstance(v, Mapping) for v in tree.values()):
-    flat = dict(tree)
-  else:
-    flat = flatten(tree)
-  for key in flat:
-    if not isinstance(key, str):
-      raise ValueError(f"save_file {os.fspath(path)!r}: keys must be strings, got {key!r}")
-  arrays = {key: np.asarray(_to_numpy(value), order="C") for key, value in flat.items()}
-  if suffix == ".safetensors":
-    import safetensors.numpy
-    _write_atomically(path, lambda tmp: safetensors.numpy.save_file(arrays, tmp))
-  else:
-    torch = import_torch()
-    tensors = {key: _to_tensor(torch, value) for key, value in arrays.items()}
-    _write_atomically(path, lambda tmp: torch.save(tensors, tmp))
-
-
-def _pair_modules(values: Mapping[str, np.ndarray], ruled: set[str], target: Mapping[str, Any],
-                  filled: set[str]) -> list[tuple[dict[str, str], str, str]]:
-  """``({torch leaf: torch key}, Flax module path, kind)`` of every automatic pair, in
-  state_dict order (the rules are in ``from_state_dict``'s docstring)."""
-  torch_modules: dict[str, dict[str, str]] = {}
-  for key in values:
-    prefix, _, leaf = key.rpartition(".")
-    torch_modules.setdefault(prefix, {})[leaf] = key
-  ruled_prefixes = {key.rpartition(".")[0] for key in ruled}
-  flax_modules = _modules(target)
-  free: dict[str, list[str]] = {kind: [] for kind in _LEAVES}
-  for module in sorted(flax_modules, key=_natural_key):
-    kind = _flax_kind(flax_modules[module], target)
-    if module and kind and not filled & set(flax_modules[module].values()):
-      free[kind].append(module)
-
-  candidates = {}
-  for name, names in torch_modules.items():
-    if name not in ruled_prefixes:
-      candidates[name] = _torch_kinds({leaf: values[key] for leaf, key in names.items()})
-  pairs = {}
-  for name, kinds in candidates.items():
-    module = name.replace(".", "/")
-    kind = next((k for k in kinds if module in free[k]), None)
-    if kind is not None:
-      free[kind].remove(module)
-      pairs[name] = (module, kind)
-  for name, kinds in candidates.items():
-    kind = next((k for k in kinds if free[k]), None)
-    if name not in pairs and kind is not None:
-      pairs[name] = (free[kind].pop(0), kind)
-  return [(torch_modules[name], *pairs[name]) for name in torch_modules if name in pairs]
-
-
-def _torch_kinds(leaves: Mapping[str, np.ndarray]) -> tuple[str, ...]:
-  """The kinds a torch module can be, in order of preference."""
-  if "running_mean" in leaves and "running_var" in leaves:
-    return ("batchnorm",)
-  weight = leaves.get("weight")
-  if weight is None:
-    return ()
-  if weight.ndim >= 3:
-    return ("conv",)
-  if weight.ndim == 2:
-    # A Linear without bias looks like an Embedding; the target's modules decide.
-    return ("dense",) if "bias" in leaves else ("embed", "dense")
-  return ()
-
-
-def _modules(flat: Mapping[str, Any]) -> dict[str, dict[tuple[str, str], str]]:
-  """Flax module path ('Dense_0', 'Block_0/Dense_0'; '' for none) -> {(collection, leaf): path}."""
-  modules: dict[str, dict[tuple[str, str], str]] = {}
-  for path in flat:
-    parts = path.split("/")
-    collection = parts[0] if len(parts) > 1 else ""
-    modules.setdefault("/".join(parts[1:-1]), {})[(collection, parts[-1])] = path
-  return modules
-
-
-def _flax_kind(leaves: Mapping[tuple[str, str], str], flat: Mapping[str, Any]) -> str | None:
-  if ("params", "embedding") in leaves:
-    return "embed"
-  if ("batch_stats", "mean") in leaves and ("batch_stats", "var") in leaves:
-    return "batchnorm"
-  kernel = leaves.get(("params", "kernel"))
-  if kernel is not None and len(flat[kernel].shape) >= 2:
-    return "dense" if len(flat[kernel].shape) == 2 else "conv"
-  return None
-
-
-def _natural_key(name: str) -> list:
-  # Linen numbers the modules of a type in definition order; 'Dense_2' must sort before 'Dense_10'.
-  return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def _leaf_rank(leaf: tuple[str, str]) -> tuple[bool, int, str]:
@@ -431,24 +446,157 @@ def _leaf_rank(leaf: tuple[str, str]) -> tuple[bool, int, str]:
   return (leaf[0] != "params", order, name)
 
 
-def _compile(key_map: KeyMap | None) -> list[tuple[re.Pattern, str | None]]:
+
+def _compile(key_map: KeyMap | None) -> list[_Rule]:
   rules = []
   for i, rule in enumerate(key_map or ()):
-    if not (isinstance(rule, (tuple, list)) and len(rule) == 2):
-      raise ValueError(f"key_map[{i}]: expected a (pattern, template) pair, got {rule!r}")
+    if not (isinstance(rule, (tuple, list)) and len(rule) in (2, 3)):
+      raise ValueError(f"key_map[{i}]: expected (pattern, template) or (pattern, template, "
+                       f"layout), got {rule!r}")
+    pattern, template, *layout = rule
     try:
-      rules.append((re.compile(rule[0]), rule[1]))
+      compiled = re.compile(pattern)
     except re.error as e:
-      raise ValueError(f"key_map[{i}]: pattern {rule[0]!r} is not a regular expression: {e}") from e
+      raise ValueError(f"key_map[{i}]: pattern {pattern!r} is not a regular expression: {e}") from e
+    if template is not None and not isinstance(template, str):
+      template = tuple(template)
+      if not template or not all(isinstance(t, str) for t in template):
+        raise ValueError(f"key_map[{i}]: a template is a string, a tuple of strings or None, "
+                         f"got {rule[1]!r}")
+    templates = (template,) if isinstance(template, str) else template
+    layout = layouts.check(layout[0], f"key_map[{i}]") if layout and layout[0] else None
+    rules.append(_Rule(compiled, templates, layout))
   return rules
 
 
-def _rename(path: str, rules: list[tuple[re.Pattern, str | None]], default: str) -> str | None:
-  for pattern, template in rules:
-    match = pattern.fullmatch(path)
+def _rename(path: str, rules: list[_Rule], default: str) -> str | None:
+  for rule in rules:
+    match = rule.pattern.fullmatch(path)
     if match:
-      return None if template is None else match.expand(template)
+      return None if rule.templates is None else match.expand(rule.templates[0])
   return default
+
+
+def _default_key_map(values: Mapping[str, np.ndarray], tied: Mapping[str, str],
+                     target: Mapping[str, Any],
+                     flax: matching.FlaxModules) -> tuple[str | None, list[_Rule]]:
+  """The first of ``DEFAULT_KEY_MAPS`` whose rules send every key of the source (but tied
+  copies and ``num_batches_tracked``) to a leaf or module of the target: ``(its name,
+  rules)``; ``(None, [])`` when none does."""
+  for model, key_map in DEFAULT_KEY_MAPS.items():
+    rules = _compile(key_map)
+    covered: list[str] = []
+    for key in values:
+      if key in tied or key.rpartition(".")[2] == _COUNTER:
+        continue
+      rule, match = next(((r, m) for r in rules if (m := r.pattern.fullmatch(key))), (None, None))
+      if rule is not None and rule.templates is not None and all(
+          (path := match.expand(t)) in target or path in flax for t in rule.templates):
+        covered.append(key)
+      elif _equal_to(values, key, covered) is None:
+        break
+    else:
+      return f"{model.__module__}.{model.__name__}", rules
+  return None, []
+
+
+def _equal_to(values: Mapping[str, np.ndarray], key: str, others) -> str | None:
+  """The first of ``others`` whose array equals ``values[key]`` in shape, dtype and bits."""
+  value = values[key]
+  return next((other for other in others if other != key and values[other].shape == value.shape
+               and values[other].dtype == value.dtype and value.ndim >= 2
+               and np.array_equal(values[other], value)), None)
+
+
+def _rule_path(key: str, path: str, rule: _Rule, target: Mapping[str, Any],
+               flax: matching.FlaxModules) -> str | None:
+  """The Flax leaf a rule sends ``key`` to; None for a module rule's ``num_batches_tracked``."""
+  if path in target:
+    return path
+  leaf = key.rpartition(".")[2]
+  if path in flax and (kind := matching.flax_kind(flax[path], target)):
+    role = matching.role_path(kind, path, leaf)
+    if role in target:
+      return role
+    if leaf == _COUNTER:
+      return None
+    raise ValueError(
+        f"key_map rule ({rule.pattern.pattern!r}, ...) sends torch key {key!r} to Flax module "
+        f"{path!r} ({kind}), which has no leaf for torch leaf {leaf!r}; its leaves: "
+        f"{sorted(flax[path].values())}")
+  raise ValueError(
+      f"key_map rule ({rule.pattern.pattern!r}, ...) maps torch key {key!r} to Flax path "
+      f"{path!r}, which the target does not have")
+
+
+def _infer_layout(key: str, value: np.ndarray, path: str, shape: tuple[int, ...]) -> str:
+  """The layout of a tensor whose module class is unknown: from its rank and shape."""
+  if not path.endswith("/kernel") or value.ndim < 2:
+    return "as_is"
+  if value.ndim >= 3:
+    return "conv"
+  if value.shape[0] == value.shape[1] and len(shape) == 2:
+    raise ValueError(
+        f"torch key {key!r} is a square {value.shape} weight for Flax path {path!r}, and its "
+        f"layout cannot be known from a state_dict: nn.Linear stores (out, in), Hugging Face's "
+        f"Conv1D (in, out). Pass the torch module itself instead of its state_dict (layouts "
+        f"then come from the module classes), or a key_map rule with a layout, e.g. "
+        f"({re.escape(key)!r}, {path!r}, 'linear') or (..., 'as_is')")
+  return "as_is" if value.shape == shape else "linear"
+
+
+def _read_source(source: Any) -> tuple[dict[str, np.ndarray], bool, dict[str, Any]]:
+  """``(key -> numpy array, whether the source keeps module order, module name -> torch
+  module)``; the last is empty for a state_dict."""
+  if hasattr(source, "named_modules") and hasattr(source, "state_dict"):  # A torch.nn.Module.
+    values = {key: _to_numpy(value) for key, value in source.state_dict().items()}
+    return values, True, dict(source.named_modules())
+  if not isinstance(source, Mapping):
+    raise TypeError(f"from_state_dict: expected a torch.nn.Module or a state_dict (a mapping "
+                    f"key -> tensor or array), got {type(source).__name__}")
+  values = {str(key): _to_numpy(value) for key, value in source.items()}
+  return values, not isinstance(source, SortedStateDict), {}
+
+
+def _ties(values: Mapping[str, np.ndarray]) -> dict[str, str]:
+  """Key -> the first earlier key whose array is the same memory (a tied weight)."""
+  first: dict[tuple, str] = {}
+  tied = {}
+  for key, value in values.items():
+    if value.size:
+      memory = (value.ctypes.data, value.shape, value.strides, value.dtype.str)
+      if memory in first:
+        tied[key] = first[memory]
+      else:
+        first[memory] = key
+  return tied
+
+
+def _ordered_flat(tree: PyTree) -> dict[str, Any]:
+  """``{path: leaf}`` of nested mappings in their own order (``flatten`` sorts dict keys)."""
+  if not isinstance(tree, Mapping):
+    return flatten(tree)
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      out.update({f"{key}/{path}": leaf for path, leaf in _ordered_flat(value).items()})
+    else:
+      out[str(key)] = value
+  return out
+
+
+def _with_leaves(tree: PyTree, filled: Mapping[str, np.ndarray], prefix: str = "") -> PyTree:
+  """``tree`` with the leaves at ``filled``'s paths replaced, dict order kept."""
+  if isinstance(tree, Mapping):
+    out = {key: _with_leaves(value, filled, f"{prefix}{key}/") for key, value in tree.items()}
+    return flax.core.FrozenDict(out) if isinstance(tree, flax.core.FrozenDict) else out
+  path = prefix[:-1]
+  if path not in filled:
+    return tree
+  sharding = getattr(tree, "sharding", None)
+  if sharding is not None and len(sharding.device_set) > 1:
+    return jax.device_put(filled[path], sharding)
+  return jnp.asarray(filled[path])
 
 
 def _nchw_rows(nchw_flatten: NchwFlatten | None, flat: Mapping[str, Any]) -> dict[str, tuple[int, int, int]]:
@@ -469,90 +617,3 @@ def _nchw_rows(nchw_flatten: NchwFlatten | None, flat: Mapping[str, Any]) -> dic
   return rows
 
 
-def _torch_shape(path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-  """The shape of the torch tensor that fills the Flax leaf ``path`` of ``shape``."""
-  if path.rpartition("/")[2] == "kernel" and len(shape) >= 2:
-    return (shape[-1], shape[-2], *shape[:-2])
-  return shape
-
-
-def _flax_layout(value: np.ndarray, path: str, chw: tuple[int, int, int] | None) -> np.ndarray:
-  """A torch tensor in Flax layout: kernels ``(O, I, *S) -> (*S, I, O)``; with ``chw``, Dense
-  rows reordered from PyTorch's ``(C, H, W)`` flatten to Flax's ``(H, W, C)``. The input
-  itself when nothing changes."""
-  if path.rpartition("/")[2] != "kernel" or value.ndim < 2:
-    return value
-  value = value.transpose((*range(2, value.ndim), 1, 0))
-  if chw is not None:
-    c, h, w = chw
-    value = value.reshape(c, h, w, value.shape[1]).transpose(1, 2, 0, 3).reshape(c * h * w, -1)
-  return value
-
-
-def _torch_layout(value: np.ndarray, path: str, chw: tuple[int, int, int] | None) -> np.ndarray:
-  """The inverse of ``_flax_layout``."""
-  if path.rpartition("/")[2] != "kernel" or value.ndim < 2:
-    return value
-  if chw is not None:
-    c, h, w = chw
-    value = value.reshape(h, w, c, value.shape[1]).transpose(2, 0, 1, 3).reshape(c * h * w, -1)
-  return value.transpose((value.ndim - 1, value.ndim - 2, *range(value.ndim - 2)))
-
-
-def import_torch(needs: str = "fjt.interop.torch needs PyTorch for torch tensors and .pt files"):
-  """Imports PyTorch, or raises ImportError: ``needs`` (who needs it, for what), then how to
-  install it."""
-  try:
-    import torch
-  except ImportError as e:
-    raise ImportError(f"{needs}: install the torch extra with `pip install -e '.[torch]'`") from e
-  return torch
-
-
-def _is_torch_tensor(value: Any) -> bool:
-  # Checked by type name so that numpy-only callers never import torch.
-  return type(value).__module__.split(".")[0] == "torch" and hasattr(value, "detach")
-
-
-def _to_numpy(value: Any) -> np.ndarray:
-  """A numpy array with the same bits; for torch tensors it may share their memory."""
-  if not _is_torch_tensor(value):
-    return np.asarray(value)
-  torch = import_torch()
-  tensor = value.detach().cpu()
-  for name, np_dtype, int_dtype in _BIT_CAST:
-    if tensor.dtype == getattr(torch, name, None):
-      return tensor.view(getattr(torch, np.dtype(int_dtype).name)).numpy().view(np_dtype)
-  return tensor.numpy()
-
-
-def _to_tensor(torch, value: Any):
-  array = np.asarray(_to_numpy(value), order="C")
-  if not array.flags.writeable:  # torch.from_numpy warns on read-only memory; copy instead.
-    array = array.copy()
-  for name, np_dtype, int_dtype in _BIT_CAST:
-    if array.dtype == np_dtype:
-      return torch.from_numpy(array.view(int_dtype)).view(getattr(torch, name))
-  return torch.from_numpy(array)
-
-
-def _file_type(path: str | os.PathLike) -> str:
-  suffix = os.path.splitext(os.fspath(path))[1].lower()
-  if suffix not in FILE_TYPES:
-    raise ValueError(f"{os.fspath(path)!r}: unknown weight file type {suffix or '(no extension)'!r}; "
-                     f"supported: {', '.join(FILE_TYPES)}")
-  return suffix
-
-
-def _write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-  path = os.fspath(path)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
-                             suffix=os.path.splitext(path)[1])
-  os.close(fd)
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise

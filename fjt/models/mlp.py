@@ -11,6 +11,7 @@ class MLP(nn.Module):
 
   ``features=()`` leaves only the head, so ``MLP(features=(), num_classes=100)``
   on 500 inputs is one ``nn.Dense`` with kernel ``(500, 100)`` and bias ``(100,)``.
+  Each hidden layer's ReLU output ``(batch, width)`` is sown as ``intermediates/relu_{i}``.
 
   Attributes:
     features: widths of the hidden layers.
@@ -26,9 +27,10 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     x = x.reshape((x.shape[0], -1))
-    for width in self.features:
+    for i, width in enumerate(self.features):
       x = nn.Dense(width)(x)
       if self.batch_norm:
         x = nn.BatchNorm(use_running_average=not train, momentum=self.momentum)(x)
       x = nn.relu(x)
+      self.sow("intermediates", f"relu_{i}", x)  # (batch, width); a no-op unless mutable.
     return nn.Dense(self.num_classes)(x)

@@ -11,7 +11,8 @@ class NNLM(nn.Module):
   ``nn.Embed(vocab_size, embed_dim)`` (the embedding table has shape
   ``(vocab_size, embed_dim)``); the embeddings are concatenated to
   ``(batch, context * embed_dim)``, passed through Dense -> BatchNorm -> ReLU,
-  and a Dense layer gives logits ``(batch, vocab_size)``.
+  and a Dense layer gives logits ``(batch, vocab_size)``. The ReLU output
+  ``(batch, hidden)`` is sown as ``intermediates/relu_0``.
   """
   vocab_size: int = 5000
   embed_dim: int = 300
@@ -25,4 +26,5 @@ class NNLM(nn.Module):
     x = nn.Dense(self.hidden)(x)
     x = nn.BatchNorm(use_running_average=not train, momentum=self.momentum)(x)
     x = nn.relu(x)
+    self.sow("intermediates", "relu_0", x)  # (batch, hidden); a no-op unless mutable.
     return nn.Dense(self.vocab_size)(x)

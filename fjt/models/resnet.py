@@ -1,0 +1,112 @@
+"""ResNet (He et al., 2015) on NHWC images, laid out as torchvision's ``resnet18/34/50``.
+
+Modules are created in torchvision's registration order (stem conv, BatchNorm, the blocks of
+each stage, the head; within a block conv1, bn1, conv2, bn2, [conv3, bn3], projection conv
+and BatchNorm), so ``fjt.interop.torch.from_state_dict`` fills a ``ResNet`` from a torchvision
+state_dict by order, with no key map.
+"""
+
+import functools
+from collections.abc import Sequence
+from typing import ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def _conv(features: int, size: int, stride: int = 1) -> nn.Conv:
+  # PyTorch pads size // 2 on every side; "SAME" would pad (0, 1) for stride 2.
+  pad = size // 2
+  return nn.Conv(features, (size, size), (stride, stride), padding=((pad, pad), (pad, pad)),
+                 use_bias=False)
+
+
+class BasicBlock(nn.Module):
+  """3x3 -> 3x3 convolutions plus the input (projected by a 1x1 conv + BatchNorm when the
+  stride or width changes). Output width ``features``."""
+  features: int
+  stride: int
+  norm: functools.partial
+
+  expansion = 1
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = nn.relu(self.norm()(_conv(self.features, 3, self.stride)(x)))
+    y = self.norm()(_conv(self.features, 3)(y))
+    return nn.relu(y + _shortcut(x, self.features, self.stride, self.norm))
+
+
+class Bottleneck(nn.Module):
+  """1x1 -> 3x3 (strided, torchvision's "v1.5") -> 1x1 convolutions to ``4 * features``."""
+  features: int
+  stride: int
+  norm: functools.partial
+
+  expansion = 4
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = nn.relu(self.norm()(_conv(self.features, 1)(x)))
+    y = nn.relu(self.norm()(_conv(self.features, 3, self.stride)(y)))
+    y = self.norm()(_conv(self.features * 4, 1)(y))
+    return nn.relu(y + _shortcut(x, self.features * 4, self.stride, self.norm))
+
+
+def _shortcut(x: jax.Array, features: int, stride: int, norm: functools.partial) -> jax.Array:
+  if stride == 1 and x.shape[-1] == features:
+    return x
+  return norm()(_conv(features, 1, stride)(x))
+
+
+BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+
+
+class ResNet(nn.Module):
+  """ResNet classifier on ``(batch, height, width, channels)`` images -> ``(batch, num_classes)``.
+
+  Attributes:
+    stage_sizes: blocks per stage, e.g. ``(2, 2, 2, 2)`` (ResNet-18), ``(3, 4, 6, 3)`` (34, 50).
+    widths: the blocks' ``features`` per stage (Bottleneck outputs 4x that).
+    block: "basic" or "bottleneck".
+    num_classes: width of the output layer (logits).
+    stem: "imagenet": 7x7 stride-2 conv + 3x3 stride-2 max pool, as torchvision; "small":
+      one 3x3 stride-1 conv, no pool, for tiny images (8x8 digits, 32x32 CIFAR).
+    stem_width: output channels of the stem conv.
+    momentum: BatchNorm running-average decay (PyTorch's momentum is 1 - this).
+  Every stage but the first starts with a stride-2 block.
+  """
+  stage_sizes: Sequence[int] = (2, 2, 2, 2)
+  widths: Sequence[int] = (64, 128, 256, 512)
+  block: str = "basic"
+  num_classes: int = 1000
+  stem: str = "imagenet"
+  stem_width: int = 64
+  momentum: float = 0.9
+  input_layout: ClassVar[str] = "nhwc"  # Checked against the data's layout before training.
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    if len(self.stage_sizes) != len(self.widths):
+      raise ValueError(f"ResNet: stage_sizes {tuple(self.stage_sizes)} and widths "
+                       f"{tuple(self.widths)} must have one entry per stage")
+    if self.block not in BLOCKS or self.stem not in ("imagenet", "small"):
+      raise ValueError(f"ResNet: block must be one of {sorted(BLOCKS)} (got {self.block!r}) and "
+                       f"stem 'imagenet' or 'small' (got {self.stem!r})")
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=self.momentum,
+                             epsilon=1e-5)
+    if self.stem == "imagenet":
+      x = nn.relu(norm()(_conv(self.stem_width, 7, 2)(x)))
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    else:
+      x = nn.relu(norm()(_conv(self.stem_width, 3)(x)))
+    for stage, (size, width) in enumerate(zip(self.stage_sizes, self.widths)):
+      for i in range(size):
+        x = BLOCKS[self.block](width, 2 if stage > 0 and i == 0 else 1, norm)(x)
+    return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
+
+
+ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block="basic")
+ResNet34 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block="basic")
+ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block="bottleneck")

@@ -1,0 +1,134 @@
+"""Typed run options, built once from a config at the boundary.
+
+The loops take these dataclasses and never name config keys; each ``from_config`` is the one
+place a group of keys is read and checked, with errors that name the key. Defaults live in
+``fjt.config.RUN_DEFAULTS`` (added by ``with_run_defaults``), not here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from fjt.config import ConfigError, positive_int, require, with_run_defaults
+
+
+def _int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainOptions:
+  """How the single-model loop runs: steps, batches, logging, evaluation, rng streams."""
+  steps: int
+  batch_size: int
+  eval_every: int
+  log_every: int
+  eval_batch_size: int
+  seed: int
+  rng_streams: tuple[str, ...]
+  grad_accum_steps: int
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> TrainOptions:
+    config = with_run_defaults(config)
+    options = cls(
+        steps=require(config, "train.steps", positive_int, "a positive int"),
+        batch_size=require(config, "train.batch_size", positive_int, "a positive int"),
+        eval_every=require(config, "train.eval_every", positive_int, "a positive int"),
+        log_every=require(config, "train.log_every", positive_int, "a positive int"),
+        eval_batch_size=require(config, "train.eval_batch_size", positive_int, "a positive int"),
+        seed=require(config, "seed", _int, "an int"),
+        rng_streams=tuple(require(config, "train.rng_streams",
+                                  lambda v: all(isinstance(s, str) and s for s in v),
+                                  "a tuple of rng stream names")),
+        grad_accum_steps=require(config, "train.grad_accum_steps", positive_int,
+                                 "a positive int"),
+    )
+    if options.batch_size % options.grad_accum_steps:
+      raise ConfigError(f"config key 'train.grad_accum_steps': {options.grad_accum_steps} "
+                        f"micro-batches do not divide train.batch_size {options.batch_size}")
+    return options
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointOptions:
+  """When a run saves, what it keeps, and how it resumes."""
+  every_steps: int  # 0: at the end only.
+  max_to_keep: int
+  best_metric: str
+  best_mode: str  # "max" | "min" | "" (the task's mode).
+  fallback: bool
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> CheckpointOptions:
+    config = with_run_defaults(config)
+    return cls(
+        every_steps=require(config, "checkpoint.every_steps", lambda v: _int(v) and v >= 0,
+                            "an int >= 0 (0: at the end only)"),
+        max_to_keep=require(config, "checkpoint.max_to_keep", positive_int,
+                            "a positive int (a run never deletes its last checkpoint)"),
+        best_metric=require(config, "checkpoint.best_metric", lambda v: isinstance(v, str),
+                            "a metric name, or empty"),
+        best_mode=require(config, "checkpoint.best_mode", lambda v: v in ("", "max", "min"),
+                          "'max', 'min' or empty (the task's mode)"),
+        fallback=require(config, "checkpoint.fallback", lambda v: isinstance(v, bool), "a bool"),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaOptions:
+  """N replicas trained in rounds (``fjt.replicas``)."""
+  num: int
+  split: str
+  alpha: float
+  min_size: int
+  seed: int
+  local_steps: int
+  rounds: int
+  server_optimizer: str
+  server_learning_rate: float
+  server_momentum: float
+  optimizer_state: str
+  warmup_steps: int
+  communication_dtype: str
+  baselines: tuple[str, ...]
+
+  @property
+  def inner_steps(self) -> int:
+    """Optimizer steps of each replica: the warm start's and the rounds'."""
+    return self.warmup_steps + self.rounds * self.local_steps
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> ReplicaOptions:
+    if not isinstance(config.get("replicas"), ml_collections.ConfigDict):
+      raise ConfigError("config has no group 'replicas', which fjt.replicas.fit requires")
+    config = with_run_defaults(config)
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    return cls(
+        num=require(config, "replicas.num", positive_int, "a positive int"),
+        split=require(config, "replicas.split", lambda v: v in ("iid", "dirichlet"),
+                      "one of ('iid', 'dirichlet')"),
+        alpha=float(require(config, "replicas.alpha", number, "a number")),
+        min_size=require(config, "replicas.min_size", lambda v: _int(v) and v >= 0, "an int >= 0"),
+        seed=require(config, "replicas.seed", _int, "an int"),
+        local_steps=require(config, "replicas.local_steps", positive_int, "a positive int"),
+        rounds=require(config, "replicas.rounds", positive_int, "a positive int"),
+        server_optimizer=require(config, "replicas.server_optimizer", lambda v: isinstance(v, str),
+                                 "a name"),
+        server_learning_rate=float(require(config, "replicas.server_learning_rate", number,
+                                           "a number")),
+        server_momentum=float(require(config, "replicas.server_momentum", number, "a number")),
+        optimizer_state=require(config, "replicas.optimizer_state", lambda v: isinstance(v, str),
+                                "a name"),
+        warmup_steps=require(config, "replicas.warmup_steps", lambda v: _int(v) and v >= 0,
+                             "an int >= 0"),
+        communication_dtype=require(config, "replicas.communication_dtype",
+                                    lambda v: v in ("float32", "bfloat16"),
+                                    "'float32' or 'bfloat16'"),
+        baselines=tuple(require(config, "replicas.baselines",
+                                lambda v: all(b in ("centralized", "sync", "single") for b in v),
+                                "names among 'centralized', 'sync' (both: batch N*B) and "
+                                "'single' (batch B)")),
+    )
