@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -42,8 +41,6 @@ def num_examples(arrays) -> int:
   """The length of the leading axis shared by every array of ``arrays`` (a pytree)."""
   import jax  # Local: this module is imported by light tools too.
 
-  if isinstance(arrays, Mapping):  # Also a Mapping that is no pytree (fjt.data.windows.TokenWindows).
-    arrays = dict(arrays)
   lengths = {len(leaf) for leaf in jax.tree.leaves(arrays)}
   if len(lengths) != 1:
     raise ValueError(f"the arrays of a split must have one number of examples, got {sorted(lengths)}")

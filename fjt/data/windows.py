@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
+import jax
 import numpy as np
 
 
@@ -102,3 +103,9 @@ def token_stream(docs: Iterable[Sequence[int]], separator_id: int,
   where documents start, as the NNLM sees ``<s>`` padding), all concatenated in order."""
   parts = [np.asarray([separator_id, *doc], dtype) for doc in docs]
   return np.concatenate(parts) if parts else np.zeros((0,), dtype)
+
+
+# A split is a pytree of arrays to the training loop (``jax.tree.map(lambda v: v[:1], split)``):
+# TokenWindows flattens to its two lazy columns; mapping over them gives a plain dict of arrays.
+jax.tree_util.register_pytree_node(
+    TokenWindows, lambda w: ((w["x"], w["y"]), None), lambda _, cols: dict(zip(("x", "y"), cols)))
