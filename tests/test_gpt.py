@@ -250,3 +250,24 @@ def test_sample_cli_prints_text_from_a_run(tmp_path, capsys):
   assert printed.startswith("the cat ") and len(printed[:-1].split(" ")) == 2 + 6
   assert sample_text(str(workdir), "the cat", 6, seed=3) + "\n" == printed
   assert sample.main([str(tmp_path), "--prompt", "x"]) == 2
+
+
+def test_train_a_gpt_on_prepared_bpe_tokens_then_sample_from_the_run(tmp_path, capsys):
+  import fjt
+  write_texts(tmp_path / "texts")
+  prepare_text.main([str(tmp_path / "texts"), "--out", str(tmp_path / "tokens"), "--tokenizer",
+                     "bpe", "--vocab_size", "300"])
+  config = fjt.load_config(os.path.join(ROOT, "configs", "text_gpt.py"))
+  config = fjt.apply_overrides(config, [
+      "data.name=tokens", f"data.path={tmp_path / 'tokens'}", "data.block_size=16",
+      "model.vocab_size=300", "model.block_size=16", "model.embed_dim=16", "model.num_heads=2",
+      "train.steps=4", "train.eval_every=4", "train.log_every=2", "checkpoint.every_steps=4",
+      "optimizer.warmup_steps=1"])
+  summary = fjt.train_and_evaluate(config, str(tmp_path / "run"), progress=False)
+  assert summary["step"] == 4 and 1 < summary["eval"]["perplexity"] < 600
+  split = load_dataset(config.data).test
+  first = jax.tree.map(lambda v: v[:1], split)  # What the loop does to a split: plain arrays.
+  assert set(first) == {"x", "y"} and first["x"].shape == (1, 16)
+  capsys.readouterr()
+  assert sample.main([str(tmp_path / "run"), "--prompt", "The cat", "--tokens", "5"]) == 0
+  assert capsys.readouterr().out.startswith("The cat")
