@@ -99,10 +99,11 @@ def test_greedy_generation_is_the_argmax_of_the_full_model():
   out = generate(model, params, jnp.array([[3, 1, 4], [1, 5, 9]]), 8, jax.random.PRNGKey(0),
                  temperature=0.0)
   assert out.shape == (2, 11) and out.dtype == jnp.int32
-  seq = jnp.array([[3, 1, 4], [1, 5, 9]])
-  for _ in range(8):
-    nxt = jnp.argmax(model.apply({"params": params}, seq)[:, -1], -1)
-    seq = jnp.concatenate([seq, nxt[:, None].astype(jnp.int32)], 1)
+  # Causal: the logits at t of the padded sequence are those of the sequence up to t.
+  logits_fn = jax.jit(lambda seq: model.apply({"params": params}, seq))
+  seq = jnp.zeros((2, 11), jnp.int32).at[:, :3].set(jnp.array([[3, 1, 4], [1, 5, 9]]))
+  for t in range(3, 11):
+    seq = seq.at[:, t].set(jnp.argmax(logits_fn(seq)[:, t - 1], -1).astype(jnp.int32))
   np.testing.assert_array_equal(out, seq)
 
 
@@ -131,10 +132,11 @@ def test_bf16_compute_keeps_float32_params_and_optimizer_state():
   def loss_fn(p, m):
     return optax.softmax_cross_entropy_with_integer_labels(m.apply({"params": p}, x), y).mean()
 
-  loss32, loss16 = loss_fn(params, model), loss_fn(params, bf16)
+  jit_loss = jax.jit(loss_fn, static_argnums=1)
+  loss32, loss16 = jit_loss(params, model), jit_loss(params, bf16)
   assert loss16.dtype == jnp.float32
   assert abs(float(loss16) - float(loss32)) < 1e-2 * float(loss32)  # bf16: 8 mantissa bits.
-  grads = jax.grad(loss_fn)(params, bf16)
+  grads = jax.jit(jax.grad(loss_fn), static_argnums=1)(params, bf16)
   opt_state = tx.init(params)
   updates, opt_state = tx.update(grads, opt_state, params)
   params = optax.apply_updates(params, updates)
