@@ -211,7 +211,7 @@ def test_prepare_text_bpe_writes_token_files_that_load(tmp_path, capsys):
   batch = get_batch(dataset.train, 0, 0, 4)
   assert batch["x"].shape == (4, 16) and int(batch["x"].max()) < 300
   assert prepare_text.main([str(tmp_path / "missing"), "--out", str(out)]) == 2
-  assert "neither a file nor a folder" in capsys.readouterr().err
+  assert "matches no file or folder" in capsys.readouterr().err
 
 
 def test_a_2gb_token_file_is_memory_mapped_not_read(tmp_path):

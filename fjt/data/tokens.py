@@ -23,6 +23,7 @@ import numpy as np
 
 from fjt.data import text
 from fjt.data.dataset import Dataset
+from fjt.data.text_files import find_files
 from fjt.data.tokenizer import Tokenizer, WordTokenizer, train_bpe
 from fjt.data.windows import TokenWindows, token_stream
 
@@ -31,20 +32,10 @@ _SPLIT_FILES = {"train": "train.bin", "validation": "val.bin"}
 
 
 def _read_sources(sources: Sequence[str]) -> list[tuple[str, str]]:
-  """``[(path, text)]`` of the files of ``sources`` (files, or folders searched for files),
-  in sorted order."""
-  paths = []
-  for source in sources:
-    if os.path.isdir(source):
-      paths += sorted(os.path.join(d, f) for d, _, fs in os.walk(source) for f in fs)
-    elif os.path.isfile(source):
-      paths.append(source)
-    else:
-      raise ValueError(f"source {source!r} is neither a file nor a folder")
-  if not paths:
-    raise ValueError(f"no text files in {list(sources)}")
+  """``[(path, text)]`` of the files of ``sources`` (``fjt.data.text_files.find_files``: files,
+  folders searched for text files, globs), in sorted order."""
   documents = []
-  for path in paths:
+  for _, path in find_files(sources):
     try:
       with open(path, encoding="utf-8") as f:
         documents.append((path, f.read()))
