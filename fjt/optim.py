@@ -14,6 +14,7 @@ from fjt.tree import tree_paths
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "warmup_cosine")
+DECAY_MASKS = ("matrices", "gpt")
 
 
 def create_learning_rate_fn(config: Mapping, total_steps: int) -> optax.Schedule:
@@ -47,9 +48,16 @@ def check_optimizer_config(config: Mapping) -> None:
                       f"got {momentum!r}")
 
 
-def _decay_mask(params):
-  # Decay matrices (kernels, embeddings), not biases or BatchNorm scales.
-  return jax.tree.map(lambda p: p.ndim > 1, params)
+def decay_mask(params, kind: str = "matrices"):
+  """True for the leaves weight decay applies to. ``matrices``: every leaf with ndim > 1
+  (kernels and embeddings; not biases or norm scales). ``gpt``: as GPT-2 recipes (nanoGPT),
+  the kernels only: leaves with ndim > 1 except embedding tables (``.../embedding``)."""
+  if kind == "matrices":
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+  if kind == "gpt":
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: p.ndim > 1 and getattr(path[-1], "key", None) != "embedding", params)
+  raise ValueError(f"decay_mask: expected kind one of {DECAY_MASKS}, got {kind!r}")
 
 
 def freeze_labels(params, freeze: Sequence[str]):
@@ -72,7 +80,8 @@ def create_optimizer(config: Mapping, total_steps: int,
   Keys: ``name`` (sgd | adam | adamw), ``learning_rate``, ``schedule`` and its
   keys, ``momentum`` and ``nesterov`` (sgd), ``weight_decay`` (sgd and adam: L2
   added to the gradient; adamw: decoupled), ``grad_clip_norm`` (global norm,
-  0 disables). Weight decay applies to leaves with ndim > 1 only.
+  0 disables), ``decay_mask`` (``decay_mask``'s kind: which leaves weight decay
+  applies to; default ``matrices``, leaves with ndim > 1).
 
   ``freeze``: path patterns of parameters that get no updates: their updates
   are ``optax.set_to_zero`` and the optimizer keeps no state (momentum,
@@ -86,18 +95,22 @@ def create_optimizer(config: Mapping, total_steps: int,
   if wd < 0 or clip < 0:
     raise ConfigError("config keys 'optimizer.weight_decay' and 'optimizer.grad_clip_norm' "
                       f"must be >= 0, got {wd} and {clip}")
+  kind = config.get("decay_mask", "matrices")
+  if kind not in DECAY_MASKS:
+    raise ConfigError(f"config key 'optimizer.decay_mask': expected one of {DECAY_MASKS}, got {kind!r}")
+  mask = functools.partial(decay_mask, kind=kind)
   chain = []
   if clip:
     chain.append(optax.clip_by_global_norm(clip))
   if name in ("sgd", "adam") and wd:
-    chain.append(optax.add_decayed_weights(wd, mask=_decay_mask))
+    chain.append(optax.add_decayed_weights(wd, mask=mask))
   if name == "sgd":
     momentum = float(config.get("momentum", 0.0))
     chain.append(optax.sgd(lr, momentum=momentum or None, nesterov=bool(config.get("nesterov", False))))
   elif name == "adam":
     chain.append(optax.adam(lr))
   elif name == "adamw":
-    chain.append(optax.adamw(lr, weight_decay=wd, mask=_decay_mask))
+    chain.append(optax.adamw(lr, weight_decay=wd, mask=mask))
   else:
     raise ConfigError(f"config key 'optimizer.name': expected one of {OPTIMIZERS}, got {name!r}")
   tx = optax.chain(*chain)
