@@ -54,6 +54,8 @@ class Sizes:
     state_bytes: size of the train state of the checkpoint rows.
     repeats: timed calls per contender (the median is kept).
     torch_compile: also try ``torch.compile`` for the PyTorch baselines.
+    gpt, gpt_steps: the GPT of ``train_step_gpt_vs_torch`` (layers, width, heads, block,
+      batch) and its train steps per timed call.
   """
   mlp_features: tuple[int, ...] = (1024, 1024)
   mlp_inputs: int = 784
@@ -68,6 +70,8 @@ class Sizes:
   repeats: int = 9
   torch_compile: bool = True
   sharded_vocab: int = 5000  # NNLM of configs/text_nnlm.py: a 54 MB train state (AdamW).
+  gpt: tuple[int, int, int, int, int] = (2, 256, 4, 64, 32)  # layers, width, heads, block, batch
+  gpt_steps: int = 5
 
 
 FULL = Sizes()
@@ -76,7 +80,7 @@ FULL = Sizes()
 GPU = dataclasses.replace(FULL, mlp_steps=400, cnn_steps=400, matmul=8192)
 QUICK = Sizes(mlp_features=(64, 64), mlp_batch=32, cnn_batch=16, mlp_steps=3, cnn_steps=3,
               matmul=128, model_bytes=1 * MB, state_bytes=1 * MB, repeats=2, torch_compile=False,
-              sharded_vocab=500)
+              sharded_vocab=500, gpt=(1, 32, 2, 16, 4), gpt_steps=2)
 
 
 @dataclasses.dataclass
@@ -460,6 +464,90 @@ def train_step_rows(sizes: Sizes, cnn_config=None, progress: Callable[[str], Non
   return rows
 
 
+def gpt_train_step_row(sizes: Sizes, progress: Callable[[str], None] = print) -> list[Row]:
+  """``train_step_gpt_vs_torch``: tokens/s of ``fjt.make_train_step`` on a small ``fjt.GPT``
+  (``sizes.gpt``: layers, width, heads, block, batch; vocabulary 5,000; no dropout; AdamW)
+  against Hugging Face's ``GPT2LMHeadModel`` of the same sizes and the same optimizer in
+  PyTorch, eager or ``torch.compile``, whichever is faster."""
+  import fjt
+  torch = require_torch()
+  import transformers
+
+  torch.set_num_threads(cpu_threads())
+  layers, width, heads, block, batch = sizes.gpt
+  vocab, steps = 5000, sizes.gpt_steps
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, vocab, (4, batch, block + 1), dtype=np.int32)
+  model = fjt.models.GPT(vocab_size=vocab, block_size=block, num_layers=layers, num_heads=heads,
+                  embed_dim=width, dropout_rate=0.0)
+  tx = fjt.create_optimizer({"name": "adamw", "learning_rate": 1e-4, "weight_decay": 0.1,
+                             "decay_mask": "gpt"}, 1)
+  state = jax.jit(fjt.create_train_state, static_argnums=(0, 1))(
+      model, tx, jnp.asarray(x[0, :1, :-1]), jax.random.PRNGKey(0))
+  train_step = fjt.make_train_step(model, tx, "language_model")
+  batches = [{"x": jax.device_put(b[:, :-1]), "y": jax.device_put(b[:, 1:])} for b in x]
+  carry = {"state": state}
+
+  def fjt_run() -> None:
+    state = carry.pop("state")
+    for i in range(steps):
+      state, _ = train_step(state, batches[i % len(batches)])
+    carry["state"] = jax.block_until_ready(state)
+
+  config = transformers.GPT2Config(vocab_size=vocab, n_positions=block, n_embd=width,
+                                   n_layer=layers, n_head=heads, resid_pdrop=0.0,
+                                   embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+  device = torch_device()
+  torch_batches = [torch.from_numpy(b.astype(np.int64)).to(device) for b in x]
+
+  def make(compiled: bool) -> Callable[[], None]:
+    module = transformers.GPT2LMHeadModel(config).to(device).train()
+    named = list(module.named_parameters())
+    decayed = [p.ndim > 1 and not n.endswith(("wte.weight", "wpe.weight")) for n, p in named]
+    optimizer = torch.optim.AdamW(  # fjt's decay_mask "gpt": kernels only.
+        [{"params": [p for (_, p), d in zip(named, decayed) if d], "weight_decay": 0.1},
+         {"params": [p for (_, p), d in zip(named, decayed) if not d], "weight_decay": 0.0}],
+        lr=1e-4)
+
+    def step(b):
+      optimizer.zero_grad(set_to_none=True)
+      logits = module(b[:, :-1]).logits
+      loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), b[:, 1:].reshape(-1))
+      loss.backward()
+      optimizer.step()
+      return loss
+
+    if compiled:
+      step = torch.compile(step)
+      for b in torch_batches[:2]:  # Compiles now, so failures show here.
+        step(b)
+
+    def run() -> None:
+      for i in range(steps):
+        step(torch_batches[i % len(torch_batches)])
+    return _torch_synced(run)
+
+  torch_runs, notes = {"torch eager": make(False)}, []
+  if sizes.torch_compile:
+    try:
+      torch_runs["torch.compile"] = make(True)
+    except Exception as e:  # Inductor needs a C++ toolchain; any failure leaves eager alone.
+      notes.append(f"torch.compile failed here ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+  else:
+    notes.append("torch.compile not tried (quick mode)")
+  times = take_turns({"fjt": fjt_run, **torch_runs}, sizes.repeats)
+  tokens = steps * batch * block
+  rates = {name: tokens / times[name] for name in torch_runs}
+  best = max(rates, key=rates.get)
+  row = Row("train_step_gpt_vs_torch", tokens / times["fjt"], rates[best], "tokens/s", ">= 1.0",
+            "; ".join([f"GPT {layers} layers x {width} wide, {heads} heads, block {block}, vocab "
+                       f"{vocab}, batch {batch}, AdamW (decay on kernels only), {runs_on()}; "
+                       f"baseline Hugging Face GPT2LMHeadModel, {best}; " +
+                       ", ".join(f"{k} {v:,.0f}/s" for k, v in rates.items())] + notes))
+  progress(f"{row.name}: {row.ratio:.2f}")
+  return [row]
+
+
 # --- Aggregation ---------------------------------------------------------------------------------
 
 
@@ -776,6 +864,7 @@ def sharded_state_rows(sizes: Sizes, progress: Callable[[str], None] = print) ->
 # --- All rows ------------------------------------------------------------------------------------
 
 ROW_NAMES = ("train_step_mlp_vs_torch", "train_step_mlp_vs_peak", "train_step_cnn_vs_torch",
+             "train_step_gpt_vs_torch",
              "aggregate_vs_memcpy", "aggregate_vs_torch_loop", "stream_average_peak_rss_models",
              "ckpt_save_blocking_vs_torch_save", "ckpt_save_total_vs_torch_save",
              "ckpt_restore_vs_torch_load", "ckpt_verify_vs_restore",
@@ -789,11 +878,15 @@ def run(sizes: Sizes = FULL, cnn_config=None, progress: Callable[[str], None] = 
   require_torch()
   full_float32()
   rows = []
-  groups = [lambda: train_step_rows(sizes, cnn_config, progress),
-            lambda: aggregate_rows(sizes, progress), lambda: stream_average_rows(sizes, progress),
-            lambda: checkpoint_rows(sizes, progress), lambda: sharded_state_rows(sizes, progress)]
+  groups = [("train steps", lambda: train_step_rows(sizes, cnn_config, progress)),
+            ("GPT train step", lambda: gpt_train_step_row(sizes, progress)),
+            ("aggregation", lambda: aggregate_rows(sizes, progress)),
+            ("streaming average", lambda: stream_average_rows(sizes, progress)),
+            ("checkpoints", lambda: checkpoint_rows(sizes, progress)),
+            ("sharded state", lambda: sharded_state_rows(sizes, progress))]
   start = time.perf_counter()
-  for group in groups:
+  for number, (name, group) in enumerate(groups, 1):
+    progress(f"[{number}/{len(groups)}] measuring {name} ...")  # Each group takes minutes.
     rows.extend(group())
     gc.collect()
     progress(f"  ({time.perf_counter() - start:.0f} s so far)")

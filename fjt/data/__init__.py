@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 
 from fjt import config as fjt_config
 from fjt.config import ConfigError
-from fjt.data import arrays, digits, text, text_files
+from fjt.data import arrays, digits, text, text_files, tokens
 from fjt.data.batching import batch_indices, eval_batches, get_batch, steps_per_epoch
 from fjt.data.dataset import Dataset, num_examples
 
@@ -22,6 +22,7 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
     "text": text.load,
     "arrays": arrays.load,
     "text_files": text_files.load,
+    "tokens": tokens.load,
 }
 
 

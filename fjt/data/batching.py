@@ -49,7 +49,12 @@ def get_batch(arrays: Mapping[str, Any], seed: int, step: int, batch_size: int,
 
   ``rows`` selects part of the global batch: the rows one process supplies in a
   multi-process run; only those examples are gathered.
+
+  A split that draws its own batches (it has ``sample_batch(seed, step, batch_size, rows)``,
+  e.g. ``fjt.data.windows.TokenWindows`` over a memory-mapped token file) is asked for them.
   """
+  if hasattr(arrays, "sample_batch"):
+    return arrays.sample_batch(seed, step, batch_size, rows)
   idx = batch_indices(seed, step, num_examples(arrays), batch_size)[rows]
   return jax.tree.map(lambda v: v[idx], arrays)
 

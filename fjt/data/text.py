@@ -22,6 +22,7 @@ import zlib
 import numpy as np
 
 from fjt.data.dataset import Dataset
+from fjt.data.windows import TokenWindows, token_stream
 
 BOS, UNK = "<s>", "<unk>"
 _WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
@@ -45,8 +46,8 @@ def _docstrings(path: str) -> list[str]:
 
 
 @functools.lru_cache(maxsize=2)
-def stdlib_docstrings(root: str | None = None) -> tuple[tuple[str, tuple[tuple[str, ...], ...]], ...]:
-  """``((relative_path, (docstring_tokens, ...)), ...)`` in sorted path order."""
+def stdlib_docstring_texts(root: str | None = None) -> tuple[tuple[str, tuple[str, ...]], ...]:
+  """``((relative_path, (docstring, ...)), ...)``, the raw docstrings, in sorted path order."""
   root = root or sysconfig.get_paths()["stdlib"]
   files = []
   for dirpath, dirnames, filenames in os.walk(root):
@@ -59,11 +60,21 @@ def stdlib_docstrings(root: str | None = None) -> tuple[tuple[str, tuple[tuple[s
         docs = _docstrings(path)
       except (SyntaxError, UnicodeDecodeError, ValueError):
         continue  # A few files in the stdlib are deliberately not valid Python 3.
-      tokens = tuple(t for d in docs if (t := tokenize(d)))
-      if tokens:
-        files.append((os.path.relpath(path, root).replace(os.sep, "/"), tokens))
+      if docs:
+        files.append((os.path.relpath(path, root).replace(os.sep, "/"), tuple(docs)))
   if not files:
     raise FileNotFoundError(f"no docstrings found under the standard library at {root!r}")
+  return tuple(files)
+
+
+@functools.lru_cache(maxsize=2)
+def stdlib_docstrings(root: str | None = None) -> tuple[tuple[str, tuple[tuple[str, ...], ...]], ...]:
+  """``((relative_path, (docstring_tokens, ...)), ...)`` in sorted path order."""
+  files = []
+  for path, docs in stdlib_docstring_texts(root):
+    tokens = tuple(t for d in docs if (t := tokenize(d)))
+    if tokens:
+      files.append((path, tokens))
   return tuple(files)
 
 
@@ -104,23 +115,39 @@ def unigram_perplexity(train_y: np.ndarray, test_y: np.ndarray, vocab_size: int)
   return float(math.exp(-log_p[test_y].mean()))
 
 
-def load(vocab_size: int = 5000, context: int = 4, validation_percent: int = 10) -> Dataset:
-  """Windows of ``context`` words -> next word, split by source file."""
-  return window_dataset(stdlib_docstrings(), vocab_size, context, validation_percent)
+def load(vocab_size: int = 5000, context: int = 4, validation_percent: int = 10,
+         block_size: int = 0) -> Dataset:
+  """Windows of ``context`` words -> next word, split by source file; with ``block_size``,
+  blocks of a token stream for a GPT (see ``window_dataset``)."""
+  return window_dataset(stdlib_docstrings(), vocab_size, context, validation_percent,
+                        block_size=block_size)
 
 
 def window_dataset(files, vocab_size: int, context: int, validation_percent: int,
-                   is_validation=None) -> Dataset:
+                   is_validation=None, block_size: int = 0) -> Dataset:
   """The next-word dataset of ``files`` = ``((relative_path, (doc_tokens, ...)), ...)``: a file
   is in validation by ``is_validation(path)`` (default ``is_validation_file``); the vocabulary
-  is ``build_vocab`` of the training documents; examples are ``windows``."""
+  is ``build_vocab`` of the training documents; examples are ``windows``.
+
+  With ``block_size > 0`` (a GPT's context; ``context`` is unused), the documents of each
+  split become one token stream (each document preceded by ``<s>``) and the splits are
+  ``TokenWindows`` of it: ``x``, ``y`` int32 ``(N, block_size)`` with ``y`` the next token of
+  each position; training batches are random windows, evaluation the validation stream in
+  consecutive windows. The vocabulary and the file split are the same as for ``context``
+  windows, and ``info["tokenizer"]`` is the word vocabulary, so a run can decode samples."""
   if is_validation is None:
     is_validation = lambda path: is_validation_file(path, validation_percent)
   train_docs = [d for path, docs in files if not is_validation(path) for d in docs]
   test_docs = [d for path, docs in files if is_validation(path) for d in docs]
   vocab = build_vocab(train_docs, vocab_size)
-  x_train, y_train = windows(train_docs, vocab, context)
-  x_test, y_test = windows(test_docs, vocab, context)
+  if block_size:
+    train, test = (TokenWindows(token_stream(_ids(docs, vocab), vocab[BOS]), block_size, stride)
+                   for docs, stride in ((train_docs, 1), (test_docs, block_size)))
+    y_train, y_test = train.tokens[1:], test.tokens[1:]
+  else:
+    x_train, y_train = windows(train_docs, vocab, context)
+    x_test, y_test = windows(test_docs, vocab, context)
+    train, test = {"x": x_train, "y": y_train}, {"x": x_test, "y": y_test}
   info = {
       "vocab_size": len(vocab),
       "train_tokens": int(len(y_train)),
@@ -132,5 +159,11 @@ def window_dataset(files, vocab_size: int, context: int, validation_percent: int
   }
   # The model's output width is the vocabulary size asked for, even where a small corpus has
   # fewer words (those ids never occur).
-  return Dataset(train={"x": x_train, "y": y_train}, test={"x": x_test, "y": y_test},
-                 num_classes=max(len(vocab), vocab_size), info=info)
+  if block_size:
+    info["tokenizer"] = {"type": "word", "vocab": info["vocab"]}
+  return Dataset(train=train, test=test, num_classes=max(len(vocab), vocab_size), info=info)
+
+
+def _ids(docs, vocab: dict[str, int]) -> list[list[int]]:
+  unk = vocab[UNK]
+  return [[vocab.get(t, unk) for t in doc] for doc in docs]

@@ -44,8 +44,9 @@ def find_files(paths: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def load(paths: Sequence[str] = (), vocab_size: int = 5000, context: int = 4,
-         validation_percent: int = 10) -> Dataset:
-  """Windows of ``context`` words -> next word over the text files of ``paths``.
+         validation_percent: int = 10, block_size: int = 0) -> Dataset:
+  """Windows of ``context`` words -> next word over the text files of ``paths``; with
+  ``block_size``, blocks of a token stream for a GPT (``fjt.data.text.window_dataset``).
 
   When the hash puts no file in validation (a handful of files), the file with the smallest
   hash goes there, so both splits exist whenever there are two files.
@@ -71,6 +72,7 @@ def load(paths: Sequence[str] = (), vocab_size: int = 5000, context: int = 4,
   renamed = [(("val/" if v else "train/") + name, docs) for (name, docs), v in
              zip(files, in_validation)]
   dataset = text.window_dataset(renamed, vocab_size, context,
-                                validation_percent=0, is_validation=lambda n: n.startswith("val/"))
+                                validation_percent=0, is_validation=lambda n: n.startswith("val/"),
+                                block_size=block_size)
   dataset.info["files"] = {"train": in_validation.count(False), "validation": in_validation.count(True)}
   return dataset
