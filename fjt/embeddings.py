@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from fjt.tree import flatten, to_nested_dict
+from fjt.tree import flatten, to_nested_dict, unbox
 
 PyTree = Any
 
@@ -44,7 +44,7 @@ def embedding_table(variables: PyTree, vocab_size: int | None = None,
   2-D ``.../embedding`` leaf, or the one with ``vocab_size`` rows (else the one with more rows)
   when there are several (GPT's ``wte`` beside ``wpe``).
   """
-  flat = flatten(to_nested_dict(variables))
+  flat = flatten(to_nested_dict(unbox(variables)))  # unbox: model.init's logical-axis boxes.
   tables = {p: v for p, v in flat.items() if p.rsplit("/", 1)[-1] == "embedding" and np.ndim(v) == 2}
   if path is None:
     candidates = list(tables)
