@@ -7,13 +7,15 @@ The public API, re-exported flat::
   summary = fjt.train_and_evaluate(config, "runs/digits_mlp")
 """
 
-from fjt import (aggregate, averaging, checkpoint, data, merge, models, replicas, sharding, steps,
-                 summary, tasks)
+from fjt import (accelerators, aggregate, averaging, checkpoint, data, merge, models, preemption,
+                 replicas, runs, sharding, steps, summary, tasks)
 from fjt.config import ConfigError, apply_overrides, load_config
 from fjt.data import Dataset, get_batch, load_dataset
 from fjt.experiment import train_and_evaluate
 from fjt.models import CNN, MLP, MODELS, NNLM, create_model
 from fjt.optim import create_learning_rate_fn, create_optimizer
+from fjt.options import AcceleratorOptions
+from fjt.preemption import StoppedBySignal
 from fjt.state import TrainState, create_from_config, create_train_state, init_variables
 from fjt.steps import evaluate, make_eval_step, make_train_step, train_step_fn
 from fjt.tasks import TASKS, Task, register_task
@@ -22,11 +24,11 @@ from fjt.train import NonFiniteLossError, fit
 __version__ = "0.1.0"
 
 __all__ = [
-    "CNN", "ConfigError", "Dataset", "MLP", "MODELS", "NNLM", "NonFiniteLossError", "TASKS",
+    "AcceleratorOptions", "CNN", "ConfigError", "Dataset", "MLP", "MODELS", "NNLM", "NonFiniteLossError", "StoppedBySignal", "TASKS",
     "Task", "TrainState", "aggregate", "apply_overrides", "averaging", "checkpoint",
     "create_from_config", "create_learning_rate_fn", "create_model", "create_optimizer",
     "create_train_state", "data", "evaluate", "fit", "get_batch", "init_variables",
     "load_config", "load_dataset", "make_eval_step", "make_train_step", "merge", "models",
-    "register_task", "replicas", "sharding", "steps", "summary", "tasks", "train_and_evaluate",
+    "accelerators", "preemption", "register_task", "replicas", "runs", "sharding", "steps", "summary", "tasks", "train_and_evaluate",
     "train_step_fn",
 ]

@@ -824,12 +824,14 @@ def run(sizes: Sizes = FULL, cnn_config=None, progress: Callable[[str], None] = 
   require_torch()
   full_float32()
   rows = []
-  groups = [lambda: train_step_rows(sizes, cnn_config, progress),
-            lambda: gpt_train_step_row(sizes, progress),
-            lambda: aggregate_rows(sizes, progress), lambda: stream_average_rows(sizes, progress),
-            lambda: checkpoint_rows(sizes, progress)]
+  groups = [("train steps", lambda: train_step_rows(sizes, cnn_config, progress)),
+            ("GPT train step", lambda: gpt_train_step_row(sizes, progress)),
+            ("aggregation", lambda: aggregate_rows(sizes, progress)),
+            ("streaming average", lambda: stream_average_rows(sizes, progress)),
+            ("checkpoints", lambda: checkpoint_rows(sizes, progress))]
   start = time.perf_counter()
-  for group in groups:
+  for number, (name, group) in enumerate(groups, 1):
+    progress(f"[{number}/{len(groups)}] measuring {name} ...")  # Each group takes minutes.
     rows.extend(group())
     gc.collect()
     progress(f"  ({time.perf_counter() - start:.0f} s so far)")

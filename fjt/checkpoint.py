@@ -731,6 +731,13 @@ class RunCheckpointer:
     if error is not None:
       raise error
 
+  def raise_if_failed(self) -> None:
+    """Raises the error of a background save that has ended with one (a full disk, say),
+    without waiting for a save still in progress: the loop calls it every step, so a failed
+    save stops the run at the next step, not at the next save."""
+    if self._worker is not None and not self._worker.is_alive():
+      self._join()
+
   def wait_until_finished(self) -> None:
     """Blocks until every started save is complete, manifests included."""
     self._join()

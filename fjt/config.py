@@ -46,6 +46,10 @@ RUN_DEFAULTS = {
     "swa": {"start_step": 0, "every": 0},  # Stochastic weight averaging; every 0 disables.
     "mesh": {"data": -1},  # Devices on the data axis; -1: every device.
     "distributed": {"timeout_s": 60},  # A peer silent this long ends a multi-process run.
+    # GPU: --xla_gpu_deterministic_ops=true (bitwise-reproducible runs; slower scatter-adds and
+    # reductions). CPU and TPU are deterministic already. See fjt.accelerators.
+    "deterministic": True,
+    "matmul_precision": "default",  # default | high | highest (jax.default_matmul_precision).
     "init_from": "",  # A checkpoint to start from (run workdir, step or saved directory).
     "init_skip": (),  # Path patterns (regex) not to load from init_from, e.g. a new head.
     "freeze": (),  # Path patterns (regex) of parameters that get no updates.
@@ -100,7 +104,10 @@ def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
     raise ConfigError(f"config file {path!r} failed to load: {type(e).__name__}: {e}") from e
   if not callable(getattr(module, "get_config", None)):
     raise ConfigError(f"config file {path!r} defines no get_config()")
-  config = module.get_config()
+  try:
+    config = module.get_config()
+  except Exception as e:  # The user's function: report it as the file's error, in one line.
+    raise ConfigError(f"get_config() in {path!r} raised {type(e).__name__}: {e}") from e
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(
         f"get_config() in {path!r} returned {type(config).__name__}, expected ml_collections.ConfigDict")

@@ -5,7 +5,30 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from collections.abc import Mapping
+
+
+def say(message: str) -> None:
+  """One plain line on stderr (``fjt: ...``): what a run decided or noticed on the user's
+  behalf. Not a ``warnings`` warning, whose two-line form names fjt's source line."""
+  print(f"fjt: {message}", file=sys.stderr, flush=True)
+
+
+def one_line_errors() -> None:
+  """For a command-line tool: a warning is one plain line (not the source line that raised
+  it), and the errors Orbax and TensorStore log from their own threads after a failed save
+  (absl and asyncio log records, callbacks into a closed event loop) are left to the tool's
+  one-line error. Process-wide; library code does not call it."""
+  import logging
+  import warnings
+  warnings.formatwarning = lambda message, category, *_: f"warning: {message}\n"
+  for name in ("absl", "asyncio"):
+    logging.getLogger(name).setLevel(logging.CRITICAL)
+  closed = lambda value: isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+  excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+  sys.excepthook = lambda kind, value, tb: None if closed(value) else excepthook(kind, value, tb)
+  sys.unraisablehook = lambda u: None if closed(u.exc_value) else unraisablehook(u)
 
 
 class MetricWriter:

@@ -36,6 +36,18 @@ def create_learning_rate_fn(config: Mapping, total_steps: int) -> optax.Schedule
   raise ConfigError(f"config key 'optimizer.schedule': expected one of {SCHEDULES}, got {schedule!r}")
 
 
+def check_optimizer_config(config: Mapping) -> None:
+  """``learning_rate > 0`` and ``momentum`` in [0, 1): outside them SGD climbs the loss (a
+  negative rate) or its velocity never decays, and the run ends in NaN or 1e17 losses."""
+  lr, momentum = config.get("learning_rate"), config.get("momentum", 0.0)
+  if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
+    raise ConfigError(f"config key 'optimizer.learning_rate': expected a number > 0, got {lr!r}")
+  if not isinstance(momentum, (int, float)) or isinstance(momentum, bool) or \
+      not 0 <= momentum < 1:
+    raise ConfigError(f"config key 'optimizer.momentum': expected a number in [0, 1), "
+                      f"got {momentum!r}")
+
+
 def decay_mask(params, kind: str = "matrices"):
   """True for the leaves weight decay applies to. ``matrices``: every leaf with ndim > 1
   (kernels and embeddings; not biases or norm scales). ``gpt``: as GPT-2 recipes (nanoGPT),
@@ -76,6 +88,7 @@ def create_optimizer(config: Mapping, total_steps: int,
   moments) for them.
   """
   name = config.get("name")
+  check_optimizer_config(config)
   lr = create_learning_rate_fn(config, total_steps)
   wd = float(config.get("weight_decay", 0.0))
   clip = float(config.get("grad_clip_norm", 0.0))

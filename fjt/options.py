@@ -52,6 +52,39 @@ class TrainOptions:
     return options
 
 
+# Model attributes that are layer widths or counts of things: each must be positive.
+_WIDTH_SUFFIXES = ("features", "num_classes", "vocab_size", "embed_dim", "hidden_dim", "num_heads")
+
+
+def check_model_widths(config: ml_collections.ConfigDict) -> None:
+  """Every width of ``config.model`` (``features``, ``dense_features``, ``num_classes``, ...: an
+  int or a tuple of ints) is positive; Flax would fail later on a zero-size array."""
+  model = config.get("model") or {}
+  for key, value in model.items():
+    if not key.endswith(_WIDTH_SUFFIXES):
+      continue
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    if not all(positive_int(v) for v in values):
+      raise ConfigError(f"config key 'model.{key}': expected positive ints (layer widths), "
+                        f"got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AcceleratorOptions:
+  """Determinism and matmul precision (``fjt.accelerators``)."""
+  deterministic: bool
+  matmul_precision: str
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> AcceleratorOptions:
+    config = with_run_defaults(config)
+    return cls(
+        deterministic=require(config, "deterministic", lambda v: isinstance(v, bool), "a bool"),
+        matmul_precision=require(config, "matmul_precision",
+                                 lambda v: v in ("default", "high", "highest"),
+                                 "'default', 'high' or 'highest'"))
+
+
 @dataclasses.dataclass(frozen=True)
 class CheckpointOptions:
   """When a run saves, what it keeps, and how it resumes."""

@@ -49,7 +49,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from fjt import checkpoint
+from fjt import checkpoint, runs, sharding
 from fjt import data as fjt_data
 from fjt import train as fjt_train
 from fjt.averaging import TemporalAveraging
@@ -58,7 +58,8 @@ from fjt.data import Dataset
 from fjt.data import splits as fjt_splits
 from fjt.logs import RunLog
 from fjt.models import create_model
-from fjt.options import ReplicaOptions, TrainOptions
+from fjt.optim import check_optimizer_config
+from fjt.options import ReplicaOptions, TrainOptions, check_model_widths
 from fjt.sharding import (create_mesh, needs_lockstep, process_rows, put_global, put_replicated,
                           put_split, to_host)
 from fjt.state import PyTree, TrainState, create_from_config
@@ -444,16 +445,29 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module | None
   config = with_run_defaults(config)
   opts = ReplicaOptions.from_config(config)
   options = TrainOptions.from_config(config)
-  rounds, local_steps, num, warmup = opts.rounds, opts.local_steps, opts.num, opts.warmup_steps
   config = _with_steps(config, opts.inner_steps)
   if TemporalAveraging.from_config(config).names:
     raise ConfigError(_NO_AVERAGES)
+  check_model_widths(config)
+  check_optimizer_config(config.optimizer)
+  fjt_train.prepare_workdir(workdir)
+  sharding.check_same_config(runs.as_record(config), os.path.abspath(workdir),
+                             float(config.distributed.timeout_s))
+  # A workdir's final state is its result: a rerun with another config is refused, as in fit.
+  with runs.WorkdirLock(workdir, enabled=jax.process_index() == 0):
+    runs.check_rerun(workdir, config, os.path.isdir(os.path.join(workdir, "final")))
+    return _fit(config, workdir, opts, options, model, dataset, task, progress)
+
+
+def _fit(config: ml_collections.ConfigDict, workdir: str, opts: ReplicaOptions,
+         options: TrainOptions, model: nn.Module | None, dataset: Dataset | None,
+         task: TaskLike | None, progress: bool) -> tuple[TrainState, dict[str, Any]]:
+  rounds, local_steps, num, warmup = opts.rounds, opts.local_steps, opts.num, opts.warmup_steps
   baselines = {name: (baseline_config(config, name), os.path.join(workdir, name))
                for name in opts.baselines}
   for baseline, directory in baselines.values():
     _check_centralized_dir(directory, baseline)
   main = jax.process_index() == 0  # Only process 0 writes files other than checkpoints.
-  fjt_train.prepare_workdir(workdir)
   dataset = dataset if dataset is not None else fjt_data.load_dataset(config.data)
   task = fjt_train.resolve_task(config, dataset, task)
 
@@ -523,9 +537,12 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module | None
   for name, (baseline, directory) in baselines.items():
     tic = time.perf_counter()
     _, result = fjt_train.fit(baseline, directory, model=model, dataset=dataset, task=task,
-                              progress=progress)
+                              progress=False)  # One summary line, not a line per eval.
     seconds[name] = time.perf_counter() - tic
     eval_metrics.update({f"{name}_{k}": v for k, v in result["eval"].items()})
+    if progress and main:
+      print(f"{name} baseline ({baseline.train.steps} steps): " +
+            ", ".join(f"{k} {v:.4f}" for k, v in result["eval"].items()), flush=True)
 
   summary = {
       "step": rounds,

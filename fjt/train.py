@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -15,15 +17,17 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from fjt import checkpoint, sharding
+from fjt import accelerators, checkpoint, runs, sharding
 from fjt import data as fjt_data
 from fjt.averaging import TemporalAveraging
-from fjt.checkpoint import LoadReport
+from fjt.checkpoint import CheckpointError, LoadReport
 from fjt.config import ConfigError, with_run_defaults
 from fjt.data import Dataset
-from fjt.logs import RunLog
+from fjt.logs import RunLog, say
 from fjt.models import create_model
-from fjt.options import CheckpointOptions, TrainOptions
+from fjt.optim import check_optimizer_config
+from fjt.options import AcceleratorOptions, CheckpointOptions, TrainOptions, check_model_widths
+from fjt.preemption import StopSignals, StoppedBySignal
 from fjt.state import TrainState, create_from_config, model_kwargs
 from fjt.steps import TaskLike, evaluate, make_eval_step, make_train_step
 from fjt.tasks import Task, get_task
@@ -42,17 +46,34 @@ def _check_finite(window: list[dict[str, np.ndarray]], first_step: int) -> None:
           "or set optimizer.grad_clip_norm")
 
 
-def prepare_workdir(workdir: str) -> str:
-  """Creates ``workdir`` and checks that files can be written there."""
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".fjt_write_test_{jax.process_index()}")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as e:
-    raise ConfigError(f"workdir {workdir!r} is not writable: {e.strerror or e}") from e
+def prepare_workdir(workdir: str, subdirs: Sequence[str] = ()) -> str:
+  """Creates ``workdir`` and its ``subdirs`` and checks that files can be written in each, so
+  a read-only disk or directory is found before training, not at the first save."""
+  for directory in (workdir, *(os.path.join(workdir, d) for d in subdirs)):
+    try:
+      os.makedirs(directory, exist_ok=True)
+      probe = os.path.join(directory, f".fjt_write_test_{jax.process_index()}")
+      with open(probe, "w") as f:
+        f.write("ok")
+      os.remove(probe)
+    except OSError as e:
+      what = "workdir" if directory == workdir else "directory"
+      raise ConfigError(f"{what} {directory!r} is not writable: {e.strerror or e}; fix its "
+                        "permissions or use another --workdir") from e
   return workdir
+
+
+def _say_resuming(start: int, steps: int, directory: str, changes: list[runs.Change]) -> None:
+  """One line saying where a run resumes, and what a larger ``train.steps`` means."""
+  raised = next((c for c in changes if c.key == "train.steps"), None)
+  if start >= steps:
+    say(f"the run finished at step {start} (checkpoint {directory}); evaluating it again "
+        "(raise --config.train.steps to train on)")
+    return
+  say(f"resuming from step {start} (checkpoint {directory})")
+  if raised is not None:
+    say(f"train.steps raised from {raised.old} to {raised.new}: the run continues from step "
+        f"{start}, the learning-rate schedule now that of {raised.new} steps")
 
 
 def init_from_checkpoint(state: TrainState, path: str, skip=()) -> tuple[TrainState, LoadReport]:
@@ -80,7 +101,7 @@ def _fine_tune_start(config, workdir: str, state: TrainState, tx, progress: bool
   init_from = config.get("init_from", "")
   if config.get("pretrain"):
     pretrain_dir = os.path.join(workdir, "pretrain")
-    fit(config.pretrain, pretrain_dir, progress=progress)
+    fit(config.pretrain, pretrain_dir, progress=progress, desc="pretrain")
     init_from = init_from or pretrain_dir
   if not init_from:
     return state
@@ -158,25 +179,96 @@ def metric_names(model: nn.Module, state: TrainState, dataset: Dataset, task: Ta
   return sorted(task.metrics({k: np.float64(1.0) for k in sums}))
 
 
+def _count_first_step(bar: tqdm) -> None:
+  """Counts the first step of a process (which compiled) and starts the bar's clock after it,
+  so rate and ETA (``smoothing=0``: steps / seconds since then) leave the compile time out."""
+  bar.n += 1
+  if not bar.disable:  # A disabled bar keeps no clock.
+    bar.initial = bar.n
+    bar.start_t = bar.last_print_t = bar._time()  # tqdm ends a line only if it printed since.
+    bar.refresh()
+
+
+# OS errors as the C library words them, found inside the longer messages Orbax and
+# TensorStore wrap them in (e.g. RESOURCE_EXHAUSTED: Error writing ...: No space left on device).
+_OS_ERRORS = ("No space left on device", "Disk quota exceeded", "Read-only file system",
+              "Permission denied", "No such file or directory")
+
+
+def save_error_line(directory: str, error: BaseException) -> str:
+  """One line for an error of a checkpoint save under ``directory``: the step (from Orbax's
+  temporary directory name, if the message has it), the OS error if one is named, else the
+  error's first line, and what to do."""
+  text = str(error)
+  step = re.search(r"/(\d+)\.orbax-checkpoint-tmp", text)
+  cause = next((m for m in _OS_ERRORS if m in text), None)
+  cause = (f"{cause} ({type(error).__name__})" if cause else
+           f"{type(error).__name__}: {(text.strip().splitlines() or [''])[0][:300]}")
+  what = f"step {step.group(1)}" if step else "a checkpoint"
+  return (f"saving {what} under {directory} failed: {cause}. Free disk space or fix the "
+          "directory's permissions, then run the same command to resume from the last saved step")
+
+
+@contextlib.contextmanager
+def _saving(directory: str) -> Iterator[None]:
+  """An error of a checkpoint save (a full disk, a directory gone) as one ``CheckpointError``
+  line (``save_error_line``)."""
+  try:
+    yield
+  except (CheckpointError, ConfigError):
+    raise
+  except Exception as e:  # Orbax and the OS raise many kinds; the user needs one line.
+    raise CheckpointError(save_error_line(directory, e)) from e
+
+
 def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module | None = None,
         dataset: Dataset | None = None, task: TaskLike | None = None,
-        progress: bool = True) -> tuple[TrainState, dict[str, Any]]:
+        progress: bool = True, desc: str | None = None) -> tuple[TrainState, dict[str, Any]]:
   """Trains the model of ``config`` and evaluates it; returns (final state, summary).
 
   ``model``, ``dataset`` and ``task`` replace ``config.model``, ``config.data`` and
   ``config.task`` when given (a Linen module, a ``fjt.Dataset``, a task name, ``fjt.Task`` or
-  ``loss_fn``). Resumes from the newest complete checkpoint in ``WORKDIR/checkpoints`` if there
-  is one (a finished run is only evaluated again). Data parallel over the mesh of
-  ``config.mesh`` (default: every device on one ``data`` axis), across all the processes of a
-  ``jax.distributed`` run; only process 0 writes files other than checkpoints. Writes to
-  ``workdir`` (``fjt.logs.RunLog``): ``config.json``, ``metrics.jsonl`` (one object per logged
-  step: step, split, metrics), TensorBoard events, ``metrics.png``, checkpoints, and
-  ``summary.json`` = ``{"step": final step, "eval": final eval metrics}``.
+  ``loss_fn``). ``desc`` labels the progress bar (default ``train``, or ``fine-tune`` for a run
+  that starts from ``init_from``/``pretrain``).
+
+  Before any work: the settings are checked (``fjt.options``, ``fjt.optim``); the processes of
+  a multi-process run compare their configs (``fjt.sharding.check_same_config``); the workdir
+  is locked (``fjt.runs.WorkdirLock``) and, if it holds checkpoints, the config is compared
+  with the one they were made with (``fjt.runs.check_rerun``): a change that alters the
+  result is an error, a larger ``train.steps`` continues the run (the learning-rate schedule
+  becomes that of the new total from the step reached).
+
+  Resumes from the newest complete checkpoint in ``WORKDIR/checkpoints`` if there is one (a
+  finished run is only evaluated again), saying so in one line. SIGTERM or SIGINT finishes the
+  current step, saves it and raises ``fjt.preemption.StoppedBySignal``. Data parallel over the
+  mesh of ``config.mesh`` (default: every device on one ``data`` axis), across all the processes
+  of a ``jax.distributed`` run; a peer that stops answering is ``fjt.sharding.PeerLostError``;
+  only process 0 writes files other than checkpoints. Writes to ``workdir`` (``fjt.logs.RunLog``):
+  ``config.json``, ``metrics.jsonl`` (one object per logged step: step, split, metrics),
+  TensorBoard events, ``metrics.png``, checkpoints, and ``summary.json`` =
+  ``{"step": final step, "eval": final eval metrics}``.
   """
   config = with_run_defaults(config)
   options, ckpt = TrainOptions.from_config(config), CheckpointOptions.from_config(config)
+  accel = AcceleratorOptions.from_config(config)
+  check_model_widths(config)
+  check_optimizer_config(config.optimizer)
+  accelerators.request_determinism(accel.deterministic)
+  prepare_workdir(workdir, subdirs=("checkpoints",))
+  sharding.check_same_config(runs.as_record(config), os.path.abspath(workdir),
+                             float(config.distributed.timeout_s))
+  with runs.WorkdirLock(workdir, enabled=jax.process_index() == 0), \
+      accelerators.precision(accel.matmul_precision):
+    has_results = bool(checkpoint.step_dirs(os.path.join(workdir, "checkpoints")))
+    changes = runs.check_rerun(workdir, config, has_results)
+    return _fit(config, workdir, options, ckpt, changes, model, dataset, task, progress, desc)
+
+
+def _fit(config: ml_collections.ConfigDict, workdir: str, options: TrainOptions,
+         ckpt: CheckpointOptions, changes: list[runs.Change], model: nn.Module | None,
+         dataset: Dataset | None, task: TaskLike | None, progress: bool,
+         desc: str | None) -> tuple[TrainState, dict[str, Any]]:
   main = jax.process_index() == 0
-  prepare_workdir(workdir)
   dataset = dataset if dataset is not None else fjt_data.load_dataset(config.data)
   if options.batch_size > dataset.num_train:
     raise ConfigError(f"config key 'train.batch_size': {options.batch_size} is larger than the "
@@ -207,6 +299,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module | None
                                              fallback=ckpt.fallback)
   if start == 0:
     state = sharding.put_replicated(_fine_tune_start(config, workdir, state, tx, progress), mesh)
+  elif main:
+    _say_resuming(start, options.steps, os.path.join(checkpointer.directory, str(start)), changes)
 
   def run_eval(state):
     return evaluate(eval_step, state, dataset.test, options.eval_batch_size, mesh=mesh)
@@ -218,17 +312,22 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module | None
               if jax.process_count() > 1 else None)
   log = RunLog(workdir, config, start_step=start, enabled=main)
   window, window_start, tic = [], start, time.perf_counter()
-  evaluated_at, eval_metrics = -1, {}
+  evaluated_at, eval_metrics, done, lost = -1, {}, start, None
+  desc = desc or ("fine-tune" if config.get("init_from") or config.get("pretrain") else "train")
   try:
-    with tqdm(total=steps, initial=start, disable=not (progress and main), desc="train",
-              unit="step", dynamic_ncols=True) as bar:
+    with StopSignals() as stop, tqdm(total=steps, initial=start, disable=not (progress and main),
+                                     desc=desc, unit="step", dynamic_ncols=True,
+                                     smoothing=0) as bar:
       for step in range(start, steps):
         local = fjt_data.get_batch(dataset.train, options.seed, step, options.batch_size, rows)
         state, metrics = train_step(state, sharding.put_split(local, mesh, options.batch_size))
         if lockstep:
           jax.block_until_ready(metrics)
         window.append(metrics)
-        bar.update()
+        if step == start:
+          _count_first_step(bar)
+        else:
+          bar.update()
         done = step + 1
         save_now = done % checkpoint_every == 0 or done == steps
         if done % options.log_every == 0 or save_now:
@@ -243,18 +342,34 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module | None
         if done % options.eval_every == 0 or done == steps:
           eval_metrics, evaluated_at = run_eval(state), done
           log.write(done, "eval", eval_metrics)
-          if main:
+          if main and progress:
             bar.write(f"step {done}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in eval_metrics.items()))
           tic = time.perf_counter()  # Eval time is not training throughput.
-        if save_now:
-          checkpointer.save(done, state, eval_metrics if evaluated_at == done else None)
+        with _saving(checkpointer.directory):
+          if save_now:
+            checkpointer.save(done, state, eval_metrics if evaluated_at == done else None)
+          else:
+            checkpointer.raise_if_failed()  # A failed save stops the run at the next step.
         if watchdog:
-          watchdog.beat()
+          watchdog.beat(done)
+        if stop.requested(done) and done < steps:  # At the last step the run just finishes.
+          with _saving(checkpointer.directory):
+            if not save_now:
+              checkpointer.save(done, state)
+            checkpointer.wait_until_finished()
+          raise StoppedBySignal(done, stop.signal_name, checkpointer.directory)
     if evaluated_at != steps:  # A finished run started again: report, do not retrain.
       eval_metrics = run_eval(state)
+  except jax.errors.JaxRuntimeError as e:
+    if jax.process_count() == 1:
+      raise
+    lost = sharding.peer_lost(e, done + 1)  # A collective failed: a peer is gone.
+    raise lost from e
   finally:
     log.close()
-    checkpointer.close()  # Waits for the last save; raises its errors.
+    if lost is None:  # A save would wait on the lost peer.
+      with _saving(checkpointer.directory):
+        checkpointer.close()  # Waits for the last save; raises its errors.
     if watchdog:
       watchdog.stop()
 

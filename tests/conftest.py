@@ -1,11 +1,17 @@
 import os
 import sys
 
+import jax
 import ml_collections
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+# Tests that compare against numpy or another path exactly need full float32 matmuls, which is
+# the CPU's default but not a GPU's (TF32). Determinism (config.deterministic, on by default)
+# is set per run by fjt; subprocess tests that need the CPU set JAX_PLATFORMS=cpu themselves.
+jax.config.update("jax_default_matmul_precision", "highest")
 
 
 def tiny_digits_config(model: str = "mlp", steps: int = 30) -> ml_collections.ConfigDict:

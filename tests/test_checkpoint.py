@@ -156,6 +156,52 @@ def test_sigkilled_run_resumes_bitwise(tmp_path, uninterrupted, ready):
   assert json.load(open(tmp_path / "summary.json")) == json.load(open(uninterrupted / "summary.json"))
 
 
+def logged_past(workdir, step):
+  """Ready when ``metrics.jsonl`` has a train row past ``step``."""
+  def ready(_):
+    try:
+      rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))
+              if line.endswith("\n")]
+    except (OSError, ValueError):
+      return False
+    return any(r["split"] == "train" and r["step"] > step for r in rows)
+  return ready
+
+
+def signal_when(workdir, process, ready, signum, limit=120.0):
+  start = time.time()
+  while time.time() - start < limit and process.poll() is None and not ready(workdir):
+    time.sleep(0.01)
+  assert process.poll() is None, "the run ended before the signal"
+  process.send_signal(signum)
+  return process.communicate(timeout=120)
+
+
+def test_sigterm_and_sigint_save_the_current_step_and_the_run_resumes_bitwise(tmp_path,
+                                                                              uninterrupted):
+  # No periodic checkpoints: every step saved is the one a signal stopped at.
+  run = (*KILL_RUN, "--config.checkpoint.every_steps=1000")
+  stops = []
+  for signum, past in ((signal.SIGTERM, 50), (signal.SIGINT, 150)):
+    process = train_cli(tmp_path, *run)
+    out, err = signal_when(tmp_path, process, logged_past(tmp_path, past), signum)
+    assert process.returncode == 4, err
+    name = signal.Signals(signum).name
+    last = err.strip().splitlines()[-1]
+    step = int(last.split()[4]) if last.startswith("fjt: stopped at step ") else -1
+    assert last == (f"fjt: stopped at step {step} by {name}; checkpoint saved; run the same "
+                    "command to resume"), err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert [s for s, _ in checkpoint.step_dirs(tmp_path / "checkpoints")][-1] == step > past
+    stops.append(step)
+  process = train_cli(tmp_path, *run)
+  out, err = process.communicate(timeout=300)
+  assert process.returncode == 0, err
+  assert f"fjt: resuming from step {stops[1]} (checkpoint {tmp_path}/checkpoints/{stops[1]})" in err
+  assert_trees_equal(checkpoint.load(tmp_path), checkpoint.load(uninterrupted))
+  assert json.load(open(tmp_path / "summary.json")) == json.load(open(uninterrupted / "summary.json"))
+
+
 def test_finished_run_reports_again(uninterrupted):
   before = sorted(os.listdir(uninterrupted / "checkpoints"))
   process = train_cli(uninterrupted, *KILL_RUN)
@@ -203,7 +249,9 @@ def test_damaged_checkpoint_is_named_and_fallback_restores(tmp_path, uninterrupt
   out, err = process.communicate(timeout=300)
   assert process.returncode == 0, err
   said = [line for line in err.splitlines() if line.startswith("fjt: ")]
-  assert len(said) == 1 and said[0].startswith(f"fjt: checkpoint {newest}: file {rel}")
+  previous = steps[-2][0]
+  assert len(said) == 2 and said[0].startswith(f"fjt: checkpoint {newest}: file {rel}")
+  assert said[1] == f"fjt: resuming from step {previous} (checkpoint {steps[-2][1]})"
   assert said[0].endswith("trying the previous step") and "Warning" not in err
   assert os.path.isdir(workdir / "checkpoints" / f"damaged-{steps[-1][0]}")
   # Retraining from the older step gives back the same final state.

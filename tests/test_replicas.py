@@ -238,8 +238,9 @@ def test_fit_writes_its_workdir(tmp_path):
   saved = fjt.checkpoint.load_variables(str(tmp_path / "final"))
   jax.tree.map(np.testing.assert_array_equal, saved, jax.device_get(state.variables))
   assert os.path.getsize(tmp_path / "metrics.png") > 10_000
-  config.optimizer.learning_rate /= 2  # The baseline in the workdir would be stale: refused.
-  with pytest.raises(fjt.ConfigError, match="centralised baseline of a different config"):
+  config.optimizer.learning_rate /= 2  # The results in the workdir would be stale: refused.
+  with pytest.raises(fjt.ConfigError, match="holds a run made with a different config: "
+                                            "optimizer.learning_rate 0.05 -> 0.025"):
     fjt.replicas.fit(config, str(tmp_path), progress=False)
 
 
