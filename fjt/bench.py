@@ -69,6 +69,7 @@ class Sizes:
   state_bytes: int = 256 * MB
   repeats: int = 9
   torch_compile: bool = True
+  sharded_vocab: int = 5000  # NNLM of configs/text_nnlm.py: a 54 MB train state (AdamW).
   gpt: tuple[int, int, int, int, int] = (2, 256, 4, 64, 32)  # layers, width, heads, block, batch
   gpt_steps: int = 5
 
@@ -79,7 +80,7 @@ FULL = Sizes()
 GPU = dataclasses.replace(FULL, mlp_steps=400, cnn_steps=400, matmul=8192)
 QUICK = Sizes(mlp_features=(64, 64), mlp_batch=32, cnn_batch=16, mlp_steps=3, cnn_steps=3,
               matmul=128, model_bytes=1 * MB, state_bytes=1 * MB, repeats=2, torch_compile=False,
-              gpt=(1, 32, 2, 16, 4), gpt_steps=2)
+              sharded_vocab=500, gpt=(1, 32, 2, 16, 4), gpt_steps=2)
 
 
 @dataclasses.dataclass
@@ -808,13 +809,66 @@ def checkpoint_rows(sizes: Sizes, progress: Callable[[str], None] = print) -> li
   return rows
 
 
+# --- Sharded state -------------------------------------------------------------------------------
+
+SHARDED_MESH = {"data": 2, "fsdp": 4}  # On 8 devices: simulated CPU ones if fewer are present.
+
+
+def sharded_state_bytes(vocab: int, mesh_axes: Mapping[str, int] = SHARDED_MESH) -> dict[str, int]:
+  """Creates the NNLM train state (AdamW) of ``configs/text_nnlm.py`` with ``vocab`` words sharded
+  on a mesh of ``mesh_axes`` (``jax.jit`` with ``out_shardings``, as ``fjt.train.fit`` does) and
+  returns ``{"per_device": bytes on the fullest device, "total": bytes of the state}``, from
+  the arrays' own ``addressable_shards``. Needs the mesh's number of devices."""
+  import fjt
+  from fjt import sharding
+  from fjt.state import create_train_state, state_shardings
+
+  model = fjt.models.NNLM(vocab_size=vocab, embed_dim=300, hidden=512)
+  tx = fjt.create_optimizer({"name": "adamw", "learning_rate": 1e-3, "weight_decay": 0.01}, 1)
+  mesh = sharding.create_train_mesh(mesh_axes, {})
+  example = jnp.zeros((1, 4), jnp.int32)
+  layout = state_shardings(model, tx, example, mesh, fjt.config.RUN_DEFAULTS["sharding_rules"])
+  state = jax.jit(create_train_state, static_argnums=(0, 1), out_shardings=layout)(
+      model, tx, example, jax.random.PRNGKey(0))
+  held = sharding.bytes_per_device(state)
+  return {"per_device": max(held.values()), "total": sum(x.nbytes for x in jax.tree.leaves(state))}
+
+
+def sharded_state_rows(sizes: Sizes, progress: Callable[[str], None] = print) -> list[Row]:
+  """``sharded_state_bytes_per_device_vs_ideal``: bytes of the train state on one device of a
+  data=2 x fsdp=4 mesh against the ideal ``total / 4``. In a process of its own with 8
+  simulated CPU devices where this one has fewer than 8 devices."""
+  devices = math.prod(SHARDED_MESH.values())
+  if jax.device_count() == devices:
+    measured, where = sharded_state_bytes(sizes.sharded_vocab), runs_on()
+  else:
+    code = ("import json, sys; from fjt import bench; "
+            f"print(json.dumps(bench.sharded_state_bytes({sizes.sharded_vocab})))")
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(
+                   __file__))), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True)
+    measured, where = json.loads(done.stdout.splitlines()[-1]), f"{devices} simulated CPU devices"
+  fsdp = SHARDED_MESH["fsdp"]
+  row = Row("sharded_state_bytes_per_device_vs_ideal", measured["per_device"],
+            measured["total"] / fsdp, "bytes", "<= 1.15",
+            f"the NNLM train state of configs/text_nnlm.py (vocab {sizes.sharded_vocab}, AdamW, "
+            f"{measured['total'] / MB:.1f} MB) created sharded on data=2 x fsdp=4 ({where}): "
+            "bytes on the fullest device, from the arrays' addressable_shards, against total / 4")
+  progress(f"{row.name}: {row.ratio:.3f}")
+  return [row]
+
+
 # --- All rows ------------------------------------------------------------------------------------
 
 ROW_NAMES = ("train_step_mlp_vs_torch", "train_step_mlp_vs_peak", "train_step_cnn_vs_torch",
              "train_step_gpt_vs_torch",
              "aggregate_vs_memcpy", "aggregate_vs_torch_loop", "stream_average_peak_rss_models",
              "ckpt_save_blocking_vs_torch_save", "ckpt_save_total_vs_torch_save",
-             "ckpt_restore_vs_torch_load", "ckpt_verify_vs_restore")
+             "ckpt_restore_vs_torch_load", "ckpt_verify_vs_restore",
+             "sharded_state_bytes_per_device_vs_ideal")
 
 
 def run(sizes: Sizes = FULL, cnn_config=None, progress: Callable[[str], None] = print) -> list[Row]:
@@ -828,7 +882,8 @@ def run(sizes: Sizes = FULL, cnn_config=None, progress: Callable[[str], None] = 
                              + gpt_train_step_row(sizes, progress)),
             ("aggregation", lambda: aggregate_rows(sizes, progress)),
             ("streaming average", lambda: stream_average_rows(sizes, progress)),
-            ("checkpoints", lambda: checkpoint_rows(sizes, progress))]
+            ("checkpoints", lambda: checkpoint_rows(sizes, progress)),
+            ("sharded state", lambda: sharded_state_rows(sizes, progress))]
   start = time.perf_counter()
   for number, (name, group) in enumerate(groups, 1):
     progress(f"[{number}/{len(groups)}] measuring {name} ...")  # Each group takes minutes.

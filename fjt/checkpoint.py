@@ -34,6 +34,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from fjt import sharding
 from fjt.config import ConfigError, positive_int
 from fjt.tree import flatten, path_str, to_nested_dict, unflatten
 
@@ -212,16 +213,23 @@ def array_specs(tree: PyTree) -> dict[str, list] | None:
     return None
 
 
-def write_manifest(checkpoint_dir: str, arrays: dict[str, list] | None = None) -> None:
-  """Records size and CRC-32 of every file of a finished checkpoint (atomically), and the
-  ``array_specs`` of what it holds if given (so reading its shapes takes one small file)."""
+def write_manifest(checkpoint_dir: str, arrays: dict[str, list] | None = None,
+                   mesh: dict[str, int] | None = None) -> None:
+  """Records size and CRC-32 of every file of a finished checkpoint (atomically), the
+  ``array_specs`` of what it holds if given (so reading its shapes takes one small file), and
+  the ``{axis: size}`` of the mesh it was saved from if given."""
   rels = _files(checkpoint_dir)
   paths = [os.path.join(checkpoint_dir, rel) for rel in rels]
   files = {rel: {"size": os.path.getsize(path), "crc32": crc}
            for rel, path, crc in zip(rels, paths, _crc32s(paths))}
+  manifest = {"files": files}
+  if arrays is not None:
+    manifest["arrays"] = arrays
+  if mesh is not None:
+    manifest["mesh"] = mesh
   tmp = os.path.join(checkpoint_dir, MANIFEST + ".tmp")
   with open(tmp, "w", encoding="utf-8") as f:
-    json.dump({"files": files} if arrays is None else {"files": files, "arrays": arrays}, f)
+    json.dump(manifest, f)
   os.replace(tmp, os.path.join(checkpoint_dir, MANIFEST))
 
 
@@ -287,6 +295,23 @@ def _manifest_shapes(checkpoint_dir: str) -> dict[str, jax.ShapeDtypeStruct] | N
             for p, (shape, dtype) in arrays.items()}
   except (OSError, ValueError, TypeError):  # Absent, damaged or older: Orbax's metadata says.
     return None
+
+
+def saved_mesh(path: str | os.PathLike) -> dict[str, int] | None:
+  """``{axis: size}`` of the mesh a run's checkpoint was saved from (its manifest), or None
+  if it does not say (saved by ``save``, or by an older fjt)."""
+  checkpoint_dir, _ = resolve(path)
+  try:
+    with open(os.path.join(checkpoint_dir, MANIFEST), encoding="utf-8") as f:
+      mesh = json.load(f).get("mesh")
+  except (OSError, ValueError):
+    return None
+  return mesh if isinstance(mesh, dict) else None
+
+
+def _mesh_shape(tree: PyTree) -> dict[str, int] | None:
+  mesh = sharding.mesh_of(tree)
+  return None if mesh is None else {name: int(size) for name, size in mesh.shape.items()}
 
 
 def saved_shapes(path: str | os.PathLike) -> dict[str, jax.ShapeDtypeStruct]:
@@ -447,7 +472,9 @@ def load(path: str | os.PathLike, target: PyTree | None = None, strict: bool = T
       step directory, or a directory written by ``save``.
     target: ``None``, or a pytree (e.g. a ``TrainState`` or ``{"params": ...}``)
       of arrays or ``jax.ShapeDtypeStruct``. Restored leaves take the target's
-      dtype and sharding; the result has the target's type. Onto variables
+      dtype and sharding, whatever mesh the checkpoint was saved from (each device
+      reads only its shards): a state saved on data=2 x fsdp=4 loads onto fsdp=8,
+      data=8 or one device. The result has the target's type. Onto variables
       (``{"params", "batch_stats"}`` or one of them), a run's checkpoint gives
       those sub-trees: its optimizer state, step and rng are not "unexpected".
     strict: with a target, raise ``CheckpointMismatchError`` listing every
@@ -668,6 +695,10 @@ class RunCheckpointer:
           raise CheckpointError(f"checkpoint {directory}: file {MANIFEST} is missing, so its "
                                 "files cannot be verified")
         state = load(directory, target)
+        saved_on, resumed_on = saved_mesh(directory), _mesh_shape(target)
+        if saved_on and resumed_on and saved_on != resumed_on:
+          _say(f"checkpoint {directory} was saved on mesh {sharding.describe_mesh(saved_on)}; "
+               f"resuming on mesh {sharding.describe_mesh(resumed_on)} (resharded on restore)")
       except CheckpointError as e:
         if not fallback:
           raise CheckpointError(
@@ -697,7 +728,7 @@ class RunCheckpointer:
     self._join()  # The previous save is complete (or raises here).
     manager = self._open()
     args = ocp.args.PyTreeSave(to_nested_dict(state))
-    arrays = array_specs(args.item)
+    arrays, mesh = array_specs(args.item), _mesh_shape(state)
     views = _host_views(args.item)
     main, marker = jax.process_index() == 0, self._unsealed_marker(step)
     if main:  # Before Orbax can rename the step into place.
@@ -714,7 +745,7 @@ class RunCheckpointer:
         directory = os.path.join(self.directory, str(step))
         # One writer per checkpoint in a multi-process run; max_to_keep may have removed it.
         if main and os.path.isdir(directory):
-          write_manifest(directory, arrays)
+          write_manifest(directory, arrays, mesh)
         if main:
           os.remove(marker)
       except BaseException as e:  # Raised in the caller's thread by the next call.

@@ -44,7 +44,21 @@ RUN_DEFAULTS = {
     },
     "ema": {"decay": 0.0},  # Exponential moving average of the params; 0 disables.
     "swa": {"start_step": 0, "every": 0},  # Stochastic weight averaging; every 0 disables.
-    "mesh": {"data": -1},  # Devices on the data axis; -1: every device.
+    # Device mesh: batch rows split over data x fsdp; the state replicated over data, split
+    # over fsdp (ZeRO-3) and model (Megatron). Sizes multiply to the device count; -1: the rest.
+    "mesh": {"data": -1, "fsdp": 1, "model": 1},
+    # Logical axis name of a parameter (nn.with_logical_partitioning) -> mesh axis or axes
+    # (None: not split). Leaves fsdp does not split yet are split over it on their largest
+    # dimension it divides (fjt.sharding.mesh_spec).
+    "sharding_rules": (
+        ("batch", ("data", "fsdp")),
+        ("vocab", "model"),  # Embedding rows / LM-head columns.
+        ("embed", "fsdp"),  # The model width C.
+        ("mlp", "model"),  # MLP hidden (4C): column split in, row split out.
+        ("heads", "model"),  # Attention heads (q/k/v columns, output-projection rows).
+        ("kv", None),  # Width of one head.
+        ("norm", None),  # LayerNorm/BatchNorm features (then split by fsdp as ZeRO-3).
+    ),
     "distributed": {"timeout_s": 60},  # A peer silent this long ends a multi-process run.
     # GPU: --xla_gpu_deterministic_ops=true (bitwise-reproducible runs; slower scatter-adds and
     # reductions). CPU and TPU are deterministic already. See fjt.accelerators.

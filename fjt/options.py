@@ -85,6 +85,48 @@ class AcceleratorOptions:
                                  "'default', 'high' or 'highest'"))
 
 
+MESH_AXES = ("data", "fsdp", "model")  # As fjt.sharding.MESH_AXES (kept here: no jax import).
+
+
+def _rule(pair) -> bool:
+  if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str)):
+    return False
+  axes = pair[1]
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+  return isinstance(axes, (tuple, list)) and all(a in MESH_AXES for a in axes)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingOptions:
+  """The device mesh and how the train state is laid out on it (``fjt.sharding``).
+
+  ``mesh``: ``{axis: size}`` in ``MESH_AXES`` order (-1: the devices the others leave).
+  ``rules``: ``((logical name, mesh axis | tuple of axes | None), ...)``.
+  """
+  mesh: dict[str, int]
+  rules: tuple[tuple[str, str | tuple[str, ...] | None], ...]
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> ShardingOptions:
+    config = with_run_defaults(config)
+    mesh = dict(require(config, "mesh", lambda v: isinstance(v, ml_collections.ConfigDict),
+                        "a group {data, fsdp, model} of axis sizes"))
+    unknown = sorted(set(mesh) - set(MESH_AXES))
+    if unknown:
+      raise ConfigError(f"config key 'mesh.{unknown[0]}': unknown mesh axis; the axes are "
+                        f"{MESH_AXES}")
+    for name, size in mesh.items():
+      if not (_int(size) and (size == -1 or size > 0)):
+        raise ConfigError(f"config key 'mesh.{name}': expected a positive int or -1 (the "
+                          f"devices the other axes leave), got {size!r}")
+    rules = require(config, "sharding_rules", lambda v: isinstance(v, (tuple, list)) and
+                    all(_rule(r) for r in v),
+                    f"pairs (logical axis name, mesh axis in {MESH_AXES}, a tuple of them, or None)")
+    return cls(mesh={a: mesh[a] for a in MESH_AXES if a in mesh},
+               rules=tuple((name, tuple(axes) if isinstance(axes, list) else axes)
+                           for name, axes in rules))
+
+
 @dataclasses.dataclass(frozen=True)
 class CheckpointOptions:
   """When a run saves, what it keeps, and how it resumes."""

@@ -9,7 +9,8 @@ A round is one jit-compiled function::
 with the example counts ``n_k`` of the replicas' shards as weights: ``params`` by the weighted
 mean (optionally through a server optimizer), ``batch_stats`` by the exact pooled mean and
 variance of ``fjt.aggregate.merge_batch_stats``. On several devices the replica axis is sharded
-over mesh axis ``"replica"``: each device trains its replicas, and the aggregation is a
+over mesh axis ``"replica"`` (and, with ``mesh.fsdp > 1``, each replica's state over an
+``"fsdp"`` axis of its group of devices): each device trains its replicas, and the aggregation is a
 cross-device reduction that XLA inserts.
 
 Optimizer state: each replica keeps its own (momentum, Adam moments, schedule count) across
@@ -59,10 +60,10 @@ from fjt.data import splits as fjt_splits
 from fjt.logs import RunLog
 from fjt.models import create_model
 from fjt.optim import check_optimizer_config
-from fjt.options import ReplicaOptions, TrainOptions, check_model_widths
-from fjt.sharding import (create_mesh, needs_lockstep, process_rows, put_global, put_replicated,
-                          put_split, to_host)
-from fjt.state import PyTree, TrainState, create_from_config
+from fjt.options import ReplicaOptions, ShardingOptions, TrainOptions, check_model_widths
+from fjt.sharding import (FSDP, Rules, create_mesh, logical_shardings, needs_lockstep,
+                          process_rows, put_global, put_like, put_replicated, put_split, to_host)
+from fjt.state import PyTree, TrainState, boxed_abstract_state, create_from_config
 from fjt.steps import TaskLike, evaluate, make_eval_step, make_train_step, train_step_fn
 from fjt.train import NonFiniteLossError
 
@@ -200,25 +201,41 @@ def replicate(state: TrainState, num_replicas: int,
   return ReplicaState(replicas, server_tx.init(state.params) if server_tx else ())
 
 
-def global_state(state: ReplicaState, mesh: Mesh | None = None) -> TrainState:
+def global_state(state: ReplicaState, mesh: Mesh | None = None, layout: TrainState | None = None
+                 ) -> TrainState:
   """The aggregated model as a ``TrainState``: after a round every replica holds the aggregate's
   params and batch statistics; step, optimizer state and rng are replica 0's. With ``mesh``,
-  replicated over it (every process of a multi-process run holds it)."""
+  replicated over it (every process of a multi-process run holds it), or laid out by ``layout``
+  (a ``TrainState`` of shardings: one state split over ``fsdp``)."""
   take = lambda replicas: jax.tree.map(lambda x: x[0], replicas)
   if mesh is None:
     return take(state.replicas)
-  return jax.jit(take, out_shardings=NamedSharding(mesh, P()))(state.replicas)
+  out = NamedSharding(mesh, P()) if layout is None else layout
+  return jax.jit(take, out_shardings=out)(state.replicas)
 
 
-def replica_mesh(num_replicas: int, devices=None) -> Mesh:
+def replica_mesh(num_replicas: int, devices=None, fsdp: int = 1) -> Mesh:
   """A mesh of ``devices`` (default: all) on one axis ``"replica"``; each device gets
-  ``num_replicas / len(devices)`` replicas, which must be a whole number."""
+  ``num_replicas / len(devices)`` replicas, which must be a whole number. With ``fsdp > 1``
+  (config key ``mesh.fsdp``), a second axis ``"fsdp"`` of that size: ``len(devices) / fsdp``
+  groups of ``fsdp`` devices, each group's replicas' states split over its devices."""
   devices = list(jax.devices() if devices is None else devices)
-  if num_replicas % len(devices):
+  if fsdp < 1 or len(devices) % fsdp:
+    raise ConfigError(f"config key 'mesh.fsdp': {fsdp} does not divide the {len(devices)} devices")
+  groups = len(devices) // fsdp
+  if num_replicas % groups:
     raise ConfigError(f"config key 'replicas.num': {num_replicas} replicas do not split evenly "
-                      f"over the {len(devices)} devices of mesh axis {AXIS!r}; use a multiple of "
-                      f"{len(devices)}")
-  return create_mesh({AXIS: -1}, devices)
+                      f"over the {groups} devices of mesh axis {AXIS!r}; use a multiple of "
+                      f"{groups}")
+  return create_mesh({AXIS: -1} if fsdp == 1 else {AXIS: -1, FSDP: fsdp}, devices)
+
+
+def replica_shardings(one: TrainState, server: PyTree, mesh: Mesh) -> ReplicaState:
+  """The layout of a ``ReplicaState`` on a ``replica_mesh`` with an ``fsdp`` axis: replica
+  ``k``'s leaves as ``one`` (a ``TrainState`` of ``NamedSharding``s on ``mesh``,
+  ``fjt.state.state_shardings``) lays out one state, the replica axis over ``"replica"``; the
+  server's optimizer state as ``server`` (shardings, ``()`` without a server optimizer)."""
+  return ReplicaState(jax.tree.map(lambda s: NamedSharding(mesh, P(AXIS, *s.spec)), one), server)
 
 
 def shard_replicas(tree: PyTree, mesh: Mesh) -> PyTree:
@@ -246,17 +263,35 @@ def put_local_replicas(local: PyTree, mesh: Mesh, num_replicas: int) -> PyTree:
       sharding, x, (num_replicas, *x.shape[1:])), local)
 
 
-def shard_state(state: ReplicaState, mesh: Mesh) -> ReplicaState:
+def shard_state(state: ReplicaState, mesh: Mesh, layout: ReplicaState | None = None
+                ) -> ReplicaState:
   """``state`` on ``mesh``: the replicas split over axis ``"replica"``, the server's state
-  replicated."""
+  replicated; or laid out by ``layout`` (``replica_shardings``)."""
+  if layout is not None:
+    return put_like(state, layout)
   return ReplicaState(shard_replicas(state.replicas, mesh),
                       put_replicated(state.server_opt_state, mesh))
+
+
+def sharded_layout(model: nn.Module, tx: optax.GradientTransformation,
+                   server_tx: optax.GradientTransformation | None, example_x: PyTree, mesh: Mesh,
+                   rules: Rules, rng_streams: Sequence[str] = ("dropout",)
+                   ) -> tuple[TrainState, ReplicaState]:
+  """``(one, layout)``: the shardings of one replica's state on ``mesh`` (split over its
+  ``fsdp`` axis by the logical-axis ``rules``) and of the whole ``ReplicaState``
+  (``replica_shardings``); the server's optimizer state is laid out as the params it mirrors."""
+  boxed = boxed_abstract_state(model, tx, example_x, rng_streams=rng_streams)
+  one = logical_shardings(boxed, mesh, rules)
+  server = (logical_shardings(jax.eval_shape(server_tx.init, boxed.params), mesh, rules)
+            if server_tx is not None else ())
+  return one, replica_shardings(one, server, mesh)
 
 
 def make_round(model: nn.Module, tx: optax.GradientTransformation,
                server_tx: optax.GradientTransformation | None = None, mesh: Mesh | None = None,
                optimizer_state: str = "keep", task: TaskLike = "classification",
-               rng_streams: Sequence[str] = ("dropout",), communication_dtype: str = "float32"
+               rng_streams: Sequence[str] = ("dropout",), communication_dtype: str = "float32",
+               layout: ReplicaState | None = None
                ) -> Callable[[ReplicaState, Batch, jax.Array], tuple[ReplicaState, Metrics]]:
   """``run_round(state, batches, counts) -> (state, metrics)``, jit-compiled, ``state`` donated.
 
@@ -268,7 +303,8 @@ def make_round(model: nn.Module, tx: optax.GradientTransformation,
   ``replica_mean`` (``"average"``); the aggregate is broadcast to every replica. With
   ``communication_dtype="bfloat16"`` the pseudo-gradients ``w - w_k`` are averaged as bfloat16
   values (float32 sums). Metrics: the train step's (``loss``, ...), each ``(N, L)``. With ``mesh``, inputs and outputs are split over its
-  ``"replica"`` axis (the server's state replicated).
+  ``"replica"`` axis (the server's state replicated), the state as ``layout`` says if given
+  (``replica_shardings``: each replica's state split over ``fsdp`` too).
   """
   if optimizer_state not in OPTIMIZER_STATES:
     raise ConfigError(f"config key 'replicas.optimizer_state': expected one of "
@@ -310,7 +346,7 @@ def make_round(model: nn.Module, tx: optax.GradientTransformation,
   if mesh is None:
     return jax.jit(run_round, donate_argnums=0)
   split, whole = NamedSharding(mesh, P(AXIS)), NamedSharding(mesh, P())
-  shardings = ReplicaState(split, whole)
+  shardings = ReplicaState(split, whole) if layout is None else layout
   return jax.jit(run_round, donate_argnums=0, in_shardings=(shardings, split, split),
                  out_shardings=(shardings, split))
 
@@ -485,7 +521,8 @@ def _fit(config: ml_collections.ConfigDict, workdir: str, opts: ReplicaOptions,
       json.dump(report, f, indent=2)
 
   tic = time.perf_counter()
-  mesh = replica_mesh(num)
+  sharding_options = ShardingOptions.from_config(config)
+  mesh = replica_mesh(num, fsdp=sharding_options.mesh.get(FSDP, 1))
   model = create_model(config.model) if model is None else model
   fjt_train.check_layout(model, dataset)
   example = jax.tree.map(lambda v: v[:1], dataset.train["x"])
@@ -493,6 +530,10 @@ def _fit(config: ml_collections.ConfigDict, workdir: str, opts: ReplicaOptions,
   fjt_train.check_model_fits_data(model, state, dataset, task)
   server_tx = create_server_optimizer(opts.server_optimizer, opts.server_learning_rate,
                                      opts.server_momentum)
+  one, layout = None, None
+  if FSDP in mesh.shape:  # Each replica's state split over its group's fsdp devices.
+    one, layout = sharded_layout(model, tx, server_tx, example, mesh, sharding_options.rules,
+                                 options.rng_streams)
   data_mesh = Mesh(mesh.devices, ("data",))  # Evaluation splits test batches over the devices.
   eval_step = make_eval_step(model, task, mesh=data_mesh)
   eval_batch_size = -(-options.eval_batch_size // mesh.size) * mesh.size
@@ -502,9 +543,9 @@ def _fit(config: ml_collections.ConfigDict, workdir: str, opts: ReplicaOptions,
     log.write(warmup, "eval", evaluate(eval_step, put_replicated(state, data_mesh), dataset.test,
                                        eval_batch_size, averages=False, mesh=data_mesh))
   communication = communication_bytes(state.params, opts)
-  state = shard_state(replicate(state, num, server_tx), mesh)
+  state = shard_state(replicate(state, num, server_tx), mesh, layout)
   run_round = make_round(model, tx, server_tx, mesh, opts.optimizer_state, task,
-                         options.rng_streams, opts.communication_dtype)
+                         options.rng_streams, opts.communication_dtype, layout)
   weights = shard_replicas(np.asarray(counts, np.float32), mesh)
   mine = local_replicas(num, mesh)
   gather = jax.jit(lambda tree: tree, out_shardings=NamedSharding(mesh, P()))
@@ -528,7 +569,7 @@ def _fit(config: ml_collections.ConfigDict, workdir: str, opts: ReplicaOptions,
         bar.update()
   finally:
     log.close()
-  final = global_state(state, mesh)
+  final = global_state(state, mesh, one)
   checkpoint.save(os.path.join(workdir, "final"), final, force=True)
   replicas_seconds = time.perf_counter() - tic
 

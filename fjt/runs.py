@@ -4,7 +4,7 @@
 again into that workdir (``check_rerun``) compares the new config with the record before any
 work: a key that changes what is trained (model, data, optimizer, seed, ...) is refused with one
 line naming each key with its old and new value; a key that does not (``RESULT_NEUTRAL``:
-logging, evaluation, checkpoint cadence and retention, timeouts) is allowed; a larger
+logging, evaluation, checkpoint cadence and retention, timeouts, the device mesh) is allowed; a larger
 ``train.steps`` continues the run. ``move_aside`` renames a workdir so a run can start over in
 place (``scripts/train.py --restart``); nothing is deleted. ``WorkdirLock`` keeps a second run off
 a workdir that a live process is using; the kernel drops the lock of a killed process.
@@ -28,9 +28,10 @@ RECORD = "config.json"
 LOCK = ".fjt-lock"
 
 # Keys (or groups, ending in ".") whose value does not change the trained state or its eval
-# metrics: a rerun may change them freely.
+# metrics: a rerun may change them freely. The mesh and the sharding rules only lay the same
+# state out differently (a run resumes on another mesh, to float reordering).
 RESULT_NEUTRAL = ("train.log_every", "train.eval_every", "train.eval_batch_size", "checkpoint.",
-                  "distributed.")
+                  "distributed.", "mesh.", "sharding_rules")
 
 
 class WorkdirInUseError(ConfigError):

@@ -13,8 +13,11 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import AbstractMesh, Mesh
 
+from fjt import sharding
 from fjt.averaging import TemporalAveraging
+from fjt.tree import unbox
 
 PyTree = Any
 
@@ -59,18 +62,40 @@ def model_kwargs(model: nn.Module, train: bool) -> dict[str, bool]:
   return {"train": train} if _takes_train(type(model)) else {}
 
 
+def _boxed_variables(model: nn.Module, example_x: PyTree, rng: jax.Array,
+                     rng_streams: Sequence[str] = ()) -> dict[str, PyTree]:
+  rngs = {"params": rng, **{name: jax.random.fold_in(rng, i + 1)
+                            for i, name in enumerate(rng_streams)}}
+  variables = model.init(rngs, example_x, **model_kwargs(model, train=False))
+  return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+
 def init_variables(model: nn.Module, example_x: PyTree, rng: jax.Array,
                    rng_streams: Sequence[str] = ()) -> dict[str, PyTree]:
-  """``model.init`` in eval mode: ``{"params": ..., "batch_stats": ...}`` (always both keys).
+  """``model.init`` in eval mode: ``{"params": ..., "batch_stats": ...}`` (always both keys),
+  plain arrays (logical-partitioning boxes removed).
 
   ``example_x`` is one batch of inputs (an array or a dict of arrays; only shapes and dtypes
   matter). ``rng`` seeds ``params``; each of ``rng_streams`` gets a key of its own, for models
   that draw from them even at init.
   """
-  rngs = {"params": rng, **{name: jax.random.fold_in(rng, i + 1)
-                            for i, name in enumerate(rng_streams)}}
-  variables = model.init(rngs, example_x, **model_kwargs(model, train=False))
-  return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+  return unbox(_boxed_variables(model, example_x, rng, rng_streams))
+
+
+def _boxed_train_state(model: nn.Module, tx: optax.GradientTransformation, example_x: PyTree,
+                       rng: jax.Array, averaging: TemporalAveraging = TemporalAveraging(),
+                       rng_streams: Sequence[str] = ()) -> TrainState:
+  """``create_train_state`` with the parameters' ``nn.LogicallyPartitioned`` boxes kept, so
+  the optimizer state and averages of a parameter carry its logical axis names too."""
+  init_rng, state_rng = jax.random.split(rng)
+  variables = _boxed_variables(model, example_x, init_rng, rng_streams)
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=variables["params"],
+      batch_stats=variables["batch_stats"],
+      opt_state=tx.init(variables["params"]),
+      rng=state_rng,
+      averages=averaging.init(variables))
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
@@ -79,15 +104,33 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
                        rng_streams: Sequence[str] = ()) -> TrainState:
   """A fresh train state at step 0. Pure, so it can run under ``jax.jit`` or
   ``jax.eval_shape`` (for the shapes of a state without allocating it)."""
-  init_rng, state_rng = jax.random.split(rng)
-  variables = init_variables(model, example_x, init_rng, rng_streams)
-  return TrainState(
-      step=jnp.zeros((), jnp.int32),
-      params=variables["params"],
-      batch_stats=variables["batch_stats"],
-      opt_state=tx.init(variables["params"]),
-      rng=state_rng,
-      averages=averaging.init(variables))
+  return _unbox_state(_boxed_train_state(model, tx, example_x, rng, averaging, rng_streams))
+
+
+def _unbox_state(state: TrainState) -> TrainState:
+  return state.replace(**{f.name: unbox(getattr(state, f.name)) for f in dataclasses.fields(state)})
+
+
+def state_shardings(model: nn.Module, tx: optax.GradientTransformation, example_x: PyTree,
+                    mesh: Mesh | AbstractMesh, rules: sharding.Rules,
+                    averaging: TemporalAveraging = TemporalAveraging(),
+                    rng_streams: Sequence[str] = ()) -> TrainState:
+  """The ``NamedSharding`` of every leaf of the train state on ``mesh``: a ``TrainState`` of
+  shardings, found by tracing (nothing allocated). A parameter's optimizer moments and
+  averages get the parameter's layout (``fjt.sharding.mesh_spec``)."""
+  return sharding.logical_shardings(
+      boxed_abstract_state(model, tx, example_x, averaging, rng_streams), mesh, rules)
+
+
+def boxed_abstract_state(model: nn.Module, tx: optax.GradientTransformation, example_x: PyTree,
+                         averaging: TemporalAveraging = TemporalAveraging(),
+                         rng_streams: Sequence[str] = ()) -> TrainState:
+  """The shapes of a fresh train state (``jax.ShapeDtypeStruct``), the parameters' logical
+  axis names kept in their ``nn.LogicallyPartitioned`` boxes; e.g. ``jax.eval_shape(
+  server_tx.init, boxed.params)`` gives another optimizer's state its parameters' names."""
+  return jax.eval_shape(lambda rng: _boxed_train_state(model, tx, example_x, rng, averaging,
+                                                       tuple(rng_streams)),
+                        jax.random.PRNGKey(0))
 
 
 def _parts_from_config(config, model: nn.Module | None = None
@@ -101,26 +144,41 @@ def _parts_from_config(config, model: nn.Module | None = None
 
 
 def create_from_config(config, example_x, model: nn.Module | None = None,
-                       rng_streams: Sequence[str] = ()
+                       rng_streams: Sequence[str] = (), mesh: Mesh | None = None
                        ) -> tuple[nn.Module, optax.GradientTransformation, TrainState]:
   """The model (``config.model``, unless ``model`` is given), optimizer and fresh train state
   that ``config`` describes.
 
-  ``example_x`` is one batch of inputs (only its shape and dtype matter).
+  ``example_x`` is one batch of inputs (only its shape and dtype matter). With a ``mesh``, the
+  state is created already laid out by ``state_shardings`` under ``config.sharding_rules``
+  (``jax.jit`` with ``out_shardings``): it never exists whole on one device.
   """
+  from fjt.options import ShardingOptions
+
   model, tx, averaging = _parts_from_config(config, model)
-  state = jax.jit(create_train_state, static_argnums=(0, 1, 4, 5))(
-      model, tx, example_x, jax.random.PRNGKey(config.seed), averaging, tuple(rng_streams))
+  streams = tuple(rng_streams)
+  out_shardings = None if mesh is None else state_shardings(
+      model, tx, example_x, mesh, ShardingOptions.from_config(config).rules, averaging, streams)
+  state = jax.jit(create_train_state, static_argnums=(0, 1, 4, 5), out_shardings=out_shardings)(
+      model, tx, example_x, jax.random.PRNGKey(config.seed), averaging, streams)
   return model, tx, state
 
 
-def abstract_from_config(config) -> tuple[nn.Module, TrainState]:
+def abstract_from_config(config, mesh: Mesh | AbstractMesh | None = None
+                         ) -> tuple[nn.Module, TrainState]:
   """The model of ``config`` and the shapes of its fresh train state
-  (``jax.ShapeDtypeStruct`` leaves, via ``jax.eval_shape``: nothing allocated)."""
+  (``jax.ShapeDtypeStruct`` leaves, via ``jax.eval_shape``: nothing allocated). With a
+  ``mesh`` (an ``AbstractMesh`` needs no devices: ``fjt.sharding.abstract_mesh``), each leaf
+  carries its ``NamedSharding`` under ``config.sharding_rules``."""
   from fjt.data import load_dataset
+  from fjt.options import ShardingOptions
 
   example = jax.tree.map(lambda v: v[:1], load_dataset(config.data).train["x"])
   model, tx, averaging = _parts_from_config(config)
-  abstract = jax.eval_shape(lambda rng: create_train_state(model, tx, example, rng, averaging),
-                            jax.random.PRNGKey(0))
+  boxed = boxed_abstract_state(model, tx, example, averaging)
+  abstract = _unbox_state(boxed)
+  if mesh is not None:
+    shardings = sharding.logical_shardings(boxed, mesh, ShardingOptions.from_config(config).rules)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, shardings)
   return model, abstract

@@ -31,13 +31,17 @@ Metrics = dict[str, jax.Array]
 TaskLike = str | Task | Callable[[Any, Batch], jax.Array]
 
 
-def _jit(fn, mesh: Mesh | None, **kwargs):
-  """``jax.jit``; over a mesh, argument 0 (state or variables) and the outputs replicated and
-  the batch (argument 1) split along the mesh's ``data`` axis."""
+def _jit(fn, mesh: Mesh | None, state_sharding: PyTree | None = None, returns_state=False,
+         **kwargs):
+  """``jax.jit``; over a mesh, the batch (argument 1) split over the mesh's batch axes
+  (``data``, ``fsdp``), argument 0 (state or variables) laid out by ``state_sharding`` (default:
+  replicated), and the outputs replicated except a returned state, laid out as it came in."""
   if mesh is None:
     return jax.jit(fn, **kwargs)
-  return jax.jit(fn, in_shardings=(sharding.replicated(mesh), sharding.split(mesh)),
-                 out_shardings=sharding.replicated(mesh), **kwargs)
+  whole = sharding.replicated(mesh)
+  state_sharding = whole if state_sharding is None else state_sharding
+  return jax.jit(fn, in_shardings=(state_sharding, sharding.split(mesh)),
+                 out_shardings=(state_sharding, whole) if returns_state else whole, **kwargs)
 
 
 def _step_rngs(rng: jax.Array, step: jax.Array, streams: Sequence[str]) -> dict[str, jax.Array]:
@@ -125,13 +129,16 @@ def train_step_fn(model: nn.Module, tx: optax.GradientTransformation,
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     task: TaskLike = "classification", *,
                     averaging: TemporalAveraging = TemporalAveraging(), mesh: Mesh | None = None,
+                    state_sharding: TrainState | None = None,
                     rng_streams: Sequence[str] = ("dropout",), grad_accum_steps: int = 1
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """``train_step_fn`` jit-compiled, ``state`` donated. With a ``mesh``, the batch is split over
-  its ``data`` axis and the state replicated: the gradient and the BatchNorm statistics are
-  those of the global batch."""
+  its ``data`` and ``fsdp`` axes and the state laid out by ``state_sharding`` (a
+  ``TrainState`` of shardings, ``fjt.state.state_shardings``; default: replicated): the
+  gradient and the BatchNorm statistics are those of the global batch."""
   return _jit(train_step_fn(model, tx, task, averaging=averaging, rng_streams=rng_streams,
-                            grad_accum_steps=grad_accum_steps), mesh, donate_argnums=0)
+                            grad_accum_steps=grad_accum_steps), mesh, state_sharding,
+              returns_state=True, donate_argnums=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,9 +152,11 @@ class EvalStep:
 
 
 def make_eval_step(model: nn.Module, task: TaskLike = "classification", *,
-                   mesh: Mesh | None = None) -> EvalStep:
+                   mesh: Mesh | None = None, variables_sharding: PyTree | None = None
+                   ) -> EvalStep:
   """``eval_step(variables, batch) -> sums``, jit-compiled, the model in eval mode (BatchNorm's
-  running statistics, no dropout). ``variables`` is ``{"params", "batch_stats"}``; the sums are
+  running statistics, no dropout). ``variables`` is ``{"params", "batch_stats"}``, laid out by
+  ``variables_sharding`` over a ``mesh`` (default: replicated); the sums are
   ``task.eval_sums`` (float32 scalars), so metrics over many batches are exact ratios of sums."""
   task = get_task(task)
   kwargs = model_kwargs(model, train=False)
@@ -157,7 +166,7 @@ def make_eval_step(model: nn.Module, task: TaskLike = "classification", *,
                            "batch_stats": variables.get("batch_stats", {})}, batch["x"], **kwargs)
     return task.eval_sums(outputs, batch)
 
-  return EvalStep(_jit(eval_step, mesh), task)
+  return EvalStep(_jit(eval_step, mesh, variables_sharding), task)
 
 
 def evaluate(eval_step: EvalStep, variables: PyTree | TrainState,

@@ -22,7 +22,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from fjt import checkpoint
+from fjt import checkpoint, sharding
+from fjt.config import ConfigError
 from fjt.embeddings import WordVector, embedding, embedding_table, nearest, vocab_words  # Re-exported.
 from fjt.tree import flatten, path_str, to_nested_dict
 
@@ -37,7 +38,9 @@ class Row:
   ``key`` is the PyTorch-style dotted name (the collection dropped for params
   and batch_stats: ``Dense_0.kernel``). ``status`` is "trainable" or "frozen"
   for params, "" otherwise. ``stats`` holds mean, std, min, max and nonfinite
-  (the count of NaN and Inf) when asked for.
+  (the count of NaN and Inf) when asked for. For a leaf laid out on a mesh (a live sharded
+  array, or a config's state on a mesh), ``sharding`` is its ``PartitionSpec`` and
+  ``device_bytes`` what one device holds of it (from the array's own ``addressable_shards``).
   """
   path: str
   key: str
@@ -47,18 +50,26 @@ class Row:
   bytes: int
   status: str
   stats: dict[str, float] | None = None
+  sharding: str = ""  # The PartitionSpec of a leaf laid out on a mesh, e.g. "P('fsdp', 'model')".
+  device_bytes: int | None = None  # Bytes on the device holding the most of it (None: bytes).
 
 
 def _is_config_path(source) -> bool:
   return isinstance(source, (str, os.PathLike)) and os.fspath(source).endswith(".py")
 
 
-def _config_state(path: str):
+def _config_state(path: str, mesh: Mapping[str, int] | None = None):
   from fjt.config import load_config
+  from fjt.sharding import abstract_mesh
   from fjt.state import abstract_from_config
 
   config = load_config(path)
-  return abstract_from_config(config)[1], tuple(config.get("freeze", ()))
+  if mesh is not None:
+    sizes = [size for size in mesh.values() if size != -1]
+    if len(sizes) != len(mesh):
+      raise ConfigError(f"mesh {dict(mesh)}: give every axis's size (no -1) for a config's table")
+    mesh = abstract_mesh(mesh, int(np.prod(sizes)))
+  return abstract_from_config(config, mesh)[1], tuple(config.get("freeze", ()))
 
 
 def _run_config_json(path: str) -> dict[str, Any] | None:
@@ -78,11 +89,16 @@ def _run_freeze(path: str) -> tuple[str, ...]:
   return tuple((_run_config_json(path) or {}).get("freeze", ()))
 
 
-def leaves(source, stats: bool = False) -> tuple[dict[str, Any], tuple[str, ...]]:
+def leaves(source, stats: bool = False, mesh: Mapping[str, int] | None = None
+           ) -> tuple[dict[str, Any], tuple[str, ...]]:
   """``({path: leaf}, freeze patterns)`` of a source; leaves are arrays, or
-  ``jax.ShapeDtypeStruct`` when only shapes are known."""
+  ``jax.ShapeDtypeStruct`` when only shapes are known. ``mesh`` (``{axis: size}``, config
+  sources only) lays a config's state out on that mesh."""
+  if mesh is not None and not _is_config_path(source):
+    raise ConfigError("a mesh applies to a config file's state; a live state or checkpoint "
+                      "has its own layout")
   if _is_config_path(source):
-    abstract, freeze = _config_state(os.fspath(source))
+    abstract, freeze = _config_state(os.fspath(source), mesh)
     return flatten(to_nested_dict(abstract)), freeze
   if isinstance(source, (str, os.PathLike)):
     flat = flatten(checkpoint.load(source)) if stats else checkpoint.saved_shapes(source)
@@ -108,10 +124,12 @@ def _stats(leaf) -> dict[str, float]:
           "max": float(finite.max()), "nonfinite": nonfinite}
 
 
-def state_table(source, stats: bool = False, freeze: Sequence[str] = ()) -> list[Row]:
+def state_table(source, stats: bool = False, freeze: Sequence[str] = (),
+                mesh: Mapping[str, int] | None = None) -> list[Row]:
   """One ``Row`` per leaf of ``source``; ``freeze`` adds path patterns of frozen
-  params to those of a config source."""
-  flat, config_freeze = leaves(source, stats)
+  params to those of a config source; ``mesh`` (``{axis: size}``, e.g. ``{"data": 2,
+  "fsdp": 4}``) lays a config's state out on that mesh (``config.sharding_rules``)."""
+  flat, config_freeze = leaves(source, stats, mesh)
   freeze = tuple(freeze) + config_freeze
   bare_params = not any(p.split("/", 1)[0] in COLLECTIONS for p in flat)
   rows = []
@@ -124,10 +142,19 @@ def state_table(source, stats: bool = False, freeze: Sequence[str] = ()) -> list
     if collection == "params":
       status = "frozen" if any(re.search(f, full) for f in freeze) else "trainable"
     leaf_stats = _stats(leaf) if stats and not isinstance(leaf, jax.ShapeDtypeStruct) else None
+    spec = sharding.partition_spec(leaf)
     rows.append(Row(full if bare_params else path, key.replace("/", "."), collection, shape,
                     dtype.name, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize, status,
-                    leaf_stats))
+                    leaf_stats, "" if spec is None else str(spec),
+                    None if spec is None else sharding.shard_bytes(leaf)))
   return rows
+
+
+def bytes_per_device(rows: Sequence[Row]) -> int:
+  """Bytes of the state on the device holding the most: the sum of each row's
+  ``device_bytes`` (its ``bytes`` where unsharded). fjt's layouts split each leaf evenly, so
+  every device of a mesh holds the same."""
+  return sum(r.bytes if r.device_bytes is None else r.device_bytes for r in rows)
 
 
 def totals(rows: Sequence[Row]) -> dict[str, dict[str, int]]:
@@ -162,13 +189,17 @@ def _grid(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
 
 def format_table(rows: Sequence[Row]) -> str:
   """The table as aligned text, then the totals."""
-  stats = any(r.stats for r in rows)
+  stats, sharded = any(r.stats for r in rows), any(r.sharding for r in rows)
   header = ["path", "key", "collection", "shape", "dtype", "bytes", "status"]
+  if sharded:
+    header += ["sharding", "per device"]
   if stats:
     header += ["mean", "std", "min", "max", "nonfinite"]
   body = []
   for r in rows:
     line = [r.path, r.key, r.collection, str(r.shape), r.dtype, human_bytes(r.bytes), r.status]
+    if sharded:
+      line += [r.sharding, human_bytes(r.bytes if r.device_bytes is None else r.device_bytes)]
     if stats:
       s = r.stats or {}
       line += [f"{s[k]:.4g}" if k in s else "" for k in ("mean", "std", "min", "max")]
@@ -179,8 +210,13 @@ def format_table(rows: Sequence[Row]) -> str:
     extra = (f"{t.get('trainable', 0):,} trainable, {t.get('frozen', 0):,} frozen"
              if name == "params" else "")
     total_body.append([name, str(t["leaves"]), f"{t['elements']:,}", human_bytes(t["bytes"]), extra])
-  return (_grid(header, body) + "\n\n" +
-          _grid(["collection", "leaves", "elements", "bytes", ""], total_body))
+  text = _grid(header, body) + "\n\n" + _grid(["collection", "leaves", "elements", "bytes", ""],
+                                               total_body)
+  if sharded:
+    total = totals(rows)["total"]["bytes"]
+    text += (f"\n\nper device: {human_bytes(bytes_per_device(rows))} of {human_bytes(total)} "
+             f"({bytes_per_device(rows) / max(total, 1):.3f} of the state)")
+  return text
 
 
 def diff(a, b) -> checkpoint.LoadReport:

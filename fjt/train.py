@@ -26,7 +26,8 @@ from fjt.data import Dataset
 from fjt.logs import RunLog, say
 from fjt.models import create_model
 from fjt.optim import check_optimizer_config
-from fjt.options import AcceleratorOptions, CheckpointOptions, TrainOptions, check_model_widths
+from fjt.options import (AcceleratorOptions, CheckpointOptions, ShardingOptions, TrainOptions,
+                         check_model_widths)
 from fjt.preemption import StopSignals, StoppedBySignal
 from fjt.state import TrainState, create_from_config, model_kwargs
 from fjt.steps import TaskLike, evaluate, make_eval_step, make_train_step
@@ -122,15 +123,10 @@ def _read_json(path: str) -> dict[str, Any] | None:
 
 
 def _create_mesh(config, options: TrainOptions) -> Mesh:
-  mesh = sharding.create_mesh(config.get("mesh") or None)
-  if "data" not in mesh.shape:
-    raise ConfigError(f"config key 'mesh': needs a 'data' axis, got {dict(mesh.shape)}")
-  for key, size in (("batch_size", options.batch_size // options.grad_accum_steps),
-                    ("eval_batch_size", options.eval_batch_size)):
-    if size % mesh.shape["data"]:
-      raise ConfigError(f"config key 'train.{key}': {size} rows do not split over the "
-                        f"{mesh.shape['data']} devices of the 'data' axis; use a multiple of it")
-  return mesh
+  return sharding.create_train_mesh(
+      ShardingOptions.from_config(config).mesh,
+      {"train.batch_size": options.batch_size // options.grad_accum_steps,
+       "train.eval_batch_size": options.eval_batch_size})
 
 
 def resolve_task(config: ml_collections.ConfigDict, dataset: Dataset,
@@ -240,9 +236,10 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module | None
 
   Resumes from the newest complete checkpoint in ``WORKDIR/checkpoints`` if there is one (a
   finished run is only evaluated again), saying so in one line. SIGTERM or SIGINT finishes the
-  current step, saves it and raises ``fjt.preemption.StoppedBySignal``. Data parallel over the
-  mesh of ``config.mesh`` (default: every device on one ``data`` axis), across all the processes
-  of a ``jax.distributed`` run; a peer that stops answering is ``fjt.sharding.PeerLostError``;
+  current step, saves it and raises ``fjt.preemption.StoppedBySignal``. Over the mesh of
+  ``config.mesh`` (default: every device on the ``data`` axis): the batch split over ``data`` x
+  ``fsdp``, the state created and kept sharded by ``config.sharding_rules`` (``fjt.sharding``;
+  a run may resume on another mesh), across all the processes of a ``jax.distributed`` run; a peer that stops answering is ``fjt.sharding.PeerLostError``;
   only process 0 writes files other than checkpoints. Writes to ``workdir`` (``fjt.logs.RunLog``):
   ``config.json``, ``metrics.jsonl`` (one object per logged step: step, split, metrics),
   TensorBoard events, ``metrics.png``, checkpoints, and ``summary.json`` =
@@ -278,13 +275,14 @@ def _fit(config: ml_collections.ConfigDict, workdir: str, options: TrainOptions,
   model = create_model(config.model) if model is None else model
   check_layout(model, dataset)
   example = jax.tree.map(lambda v: v[:1], dataset.train["x"])
-  model, tx, state = create_from_config(config, example, model, options.rng_streams)
+  model, tx, state = create_from_config(config, example, model, options.rng_streams, mesh)
+  state_sharding = sharding.shardings_of(state)
   check_model_fits_data(model, state, dataset, task)
   averaging = TemporalAveraging.from_config(config)
   train_step = make_train_step(model, tx, task, averaging=averaging, mesh=mesh,
-                               rng_streams=options.rng_streams,
+                               state_sharding=state_sharding, rng_streams=options.rng_streams,
                                grad_accum_steps=options.grad_accum_steps)
-  eval_step = make_eval_step(model, task, mesh=mesh)
+  eval_step = make_eval_step(model, task, mesh=mesh, variables_sharding=state_sharding.variables)
   best_mode = ckpt.best_mode or task.mode
   if ckpt.best_metric:
     known = metric_names(model, state, dataset, task)
@@ -295,10 +293,10 @@ def _fit(config: ml_collections.ConfigDict, workdir: str, options: TrainOptions,
 
   checkpointer = checkpoint.RunCheckpointer(workdir, ckpt.max_to_keep, ckpt.best_metric,
                                             best_mode)
-  state, start = checkpointer.restore_latest(sharding.put_replicated(state, mesh),
-                                             fallback=ckpt.fallback)
+  state, start = checkpointer.restore_latest(state, fallback=ckpt.fallback)
   if start == 0:
-    state = sharding.put_replicated(_fine_tune_start(config, workdir, state, tx, progress), mesh)
+    state = sharding.put_like(_fine_tune_start(config, workdir, state, tx, progress),
+                              state_sharding)
   elif main:
     _say_resuming(start, options.steps, os.path.join(checkpointer.directory, str(start)), changes)
 

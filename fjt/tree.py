@@ -6,6 +6,7 @@ from typing import Any
 
 import flax.serialization
 import jax
+from flax.core import meta
 
 PyTree = Any
 
@@ -60,3 +61,13 @@ def to_nested_dict(tree: PyTree) -> PyTree:
   state read ``opt_state/1/0/trace/Dense_0/kernel``.
   """
   return flax.serialization.to_state_dict(tree)
+
+
+def unbox(tree: PyTree) -> PyTree:
+  """``tree`` with Flax's metadata boxes (``nn.LogicallyPartitioned``, ``nn.Partitioned``: what
+  ``model.init`` returns for parameters with logical axis names) replaced by their arrays,
+  keeping the key order of dicts (``jax.tree.map`` would sort them; interop matches by the
+  definition order)."""
+  if isinstance(tree, dict):
+    return {k: unbox(v) for k, v in tree.items()}
+  return meta.unbox(tree)

@@ -1,6 +1,7 @@
 """Data parallel on simulated devices and multi-process runs on 127.0.0.1 (subprocesses)."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -150,3 +151,24 @@ def test_replicas_over_two_processes_match_one(tmp_path):
   assert outs[0].splitlines()[-1].split(":")[1] == outs[2].splitlines()[-1].split(":")[1]
   a, b = checkpoint.load(tmp_path / "two" / "final"), checkpoint.load(tmp_path / "one" / "final")
   assert max_difference(a["params"], b["params"]) < 1e-5
+
+
+def test_two_processes_with_fsdp_across_them_resume_on_one(tmp_path):
+  port, fsdp = free_port(), ("--config.mesh.data=1", "--config.mesh.fsdp=2")
+  procs = [start(tmp_path / "two", *RUN, *fsdp, "--coordinator", f"127.0.0.1:{port}",
+                 "--num_processes", "2", "--process_id", str(i)) for i in range(2)]
+  single = start(tmp_path / "one", *RUN)
+  for process in (*procs, single):
+    finish(process)
+  one = checkpoint.load(tmp_path / "one")
+  assert max_difference(checkpoint.load(tmp_path / "two"), one) < 1e-4
+  # Killed after step 50: resume the two-process fsdp=2 run in one process on one device.
+  shutil.copytree(tmp_path / "two", tmp_path / "resumed")
+  shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "100")
+  resumed = start(tmp_path / "resumed", *RUN)
+  out, err = resumed.communicate(timeout=300)
+  assert resumed.returncode == 0, err[-3000:]
+  assert ("was saved on mesh data=1 x fsdp=2 x model=1; resuming on mesh data=1 x fsdp=1 x "
+          "model=1") in err
+  assert max_difference(checkpoint.load(tmp_path / "resumed"), one) < 1e-4
+

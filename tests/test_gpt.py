@@ -19,6 +19,7 @@ from fjt.data.windows import TokenWindows
 from fjt.generate import generate, sample_text
 from fjt.models import GPT, create_model
 from fjt.optim import create_optimizer, decay_mask
+from fjt.tree import unbox
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import prepare_text  # noqa: E402
@@ -36,7 +37,7 @@ def _full_precision():
 
 def tiny_gpt(**overrides) -> tuple[GPT, dict]:
   model = create_model({**TINY, **overrides})
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  params = unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32)))["params"]
   return model, params
 
 
@@ -51,7 +52,7 @@ def test_param_names_and_shapes_follow_hugging_face_gpt2():
   assert len(shapes) == 2 + 2 * 12 + 2
   # GPT-2 initialisation: residual projections scaled by 1 / sqrt(2 * num_layers).
   big = GPT(vocab_size=50, block_size=8, num_layers=2, num_heads=4, embed_dim=256)
-  p = big.init(jax.random.PRNGKey(1), jnp.zeros((1, 8), jnp.int32))["params"]
+  p = unbox(big.init(jax.random.PRNGKey(1), jnp.zeros((1, 8), jnp.int32)))["params"]
   assert abs(float(jnp.std(p["h_0"]["mlp"]["c_fc"]["kernel"])) - 0.02) < 1e-3
   assert abs(float(jnp.std(p["h_0"]["mlp"]["c_proj"]["kernel"])) - 0.01) < 1e-3
   assert float(jnp.abs(p["h_0"]["attn"]["c_attn"]["bias"]).max()) == 0.0

@@ -41,7 +41,7 @@ from fjt.interop.files import (FILE_TYPES, SortedStateDict, WeightFileError, imp
                                load_file, natural_key, save_file, to_torch, _to_numpy)
 from fjt.models.cnn import CNN
 from fjt.models.gpt import GPT
-from fjt.tree import flatten, unflatten
+from fjt.tree import flatten, unbox, unflatten
 
 PyTree = Any
 # (pattern, template) or (pattern, template, layout); a template is a Flax path, a Flax module
@@ -192,6 +192,7 @@ def from_state_dict(source: Any, variables: PyTree, key_map: KeyMap | None = Non
       ``nchw_flatten`` not fitting the target.
   """
   values, ordered, torch_classes = _read_source(source)
+  variables = unbox(variables)  # model.init's logical-partitioning boxes, if any.
   tied = _ties(values)
   target = _ordered_flat(variables)
   flax = matching.flax_modules(target)

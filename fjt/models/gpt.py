@@ -9,6 +9,12 @@
   h_{i}/attn/c_proj/kernel (C,C)  transformer.h.{i}.attn.c_proj.weight
   h_{i}/ln_2, h_{i}/mlp/c_fc (C,4C), h_{i}/mlp/c_proj (4C,C), ln_f   likewise
 
+Parameters carry logical axis names (``nn.with_logical_partitioning``) that
+``config.sharding_rules`` maps to mesh axes (``fjt.sharding``): ``wte`` (vocab, embed), ``wpe``
+(None, embed), ``c_attn`` (embed, heads) and ``attn/c_proj`` (heads, embed), ``c_fc`` (embed, mlp)
+and ``mlp/c_proj`` (mlp, embed): Megatron's column then row split over ``model``; LayerNorms
+(norm,). ``model.init`` returns them boxed; ``fjt.init_variables`` unboxes.
+
 Decoding uses a key/value cache in the ``"cache"`` collection (``decode=True``), as flax's
 ``examples/lm1b`` does; ``fjt.generate`` runs it in one jitted loop.
 """
@@ -28,8 +34,19 @@ _LN_EPS = 1e-5  # GPT-2's layer_norm_epsilon.
 _INIT_STD = 0.02  # GPT-2's initializer_range.
 
 
-def _normal(std: float) -> nn.initializers.Initializer:
-  return nn.initializers.normal(stddev=std)
+def _normal(std: float, axes: tuple[str | None, ...]) -> nn.initializers.Initializer:
+  """N(0, std), the parameter's dimensions named ``axes`` for ``fjt.sharding``'s rules."""
+  return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), axes)
+
+
+def _zeros(axes: tuple[str | None, ...]) -> nn.initializers.Initializer:
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def _layer_norm(dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=_LN_EPS, dtype=dtype, param_dtype=param_dtype, name=name,
+                      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                      bias_init=_zeros(("norm",)))
 
 
 class CausalSelfAttention(nn.Module):
@@ -57,10 +74,11 @@ class CausalSelfAttention(nn.Module):
     if width % self.num_heads:
       raise ValueError(f"GPT: embed_dim {width} is not a multiple of num_heads {self.num_heads}")
     head_dim = width // self.num_heads
-    dense = lambda features, std, name: nn.Dense(
-        features, kernel_init=_normal(std), dtype=self.dtype, param_dtype=self.param_dtype,
+    dense = lambda features, std, axes, name: nn.Dense(
+        features, kernel_init=_normal(std, axes), bias_init=_zeros(axes[1:]), dtype=self.dtype,
+        param_dtype=self.param_dtype,
         name=name)
-    qkv = dense(3 * width, _INIT_STD, "c_attn")(x)
+    qkv = dense(3 * width, _INIT_STD, ("embed", "heads"), "c_attn")(x)  # Column split.
     q, k, v = (t.reshape(batch, length, self.num_heads, head_dim) for t in jnp.split(qkv, 3, -1))
     if self.decode:
       cached_k = self.variable("cache", "cached_key", jnp.zeros,
@@ -78,7 +96,8 @@ class CausalSelfAttention(nn.Module):
       y = jax.nn.dot_product_attention(q, k, v, mask=mask[None, None])
     else:
       y = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-    return dense(width, self.residual_std, "c_proj")(y.reshape(batch, length, width))
+    return dense(width, self.residual_std, ("heads", "embed"), "c_proj")(  # Row split.
+        y.reshape(batch, length, width))
 
 
 class MLP(nn.Module):
@@ -90,10 +109,12 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     width = x.shape[-1]
-    x = nn.Dense(4 * width, kernel_init=_normal(_INIT_STD), dtype=self.dtype,
+    x = nn.Dense(4 * width, kernel_init=_normal(_INIT_STD, ("embed", "mlp")),
+                 bias_init=_zeros(("mlp",)), dtype=self.dtype,
                  param_dtype=self.param_dtype, name="c_fc")(x)
     x = nn.gelu(x, approximate=True)
-    return nn.Dense(width, kernel_init=_normal(self.residual_std), dtype=self.dtype,
+    return nn.Dense(width, kernel_init=_normal(self.residual_std, ("mlp", "embed")),
+                    bias_init=_zeros(("embed",)), dtype=self.dtype,
                     param_dtype=self.param_dtype, name="c_proj")(x)
 
 
@@ -109,8 +130,7 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, cache_index: jax.Array | None = None) -> jax.Array:
-    norm = lambda name: nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype,
-                                     param_dtype=self.param_dtype, name=name)
+    norm = lambda name: _layer_norm(self.dtype, self.param_dtype, name)
     drop = nn.Dropout(self.dropout_rate, deterministic=not train)
     y = CausalSelfAttention(self.num_heads, self.block_size, self.residual_std, self.dtype,
                             self.param_dtype, self.decode, name="attn")(norm("ln_1")(x), cache_index)
@@ -156,9 +176,9 @@ class GPT(nn.Module):
     length = x.shape[1]
     if length > self.block_size:
       raise ValueError(f"GPT: sequence length {length} exceeds block_size {self.block_size}")
-    wte = nn.Embed(self.vocab_size, self.embed_dim, embedding_init=_normal(_INIT_STD),
+    wte = nn.Embed(self.vocab_size, self.embed_dim, embedding_init=_normal(_INIT_STD, ("vocab", "embed")),
                    dtype=dtype, param_dtype=param_dtype, name="wte")
-    wpe = nn.Embed(self.block_size, self.embed_dim, embedding_init=_normal(_INIT_STD),
+    wpe = nn.Embed(self.block_size, self.embed_dim, embedding_init=_normal(_INIT_STD, (None, "embed")),
                    dtype=dtype, param_dtype=param_dtype, name="wpe")
     cache_index = None
     positions = jnp.arange(length)
@@ -174,7 +194,7 @@ class GPT(nn.Module):
     for i in range(self.num_layers):
       h = Block(self.num_heads, self.block_size, residual_std, self.dropout_rate, dtype,
                 param_dtype, self.decode, name=f"h_{i}")(h, train, cache_index)
-    h = nn.LayerNorm(epsilon=_LN_EPS, dtype=dtype, param_dtype=param_dtype, name="ln_f")(h)
+    h = _layer_norm(dtype, param_dtype, "ln_f")(h)
     return wte.attend(h).astype(jnp.float32)
 
 

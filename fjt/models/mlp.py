@@ -12,6 +12,7 @@ class MLP(nn.Module):
   ``features=()`` leaves only the head, so ``MLP(features=(), num_classes=100)``
   on 500 inputs is one ``nn.Dense`` with kernel ``(500, 100)`` and bias ``(100,)``.
   Each hidden layer's ReLU output ``(batch, width)`` is sown as ``intermediates/relu_{i}``.
+  Hidden kernels have logical axes ``(embed, mlp)`` (``fjt.sharding``).
 
   Attributes:
     features: widths of the hidden layers.
@@ -28,7 +29,8 @@ class MLP(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     x = x.reshape((x.shape[0], -1))
     for i, width in enumerate(self.features):
-      x = nn.Dense(width)(x)
+      x = nn.Dense(width, kernel_init=nn.with_logical_partitioning(
+          nn.linear.default_kernel_init, ("embed", "mlp")))(x)
       if self.batch_norm:
         x = nn.BatchNorm(use_running_average=not train, momentum=self.momentum)(x)
       x = nn.relu(x)
