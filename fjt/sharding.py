@@ -131,8 +131,8 @@ def create_train_mesh(axes: Mapping[str, int], batch_sizes: Mapping[str, int],
            f"the {' x '.join(repr(a) for a in names)} axes")
   for key, rows in batch_sizes.items():
     if rows % parts:
-      raise ConfigError(f"config key {key!r}: {rows} does not split over the {parts} devices of "
-                        f"{where}; use a multiple of {parts}")
+      raise ConfigError(f"config key {key!r}: {rows} rows do not split over the {parts} devices "
+                        f"of {where}; use a multiple of {parts}")
   return mesh
 
 

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -18,7 +19,8 @@ def test_quick_bench_writes_every_row(tmp_path):
                          "--out", str(out)], capture_output=True, text=True, cwd=tmp_path,
                         timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
-  assert "[1/4] measuring train steps ...\n" in done.stderr  # Progress before each long group.
+  # Progress before each long group.
+  assert re.search(r"\[1/\d+\] measuring train steps \.\.\.\n", done.stderr)
   rows = json.loads(out.read_text())
   assert [r["name"] for r in rows] == list(bench.ROW_NAMES)
   for row in rows:
