@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
       "schedule": "warmup_cosine", "warmup_steps": 100, "final_lr_fraction": 0.0,
       "grad_clip_norm": 1.0})
   config.train = ml_collections.ConfigDict(
-      {"steps": 1200, "batch_size": 32, "eval_every": 400, "log_every": 100, "eval_batch_size": 64})
+      {"steps": 1600, "batch_size": 32, "eval_every": 400, "log_every": 100, "eval_batch_size": 64})
   config.checkpoint = ml_collections.ConfigDict(
       {"every_steps": 400, "max_to_keep": 2, "best_metric": "perplexity", "best_mode": "min",
        "fallback": False})

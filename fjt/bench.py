@@ -878,8 +878,8 @@ def run(sizes: Sizes = FULL, cnn_config=None, progress: Callable[[str], None] = 
   require_torch()
   full_float32()
   rows = []
-  groups = [("train steps", lambda: train_step_rows(sizes, cnn_config, progress)),
-            ("GPT train step", lambda: gpt_train_step_row(sizes, progress)),
+  groups = [("train steps", lambda: train_step_rows(sizes, cnn_config, progress)
+                             + gpt_train_step_row(sizes, progress)),
             ("aggregation", lambda: aggregate_rows(sizes, progress)),
             ("streaming average", lambda: stream_average_rows(sizes, progress)),
             ("checkpoints", lambda: checkpoint_rows(sizes, progress)),

@@ -179,7 +179,11 @@ def test_gradient_accumulation_equals_one_step_on_the_whole_batch():
   np.testing.assert_allclose(whole_metrics["loss"], accumulated_metrics["loss"], rtol=1e-5)
 
 
-def test_models_and_datasets_register_by_name(tmp_path):
+def test_models_and_datasets_register_by_name(tmp_path, monkeypatch):
+  # The registries are module-level dicts: restore them afterwards.
+  monkeypatch.setattr(fjt.models, "MODELS", dict(fjt.models.MODELS))
+  monkeypatch.setattr(fjt.data, "DATASETS", dict(fjt.data.DATASETS))
+
   @fjt.models.register("tiny_dense_for_test")
   class TinyDense(nn.Module):
     num_classes: int = 10

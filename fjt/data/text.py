@@ -141,9 +141,13 @@ def window_dataset(files, vocab_size: int, context: int, validation_percent: int
   test_docs = [d for path, docs in files if is_validation(path) for d in docs]
   vocab = build_vocab(train_docs, vocab_size)
   if block_size:
-    train, test = (TokenWindows(token_stream(_ids(docs, vocab), vocab[BOS]), block_size, stride)
-                   for docs, stride in ((train_docs, 1), (test_docs, block_size)))
-    y_train, y_test = train.tokens[1:], test.tokens[1:]
+    # Validation scores the docstrings' own words, as the NNLM's windows do: predicting a
+    # separator <s> (where the next docstring starts) is left out of its metrics.
+    train, test = (TokenWindows(token_stream(_ids(docs, vocab), vocab[BOS]), block_size, stride,
+                                ignore)
+                   for docs, stride, ignore in ((train_docs, 1, None),
+                                                (test_docs, block_size, vocab[BOS])))
+    y_train, y_test = (t[1:][t[1:] != vocab[BOS]] for t in (train.tokens, test.tokens))
   else:
     x_train, y_train = windows(train_docs, vocab, context)
     x_test, y_test = windows(test_docs, vocab, context)

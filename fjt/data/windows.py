@@ -26,12 +26,15 @@ class _Column:
   indexed by an int, a slice or an index array without reading the rest of the stream."""
   windows: TokenWindows
   shift: int
+  mask: bool = False  # The float32 weights ``y != ignore_id`` instead of the ids.
 
   @property
   def shape(self) -> tuple[int, int]:
     return (self.windows.num_windows, self.windows.block_size)
 
-  dtype = np.dtype(np.int32)
+  @property
+  def dtype(self) -> np.dtype:
+    return np.dtype(np.float32 if self.mask else np.int32)
 
   def __len__(self) -> int:
     return self.windows.num_windows
@@ -44,7 +47,8 @@ class _Column:
       if rows.size and (rows.min() < -len(self) or rows.max() >= len(self)):
         raise IndexError(f"window index out of range [0, {len(self)})")
       rows = rows % len(self)
-    return self.windows.gather(rows * self.windows.stride, self.shift)
+    ids = self.windows.gather(rows * self.windows.stride, self.shift)
+    return (ids != self.windows.ignore_id).astype(np.float32) if self.mask else ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,11 +58,14 @@ class TokenWindows(Mapping):
   ``stride=1``: every window (training); ``stride=block_size``: consecutive non-overlapping
   windows covering the stream in order (evaluation; the last ``< block_size`` tokens that do
   not fill a window are left out). ``len(self["x"]) == (len(tokens) - 1 - block_size) //
-  stride + 1``.
+  stride + 1``. With ``ignore_id``, a third column ``mask`` (float32, 0 where ``y`` is
+  ``ignore_id``) leaves those targets out of the loss and metrics: the validation stream's
+  document separators, so its perplexity is over the documents' own tokens.
   """
   tokens: np.ndarray
   block_size: int
   stride: int = 1
+  ignore_id: int | None = None
 
   def __post_init__(self):
     if self.block_size < 1 or self.stride < 1:
@@ -68,16 +75,20 @@ class TokenWindows(Mapping):
                        f"its next token need {self.block_size + 1} tokens; the stream has "
                        f"{len(self.tokens)}")
 
+  @property
+  def columns(self) -> tuple[str, ...]:
+    return ("x", "y") if self.ignore_id is None else ("x", "y", "mask")
+
   def __len__(self) -> int:  # The number of columns, as a Mapping.
-    return 2
+    return len(self.columns)
 
   def __iter__(self) -> Iterator[str]:
-    return iter(("x", "y"))
+    return iter(self.columns)
 
   def __getitem__(self, key: str) -> _Column:
-    if key not in ("x", "y"):
+    if key not in self.columns:
       raise KeyError(key)
-    return _Column(self, 0 if key == "x" else 1)
+    return _Column(self, 0 if key == "x" else 1, key == "mask")
 
   @property
   def num_windows(self) -> int:
@@ -93,7 +104,10 @@ class TokenWindows(Mapping):
     window starts uniform in ``[0, len(tokens) - T - 1]``, drawn from ``default_rng((seed, step))``."""
     high = len(self.tokens) - self.block_size
     starts = np.random.default_rng((seed, step)).integers(0, high, batch_size)[rows]
-    return {"x": self.gather(starts, 0), "y": self.gather(starts, 1)}
+    batch = {"x": self.gather(starts, 0), "y": self.gather(starts, 1)}
+    if self.ignore_id is not None:
+      batch["mask"] = (batch["y"] != self.ignore_id).astype(np.float32)
+    return batch
 
 
 
@@ -108,4 +122,5 @@ def token_stream(docs: Iterable[Sequence[int]], separator_id: int,
 # A split is a pytree of arrays to the training loop (``jax.tree.map(lambda v: v[:1], split)``):
 # TokenWindows flattens to its two lazy columns; mapping over them gives a plain dict of arrays.
 jax.tree_util.register_pytree_node(
-    TokenWindows, lambda w: ((w["x"], w["y"]), None), lambda _, cols: dict(zip(("x", "y"), cols)))
+    TokenWindows, lambda w: (tuple(w[k] for k in w.columns), w.columns),
+    lambda columns, values: dict(zip(columns, values)))
