@@ -176,14 +176,16 @@ def test_stdlib_text_in_blocks_has_the_vocabulary_and_split_of_text_nnlm():
   blocks, windows = text.load(block_size=32), text.load(context=4)
   assert blocks.num_classes == windows.num_classes == 5000
   assert blocks.info["tokenizer"]["vocab"][:2] == ["<s>", "<unk>"]
-  # The streams hold every target of the windows dataset plus one <s> before each docstring.
+  # The streams' targets, the <s> before each docstring left out, are the windows dataset's.
   for split, n in (("train_tokens", windows.info["train_tokens"]),
                    ("validation_tokens", windows.info["validation_tokens"])):
-    assert blocks.info[split] > n
+    assert blocks.info[split] == n
+  assert blocks.info["unigram_perplexity"] == windows.info["unigram_perplexity"]
   x, y = blocks.test["x"][:3], blocks.test["y"][:3]
   assert x.shape == (3, 32) and x.dtype == np.int32
   np.testing.assert_array_equal(x[:, 1:], y[:, :-1])
-  assert len(blocks.test["x"]) == (blocks.info["validation_tokens"]) // 32
+  np.testing.assert_array_equal(blocks.test["mask"][:3] == 0, y == 0)  # <s> targets not scored.
+  assert len(blocks.test["x"]) == (len(blocks.test.tokens) - 1 - 32) // 32 + 1
 
 
 def write_texts(folder) -> None:
