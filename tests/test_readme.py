@@ -6,6 +6,7 @@ holds the repository's `configs/` and `scripts/` (so what a snippet writes lands
 a long training run or a download); the reason is in the README beside it.
 """
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -19,13 +20,26 @@ README = os.path.join(ROOT, "README.md")
 BLOCK = re.compile(r"(<!-- readme-test: skip[^>]*-->\s*)?```python\n(.*?)```", re.S)
 
 
+def _missing_extras(code: str) -> list[str]:
+  """The optional packages (``torch``, ``transformers``) a block imports that are not installed."""
+  imported = set(re.findall(r"^\s*(?:import|from)\s+(\w+)", code, re.M))
+  imported |= {name for line in re.findall(r"^\s*import\s+(.+)$", code, re.M)
+               for name in re.findall(r"\w+", line)}
+  return [name for name in ("torch", "transformers")
+          if name in imported and importlib.util.find_spec(name) is None]
+
+
 def python_blocks():
   text = open(README, encoding="utf-8").read()
   for match in BLOCK.finditer(text):
     line = text[:match.start(2)].count("\n")
-    yield pytest.param(match.group(2), id=f"line{line}",
-                       marks=[pytest.mark.skip(reason="marked skip in the README")]
-                       if match.group(1) else [])
+    marks = []
+    if match.group(1):
+      marks.append(pytest.mark.skip(reason="marked skip in the README"))
+    elif missing := _missing_extras(match.group(2)):
+      marks.append(pytest.mark.skip(
+          reason=f"README blocks that use {' and '.join(missing)} need the interop extra"))
+    yield pytest.param(match.group(2), id=f"line{line}", marks=marks)
 
 
 @pytest.mark.parametrize("code", list(python_blocks()))
