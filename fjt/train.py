@@ -275,7 +275,14 @@ def _fit(config: ml_collections.ConfigDict, workdir: str, options: TrainOptions,
   model = create_model(config.model) if model is None else model
   check_layout(model, dataset)
   example = jax.tree.map(lambda v: v[:1], dataset.train["x"])
-  model, tx, state = create_from_config(config, example, model, options.rng_streams, mesh)
+  try:
+    model, tx, state = create_from_config(config, example, model, options.rng_streams, mesh)
+  except (ValueError, TypeError) as e:  # The model cannot take the data's inputs.
+    if isinstance(e, ConfigError):
+      raise
+    shapes = jax.tree.map(np.shape, example)
+    raise ConfigError(f"config key 'model': {type(model).__name__} cannot take the data's "
+                      f"inputs of shape {shapes}: {e}".splitlines()[0]) from e
   state_sharding = sharding.shardings_of(state)
   check_model_fits_data(model, state, dataset, task)
   averaging = TemporalAveraging.from_config(config)
