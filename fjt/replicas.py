@@ -451,7 +451,7 @@ def _warm_start(model, tx, task, state: TrainState, dataset: Dataset, options: T
     window.append(metrics)
     if (step + 1) % options.log_every == 0 or step + 1 == steps:
       window = to_host(window)
-      _check_finite(np.asarray([[m["loss"] for m in window]]), 0)
+      fjt_train.check_finite(window, step + 1 - len(window))  # Warm-start steps, not a round.
       log.write(step + 1, "train", {k: float(np.mean([m[k] for m in window])) for k in window[0]})
       window = []
   return to_host(state)

@@ -38,7 +38,9 @@ class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN or infinite."""
 
 
-def _check_finite(window: list[dict[str, np.ndarray]], first_step: int) -> None:
+def check_finite(window: list[dict[str, np.ndarray]], first_step: int) -> None:
+  """Raises ``NonFiniteLossError`` naming the step of the first NaN or infinite ``loss`` in
+  ``window``, the host metrics of the steps after ``first_step``."""
   for offset, metrics in enumerate(window):
     loss = float(metrics["loss"])
     if not np.isfinite(loss):
@@ -337,7 +339,7 @@ def _fit(config: ml_collections.ConfigDict, workdir: str, options: TrainOptions,
         save_now = done % checkpoint_every == 0 or done == steps
         if done % options.log_every == 0 or save_now:
           window = sharding.to_host(window)  # The only host sync of the training loop.
-          _check_finite(window, window_start)  # Before a save: never checkpoint a NaN state.
+          check_finite(window, window_start)  # Before a save: never checkpoint a NaN state.
           toc = time.perf_counter()
           logged = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
           logged["steps_per_sec"] = len(window) / (toc - tic)
