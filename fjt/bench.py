@@ -56,6 +56,8 @@ class Sizes:
     torch_compile: also try ``torch.compile`` for the PyTorch baselines.
     gpt, gpt_steps: the GPT of ``train_step_gpt_vs_torch`` (layers, width, heads, block,
       batch) and its train steps per timed call.
+    gpt2, gpt2_vocab, gpt2_steps: likewise for ``gpt2_124m_rows`` (GPT-2 small on a GPU; None
+      leaves those rows out).
   """
   mlp_features: tuple[int, ...] = (1024, 1024)
   mlp_inputs: int = 784
@@ -72,12 +74,16 @@ class Sizes:
   sharded_vocab: int = 5000  # NNLM of configs/text_nnlm.py: a 54 MB train state (AdamW).
   gpt: tuple[int, int, int, int, int] = (2, 256, 4, 64, 32)  # layers, width, heads, block, batch
   gpt_steps: int = 5
+  gpt2: tuple[int, int, int, int, int] | None = None  # GPT-2 124M rows (a GPU's): None skips them.
+  gpt2_vocab: int = 50257
+  gpt2_steps: int = 10
 
 
 FULL = Sizes()
 # On a GPU a step of the MLP takes tens of microseconds: more steps per timed call, and a matmul
 # big enough to reach the GPU's peak.
-GPU = dataclasses.replace(FULL, mlp_steps=400, cnn_steps=400, matmul=8192)
+GPU = dataclasses.replace(FULL, mlp_steps=400, cnn_steps=400, matmul=8192,
+                          gpt2=(12, 768, 12, 1024, 16))
 QUICK = Sizes(mlp_features=(64, 64), mlp_batch=32, cnn_batch=16, mlp_steps=3, cnn_steps=3,
               matmul=128, model_bytes=1 * MB, state_bytes=1 * MB, repeats=2, torch_compile=False,
               sharded_vocab=500, gpt=(1, 32, 2, 16, 4), gpt_steps=2)
@@ -548,6 +554,119 @@ def gpt_train_step_row(sizes: Sizes, progress: Callable[[str], None] = print) ->
   return [row]
 
 
+# Dense bfloat16 tensor-core peaks (no sparsity) by device name, for MFU.
+BF16_PEAK_FLOPS = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12))
+
+
+def bf16_peak_flops(device_kind: str) -> float | None:
+  """The dense bfloat16 peak of a GPU named ``device_kind`` (``BF16_PEAK_FLOPS``), or None."""
+  return next((peak for name, peak in BF16_PEAK_FLOPS if name in device_kind), None)
+
+
+def gpt_flops_per_token(params: PyTree, num_layers: int, embed_dim: int, block_size: int) -> float:
+  """Training FLOPs per token, as nanoGPT and PaLM count them: ``6 N`` for the matmuls of the
+  ``N`` parameters less the position embedding (the tied head counted once), plus ``12 L C T``
+  for attention's scores and weighted sums (forward and backward)."""
+  sizes = {"/".join(str(getattr(k, "key", k)) for k in path): int(np.size(x))
+           for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  n = sum(v for k, v in sizes.items() if not k.startswith("wpe"))
+  return 6.0 * n + 12.0 * num_layers * embed_dim * block_size
+
+
+def gpt2_124m_rows(sizes: Sizes, progress: Callable[[str], None] = print) -> list[Row]:
+  """``train_step_gpt2_124m_vs_torch`` and ``train_step_gpt2_124m_mfu``, on a GPU.
+
+  fjt: ``fjt.GPT`` with GPT-2 small's sizes (``sizes.gpt2``: layers, width, heads, block, batch;
+  vocabulary 50,257), bfloat16 compute with float32 params and AdamW state, attention
+  ``"auto"`` (cuDNN's fused kernel), gradient clipping at 1, one jitted step. Baseline: the
+  nanoGPT recipe on the same GPU: Hugging Face's ``GPT2LMHeadModel`` with
+  ``scaled_dot_product_attention``, bfloat16 autocast, ``torch.compile``, fused AdamW, the same
+  clipping. MFU: ``gpt_flops_per_token`` x tokens/s over the GPU's dense bfloat16 peak
+  (``bf16_peak_flops``). Matmul precision is the default in both (the bf16 matmuls are what is
+  measured)."""
+  import fjt
+  torch = require_torch()
+  import transformers
+
+  layers, width, heads, block, batch = sizes.gpt2
+  vocab, steps = sizes.gpt2_vocab, sizes.gpt2_steps
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, vocab, (2, batch, block + 1), dtype=np.int32)
+  model = fjt.models.GPT(vocab_size=vocab, block_size=block, num_layers=layers, num_heads=heads,
+                         embed_dim=width, dropout_rate=0.0, dtype="bfloat16")
+  tx = fjt.create_optimizer({"name": "adamw", "learning_rate": 6e-4, "weight_decay": 0.1,
+                             "decay_mask": "gpt", "grad_clip_norm": 1.0}, 1)
+  with jax.default_matmul_precision("default"):
+    state = jax.jit(fjt.create_train_state, static_argnums=(0, 1))(
+        model, tx, jnp.asarray(x[0, :1, :-1]), jax.random.PRNGKey(0))
+    train_step = fjt.make_train_step(model, tx, "language_model")
+  batches = [{"x": jax.device_put(b[:, :-1]), "y": jax.device_put(b[:, 1:])} for b in x]
+  flops_per_token = gpt_flops_per_token(state.params, layers, width, block)
+  carry = {"state": state}
+  del state
+
+  def fjt_run() -> None:
+    state = carry.pop("state")
+    with jax.default_matmul_precision("default"):
+      for i in range(steps):
+        state, _ = train_step(state, batches[i % len(batches)])
+    carry["state"] = jax.block_until_ready(state)
+
+  device = torch_device()
+  config = transformers.GPT2Config(vocab_size=vocab, n_positions=block, n_embd=width,
+                                   n_layer=layers, n_head=heads, resid_pdrop=0.0, embd_pdrop=0.0,
+                                   attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+  config._attn_implementation = "sdpa"
+  module = transformers.GPT2LMHeadModel(config).to(device).train()
+  named = list(module.named_parameters())
+  decayed = [p.ndim > 1 and not n.endswith(("wte.weight", "wpe.weight")) for n, p in named]
+  optimizer = torch.optim.AdamW(
+      [{"params": [p for (_, p), d in zip(named, decayed) if d], "weight_decay": 0.1},
+       {"params": [p for (_, p), d in zip(named, decayed) if not d], "weight_decay": 0.0}],
+      lr=6e-4, fused=device.type == "cuda")
+  compiled = torch.compile(module) if sizes.torch_compile else module
+  torch_batches = [torch.from_numpy(b.astype(np.int64)).to(device) for b in x]
+
+  def torch_step(b) -> None:
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+      logits = compiled(b[:, :-1]).logits
+    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, vocab), b[:, 1:].reshape(-1))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+  def torch_run() -> None:
+    for i in range(steps):
+      torch_step(torch_batches[i % len(torch_batches)])
+
+  label = "torch.compile" if sizes.torch_compile else "torch eager"
+  progress(f"compiling GPT-2 {layers}x{width} in jax and {label} ...")
+  for _ in range(2):  # Compiles both (and tunes torch.compile's kernels) before the timing.
+    fjt_run()
+    _torch_synced(torch_run)()
+  times = take_turns({"fjt": fjt_run, label: _torch_synced(torch_run)}, sizes.repeats)
+  tokens = steps * batch * block
+  rates = {name: tokens / seconds for name, seconds in times.items()}
+  kind = runs_on()
+  peak = bf16_peak_flops(kind) if jax.default_backend() == "gpu" else None
+  what = (f"GPT-2 {layers} layers x {width} wide, {heads} heads, block {block}, vocab {vocab}, "
+          f"batch {batch}, bfloat16 compute, float32 params and AdamW, clip 1.0, {kind}")
+  attention = fjt.models.gpt.attention_implementation("auto", jnp.bfloat16, width // heads)
+  rows = [Row("train_step_gpt2_124m_vs_torch", rates["fjt"], rates[label], "tokens/s", ">= 1.1",
+              f"{what}; fjt attention {attention}; baseline Hugging Face GPT2LMHeadModel with "
+              f"SDPA, bf16 autocast, fused AdamW, {label}; ms per step: fjt "
+              f"{1e3 * times['fjt'] / steps:.1f}, {label} {1e3 * times[label] / steps:.1f}")]
+  achieved = flops_per_token * rates["fjt"]
+  if peak:
+    rows.append(Row("train_step_gpt2_124m_mfu", achieved / 1e12, peak / 1e12, "TFLOP/s", ">= 0.45",
+                    f"{what}; {flops_per_token / 1e9:.3f} GFLOP per token (6 N + 12 L C T); "
+                    f"peak: dense bf16 of {kind}; {label} reaches "
+                    f"{flops_per_token * rates[label] / peak:.2f}"))
+  progress(", ".join(f"{r.name}: {r.ratio:.2f}" for r in rows))
+  return rows
+
+
 # --- Aggregation ---------------------------------------------------------------------------------
 
 
@@ -871,22 +990,34 @@ ROW_NAMES = ("train_step_mlp_vs_torch", "train_step_mlp_vs_peak", "train_step_cn
              "sharded_state_bytes_per_device_vs_ideal")
 
 
-def run(sizes: Sizes = FULL, cnn_config=None, progress: Callable[[str], None] = print) -> list[Row]:
+# On a GPU, after the train steps' rows (``gpt2_124m_rows``).
+GPU_ROW_NAMES = ("train_step_gpt2_124m_vs_torch", "train_step_gpt2_124m_mfu")
+GROUPS = ("train", "gpt2", "aggregate", "stream", "checkpoint", "sharded")
+
+
+def run(sizes: Sizes = FULL, cnn_config=None, progress: Callable[[str], None] = print,
+        only: Sequence[str] | None = None) -> list[Row]:
   """Every benchmark, in the order of ``ROW_NAMES`` (the CNN row needs ``cnn_config``, the
-  digits CNN experiment config). Sets both libraries to full float32 matmuls first
-  (``full_float32``), for the rest of the process."""
+  digits CNN experiment config; with ``sizes.gpt2``, ``GPU_ROW_NAMES`` follow the train steps'
+  rows), or those of the ``GROUPS`` named in ``only``. Sets both
+  libraries to full float32 matmuls first (``full_float32``), for the rest of the process."""
+  unknown = sorted(set(only or ()) - set(GROUPS))
+  if unknown:
+    raise ValueError(f"unknown benchmark groups {unknown}: expected some of {list(GROUPS)}")
   require_torch()
   full_float32()
   rows = []
-  groups = [("train steps", lambda: train_step_rows(sizes, cnn_config, progress)
-                             + gpt_train_step_row(sizes, progress)),
-            ("aggregation", lambda: aggregate_rows(sizes, progress)),
-            ("streaming average", lambda: stream_average_rows(sizes, progress)),
-            ("checkpoints", lambda: checkpoint_rows(sizes, progress)),
-            ("sharded state", lambda: sharded_state_rows(sizes, progress))]
+  groups = {"train": ("train steps", lambda: train_step_rows(sizes, cnn_config, progress)
+                                      + gpt_train_step_row(sizes, progress)),
+            "gpt2": ("GPT-2 124M", lambda: gpt2_124m_rows(sizes, progress) if sizes.gpt2 else []),
+            "aggregate": ("aggregation", lambda: aggregate_rows(sizes, progress)),
+            "stream": ("streaming average", lambda: stream_average_rows(sizes, progress)),
+            "checkpoint": ("checkpoints", lambda: checkpoint_rows(sizes, progress)),
+            "sharded": ("sharded state", lambda: sharded_state_rows(sizes, progress))}
+  chosen = [groups[key] for key in GROUPS if not only or key in only]
   start = time.perf_counter()
-  for number, (name, group) in enumerate(groups, 1):
-    progress(f"[{number}/{len(groups)}] measuring {name} ...")  # Each group takes minutes.
+  for number, (name, group) in enumerate(chosen, 1):
+    progress(f"[{number}/{len(chosen)}] measuring {name} ...")  # Each group takes minutes.
     rows.extend(group())
     gc.collect()
     progress(f"  ({time.perf_counter() - start:.0f} s so far)")

@@ -20,6 +20,9 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--quick", action="store_true", help="tiny sizes, well under a minute")
   parser.add_argument("--out", help="write the rows to this JSON file")
+  parser.add_argument("--only", nargs="+", metavar="GROUP",
+                      help="run only these groups: train gpt2 aggregate stream checkpoint sharded "
+                           "(gpt2, GPT-2 124M, runs on a GPU only)")
   parser.add_argument("--cnn_config", default=os.path.join(ROOT, "configs", "digits_cnn.py"),
                       help="the config whose model is the CNN of train_step_cnn_vs_torch")
   args = parser.parse_args(argv)
@@ -39,8 +42,11 @@ def main(argv=None) -> int:
   print(", ".join(f"{k}: {v}" for k, v in info.items()), file=sys.stderr)
   sizes = bench.QUICK if args.quick else bench.FULL if info["backend"] == "cpu" else bench.GPU
   before = bench.background_load()
+  unknown = sorted(set(args.only or ()) - set(bench.GROUPS))
+  if unknown:
+    parser.error(f"--only: unknown groups {unknown}; expected some of {list(bench.GROUPS)}")
   rows = bench.run(sizes, fjt.load_config(args.cnn_config),
-                   progress=lambda line: print(line, file=sys.stderr, flush=True))
+                   progress=lambda line: print(line, file=sys.stderr, flush=True), only=args.only)
   loads = [f"{x:.1f}" if x is not None else "?" for x in (before, bench.background_load())]
   info["CPUs busy with other work before/after"] = " / ".join(loads)
   if args.out:

@@ -276,3 +276,15 @@ def test_train_a_gpt_on_prepared_bpe_tokens_then_sample_from_the_run(tmp_path, c
   capsys.readouterr()
   assert sample.main([str(tmp_path / "run"), "--prompt", "The cat", "--tokens", "5"]) == 0
   assert capsys.readouterr().out.startswith("The cat")
+
+
+def test_attention_auto_is_xla_on_the_cpu_and_names_are_checked():
+  from fjt.models.gpt import attention_implementation
+  # cuDNN's fused kernel only on a GPU in 16-bit floats; the CPU and float32 use XLA's.
+  expected = "cudnn" if jax.default_backend() == "gpu" else "xla"
+  assert attention_implementation("auto", jnp.bfloat16, 64) == expected
+  assert attention_implementation("auto", jnp.float32, 64) == "xla"
+  assert attention_implementation("auto", jnp.bfloat16, 12) == "xla"  # Head width not 8k.
+  assert attention_implementation("xla", jnp.bfloat16, 64) == "xla"
+  with pytest.raises(ValueError, match="'flash' is not one of"):
+    attention_implementation("flash", jnp.bfloat16, 64)
