@@ -27,6 +27,12 @@ def _backends_started() -> bool:
   return xla_bridge.backends_are_initialized()
 
 
+def deterministic_ops() -> bool:
+  """Whether ``XLA_FLAGS`` asks for ``DETERMINISTIC_FLAG`` (so GPU kernels that reduce in a
+  non-deterministic order are avoided; see ``fjt.models.gpt.attention_implementation``)."""
+  return DETERMINISTIC_FLAG in os.environ.get("XLA_FLAGS", "")
+
+
 def request_determinism(deterministic: bool) -> None:
   """Adds ``DETERMINISTIC_FLAG`` to ``XLA_FLAGS`` if ``deterministic`` (a no-op on CPU and TPU,
   whose ops are deterministic already). When JAX's backends have started without it, a GPU

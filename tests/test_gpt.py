@@ -288,3 +288,12 @@ def test_attention_auto_is_xla_on_the_cpu_and_names_are_checked():
   assert attention_implementation("xla", jnp.bfloat16, 64) == "xla"
   with pytest.raises(ValueError, match="'flash' is not one of"):
     attention_implementation("flash", jnp.bfloat16, 64)
+
+
+def test_attention_auto_on_a_gpu_avoids_cudnn_under_deterministic_ops(monkeypatch):
+  from fjt.models import gpt
+  monkeypatch.setattr(gpt.jax, "default_backend", lambda: "gpu")
+  monkeypatch.setenv("XLA_FLAGS", "")
+  assert gpt.attention_implementation("auto", jnp.bfloat16, 64) == "cudnn"
+  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_deterministic_ops=true")
+  assert gpt.attention_implementation("auto", jnp.bfloat16, 64) == "xla"

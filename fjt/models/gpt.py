@@ -28,6 +28,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fjt import accelerators
+
 Dtype = Any
 
 _LN_EPS = 1e-5  # GPT-2's layer_norm_epsilon.
@@ -40,14 +42,16 @@ def attention_implementation(choice: str, dtype: Dtype, head_dim: int) -> str:
 
   ``"xla"`` and ``"cudnn"`` are themselves; ``"auto"`` is ``"cudnn"`` (the fused flash-attention
   kernel, about twice as fast as XLA's attention for GPT-2 small on an H100) where it runs: a GPU,
-  a bfloat16 or float16 compute dtype and a head width that is a multiple of 8 up to 128; else
-  ``"xla"`` (JAX's own default, whatever the platform)."""
+  a bfloat16 or float16 compute dtype, a head width that is a multiple of 8 up to 128, and no
+  ``--xla_gpu_deterministic_ops`` (``config.deterministic``: with jax 0.11.2 on an H100, a train
+  step with the cuDNN kernel failed to run under that flag); else ``"xla"`` (JAX's own default,
+  whatever the platform)."""
   if choice not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f"GPT: attention {choice!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
   if choice != "auto":
     return choice
   fused = (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-           and head_dim % 8 == 0 and head_dim <= 128)
+           and head_dim % 8 == 0 and head_dim <= 128 and not accelerators.deterministic_ops())
   return "cudnn" if fused else "xla"
 
 
