@@ -493,19 +493,23 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module | None
   returns (global state, summary).
 
   ``config.replicas``: ``num``, ``split`` (``iid`` | ``dirichlet`` | ``by_source``, see
-  ``split_dataset``), ``alpha`` and ``min_size`` (dirichlet), ``seed`` (of the split), ``local_steps``, ``rounds``, ``server_optimizer``,
-  ``server_learning_rate``, ``server_momentum``, ``optimizer_state``. ``train.batch_size`` is
-  each replica's batch size B; ``train.steps`` is set to ``rounds * local_steps`` (each
-  replica's optimizer steps, which the learning-rate schedule spans). Replica ``k``'s batches
-  are ``fjt.data.splits.replica_batches`` of its shard with seed ``config.seed``. ``model``,
-  ``dataset`` and ``task`` replace what the config names, as in ``fjt.train.fit``.
+  ``split_dataset``), ``alpha`` and ``min_size`` (dirichlet), ``seed`` (of the split),
+  ``local_steps``, ``rounds``, ``warmup_steps``, ``server_optimizer``, ``server_learning_rate``,
+  ``server_momentum``, ``optimizer_state``, ``communication_dtype``, ``baselines``.
+  ``train.batch_size`` is each replica's batch size B; ``train.steps`` is set to
+  ``warmup_steps + rounds * local_steps`` (each replica's optimizer steps, which the
+  learning-rate schedule spans). Replica ``k``'s batches are ``fjt.data.splits.replica_batches``
+  of its shard with seed ``config.seed``. ``model``, ``dataset`` and ``task`` replace what the
+  config names, as in ``fjt.train.fit``.
 
-  Writes to ``workdir`` (``fjt.logs.RunLog``): ``config.json``, ``splits.json`` (``split_report``:
-  examples, and examples per class or per source, of each replica), ``metrics.jsonl`` (per round: ``train`` metrics averaged
-  over replicas and local steps, ``eval`` of the aggregate on the test split), ``metrics.png``,
-  the final global state in ``final/``, the centralised baseline run (``centralized_config``)
-  in ``centralized/``, and ``summary.json`` = ``{"step": rounds, "eval": {the task's metrics,
-  "centralized_<metric>" ...}, "replicas": {...}, "seconds": {...}}``.
+  Writes to ``workdir`` (``fjt.logs.RunLog``): ``config.json``, ``splits.json``
+  (``split_report``: examples, and examples per class or per source, of each replica),
+  ``metrics.jsonl`` (per round: ``train`` metrics averaged over replicas and local steps,
+  ``eval`` of the aggregate on the test split, at inner steps), ``metrics.png``, the final global
+  state in ``final/``, each baseline's run (``baseline_config``) in ``<name>/``, and
+  ``summary.json`` = ``{"step": rounds, "eval": {the task's metrics, the data's baselines
+  (``unigram_perplexity``), "<baseline>_<metric>" ...}, "replicas": {...}, "communication":
+  {...}, "seconds": {...}}``.
   """
   config = with_run_defaults(config)
   opts = ReplicaOptions.from_config(config)
