@@ -22,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
   config = load_config(BASE)
   config.replicas = ml_collections.ConfigDict({
       "num": 4,
-      "split": "iid",
+      "split": "iid",  # iid, or by_source: each replica reads whole top-level packages.
       "seed": 0,
       "local_steps": 50,  # H: inner steps between synchronisations.
       "rounds": 12,

@@ -71,7 +71,7 @@ RUN_DEFAULTS = {
 
 # The defaults of a ``replicas`` group (added only where a config has one).
 REPLICA_DEFAULTS = {
-    "split": "iid",  # iid | dirichlet
+    "split": "iid",  # iid | dirichlet (label skew) | by_source (whole sources, e.g. packages)
     "alpha": 0.5,  # Dirichlet concentration: smaller is more skewed.
     "min_size": 1,  # Examples per replica at least (dirichlet re-draws until it holds).
     "seed": 0,  # Of the split; batches use config.seed.

@@ -85,6 +85,7 @@ class AcceleratorOptions:
                                  "'default', 'high' or 'highest'"))
 
 
+REPLICA_SPLITS = ("iid", "dirichlet", "by_source")  # fjt.data.splits: iid, dirichlet, source.
 MESH_AXES = ("data", "fsdp", "model")  # As fjt.sharding.MESH_AXES (kept here: no jax import).
 
 
@@ -183,8 +184,8 @@ class ReplicaOptions:
     number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
     return cls(
         num=require(config, "replicas.num", positive_int, "a positive int"),
-        split=require(config, "replicas.split", lambda v: v in ("iid", "dirichlet"),
-                      "one of ('iid', 'dirichlet')"),
+        split=require(config, "replicas.split", lambda v: v in REPLICA_SPLITS,
+                      f"one of {REPLICA_SPLITS}"),
         alpha=float(require(config, "replicas.alpha", number, "a number")),
         min_size=require(config, "replicas.min_size", lambda v: _int(v) and v >= 0, "an int >= 0"),
         seed=require(config, "replicas.seed", _int, "an int"),

@@ -420,19 +420,48 @@ def _check_centralized_dir(directory: str, config: ml_collections.ConfigDict) ->
                       "workdir, or delete that directory to train the baseline again")
 
 
-def split_dataset(targets: np.ndarray, opts: ReplicaOptions) -> list[np.ndarray]:
-  """The shards of ``opts.split`` (``iid`` or ``dirichlet``, by the int labels ``targets``) as
-  index arrays."""
+def split_dataset(dataset: Dataset, opts: ReplicaOptions) -> list[np.ndarray]:
+  """The shards of ``opts.split`` of ``dataset``'s training examples as index arrays:
+  ``iid``; ``dirichlet`` by the int labels ``train["y"]``; ``by_source`` by
+  ``dataset.sources`` (whole sources per replica, ``fjt.data.splits.source_split``)."""
   try:
     if opts.split == "iid":
-      return fjt_splits.iid_split(targets, opts.num, opts.seed)
-    targets = np.asarray(targets)
+      return fjt_splits.iid_split(dataset.train["y"], opts.num, opts.seed)
+    if opts.split == "by_source":
+      if dataset.sources is None:
+        raise ValueError("config key 'replicas.split': 'by_source' needs a dataset that records "
+                         "each training example's source (Dataset.sources: the 'text' and "
+                         "'text_files' datasets do); this one does not: use 'iid'")
+      return fjt_splits.source_split(dataset.sources.ids, opts.num)
+    targets = np.asarray(dataset.train["y"])
     if targets.ndim != 1 or not np.issubdtype(targets.dtype, np.integer):
       raise ValueError(f"config key 'replicas.split': 'dirichlet' splits by class labels, one int "
                        f"per example; these targets are {targets.dtype} {targets.shape}: use 'iid'")
     return fjt_splits.dirichlet_split(targets, opts.num, opts.alpha, opts.seed, opts.min_size)
   except ValueError as e:  # The split functions name the 'replicas.*' key.
     raise ConfigError(str(e)) from e
+
+
+def split_report(dataset: Dataset, shards: Sequence[np.ndarray], opts: ReplicaOptions
+                 ) -> dict[str, Any]:
+  """What ``splits.json`` says of a split: ``num``, ``split``, ``seed``, ``counts`` (examples per
+  replica); ``class_counts`` ``[replica][class]`` for int class labels; ``alpha`` and
+  ``min_size`` of ``dirichlet``; for ``by_source``, ``sources``: per replica ``{name: examples}``
+  of the sources it holds, largest first."""
+  report = {"num": opts.num, "split": opts.split, "seed": opts.seed,
+            "counts": [len(s) for s in shards]}
+  labels = dataset.train["y"]  # Class counts of in-memory int labels (not of token windows).
+  if dataset.num_classes and isinstance(labels, (np.ndarray, jax.Array)) and labels.ndim == 1 \
+      and jnp.issubdtype(labels.dtype, jnp.integer):
+    report["class_counts"] = fjt_splits.split_counts(shards, labels, dataset.num_classes).tolist()
+  if opts.split == "dirichlet":
+    report.update(alpha=opts.alpha, min_size=opts.min_size)
+  if opts.split == "by_source":
+    names = dataset.sources.names
+    per_source = fjt_splits.split_counts(shards, dataset.sources.ids, len(names))
+    report["sources"] = [{names[i]: int(row[i]) for i in np.argsort(-row, kind="stable") if row[i]}
+                         for row in per_source]
+  return report
 
 
 def _warm_start(model, tx, task, state: TrainState, dataset: Dataset, options: TrainOptions,
@@ -463,20 +492,24 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module | None
   """Trains ``config.replicas.num`` replicas for ``rounds`` rounds and evaluates the aggregate;
   returns (global state, summary).
 
-  ``config.replicas``: ``num``, ``split`` (``iid`` | ``dirichlet``), ``alpha`` and ``min_size``
-  (dirichlet), ``seed`` (of the split), ``local_steps``, ``rounds``, ``server_optimizer``,
-  ``server_learning_rate``, ``server_momentum``, ``optimizer_state``. ``train.batch_size`` is
-  each replica's batch size B; ``train.steps`` is set to ``rounds * local_steps`` (each
-  replica's optimizer steps, which the learning-rate schedule spans). Replica ``k``'s batches
-  are ``fjt.data.splits.replica_batches`` of its shard with seed ``config.seed``. ``model``,
-  ``dataset`` and ``task`` replace what the config names, as in ``fjt.train.fit``.
+  ``config.replicas``: ``num``, ``split`` (``iid`` | ``dirichlet`` | ``by_source``, see
+  ``split_dataset``), ``alpha`` and ``min_size`` (dirichlet), ``seed`` (of the split),
+  ``local_steps``, ``rounds``, ``warmup_steps``, ``server_optimizer``, ``server_learning_rate``,
+  ``server_momentum``, ``optimizer_state``, ``communication_dtype``, ``baselines``.
+  ``train.batch_size`` is each replica's batch size B; ``train.steps`` is set to
+  ``warmup_steps + rounds * local_steps`` (each replica's optimizer steps, which the
+  learning-rate schedule spans). Replica ``k``'s batches are ``fjt.data.splits.replica_batches``
+  of its shard with seed ``config.seed``. ``model``, ``dataset`` and ``task`` replace what the
+  config names, as in ``fjt.train.fit``.
 
-  Writes to ``workdir`` (``fjt.logs.RunLog``): ``config.json``, ``splits.json`` (examples and
-  examples per class of each replica), ``metrics.jsonl`` (per round: ``train`` metrics averaged
-  over replicas and local steps, ``eval`` of the aggregate on the test split), ``metrics.png``,
-  the final global state in ``final/``, the centralised baseline run (``centralized_config``)
-  in ``centralized/``, and ``summary.json`` = ``{"step": rounds, "eval": {the task's metrics,
-  "centralized_<metric>" ...}, "replicas": {...}, "seconds": {...}}``.
+  Writes to ``workdir`` (``fjt.logs.RunLog``): ``config.json``, ``splits.json``
+  (``split_report``: examples, and examples per class or per source, of each replica),
+  ``metrics.jsonl`` (per round: ``train`` metrics averaged over replicas and local steps,
+  ``eval`` of the aggregate on the test split, at inner steps), ``metrics.png``, the final global
+  state in ``final/``, each baseline's run (``baseline_config``) in ``<name>/``, and
+  ``summary.json`` = ``{"step": rounds, "eval": {the task's metrics, the data's baselines
+  (``unigram_perplexity``), "<baseline>_<metric>" ...}, "replicas": {...}, "communication":
+  {...}, "seconds": {...}}``.
   """
   config = with_run_defaults(config)
   opts = ReplicaOptions.from_config(config)
@@ -507,14 +540,9 @@ def _fit(config: ml_collections.ConfigDict, workdir: str, opts: ReplicaOptions,
   dataset = dataset if dataset is not None else fjt_data.load_dataset(config.data)
   task = fjt_train.resolve_task(config, dataset, task)
 
-  shards = split_dataset(dataset.train["y"], opts)
+  shards = split_dataset(dataset, opts)
   counts = [len(s) for s in shards]
-  report = {"num": num, "split": opts.split, "seed": opts.seed, "counts": counts}
-  labels = np.asarray(dataset.train["y"])
-  if dataset.num_classes and labels.ndim == 1 and np.issubdtype(labels.dtype, np.integer):
-    report["class_counts"] = fjt_splits.split_counts(shards, labels, dataset.num_classes).tolist()
-  if opts.split == "dirichlet":
-    report.update(alpha=opts.alpha, min_size=opts.min_size)
+  report = split_report(dataset, shards, opts)
   log = RunLog(workdir, config, enabled=main)
   if main:
     with open(os.path.join(workdir, "splits.json"), "w", encoding="utf-8") as f:
@@ -573,14 +601,16 @@ def _fit(config: ml_collections.ConfigDict, workdir: str, opts: ReplicaOptions,
   checkpoint.save(os.path.join(workdir, "final"), final, force=True)
   replicas_seconds = time.perf_counter() - tic
 
-  eval_metrics = dict(eval_metrics)
+  references = fjt_train.data_baselines(dataset)
+  eval_metrics = {**eval_metrics, **references}
   seconds = {"replicas": replicas_seconds}
   for name, (baseline, directory) in baselines.items():
     tic = time.perf_counter()
     _, result = fjt_train.fit(baseline, directory, model=model, dataset=dataset, task=task,
                               progress=False)  # One summary line, not a line per eval.
     seconds[name] = time.perf_counter() - tic
-    eval_metrics.update({f"{name}_{k}": v for k, v in result["eval"].items()})
+    eval_metrics.update({f"{name}_{k}": v for k, v in result["eval"].items()
+                         if k not in references})  # The data's own baselines once.
     if progress and main:
       print(f"{name} baseline ({baseline.train.steps} steps): " +
             ", ".join(f"{k} {v:.4f}" for k, v in result["eval"].items()), flush=True)
@@ -588,7 +618,8 @@ def _fit(config: ml_collections.ConfigDict, workdir: str, opts: ReplicaOptions,
   summary = {
       "step": rounds,
       "eval": eval_metrics,
-      "replicas": {**report, "local_steps": local_steps, "rounds": rounds,
+      "replicas": {**{k: v for k, v in report.items() if k != "sources"},  # In splits.json.
+                   "local_steps": local_steps, "rounds": rounds,
                    "warmup_steps": warmup, "batch_size": options.batch_size,
                    "server_optimizer": opts.server_optimizer,
                    "server_learning_rate": opts.server_learning_rate,
@@ -597,7 +628,7 @@ def _fit(config: ml_collections.ConfigDict, workdir: str, opts: ReplicaOptions,
       "communication": communication,
       "seconds": seconds,
   }
-  log.finish(summary, task.headline,
+  log.finish(summary, task.headline, fjt_train.baseline_lines(dataset),
              curves={name: os.path.join(directory, "metrics.jsonl")
                      for name, (_, directory) in baselines.items()})
   return final, summary

@@ -140,6 +140,20 @@ def resolve_task(config: ml_collections.ConfigDict, dataset: Dataset,
     raise ConfigError(f"config key 'task': {e}") from e
 
 
+_DATA_BASELINES = {"unigram_perplexity": "unigram model"}  # dataset.info key: plot label.
+
+
+def data_baselines(dataset: Dataset) -> dict[str, float]:
+  """The metrics of models of the data alone that ``dataset.info`` knows (``unigram_perplexity``
+  of text), reported in summary.json's ``eval`` beside a run's own."""
+  return {k: dataset.info[k] for k in _DATA_BASELINES if k in dataset.info}
+
+
+def baseline_lines(dataset: Dataset) -> dict[str, float]:
+  """``data_baselines`` by plot label, the horizontal lines of ``metrics.png``."""
+  return {_DATA_BASELINES[k]: v for k, v in data_baselines(dataset).items()}
+
+
 def check_layout(model: nn.Module, dataset: Dataset) -> None:
   """An image layout the model does not take is an error that says what to move, raised
   before the model is initialised (Flax would fail on the shapes with a ZeroDivisionError)."""
@@ -380,14 +394,11 @@ def _fit(config: ml_collections.ConfigDict, workdir: str, options: TrainOptions,
     if watchdog:
       watchdog.stop()
 
-  baselines = {}
-  if "unigram_perplexity" in dataset.info:
-    eval_metrics["unigram_perplexity"] = dataset.info["unigram_perplexity"]
-    baselines["unigram model"] = dataset.info["unigram_perplexity"]
+  eval_metrics.update(data_baselines(dataset))
   summary = {"step": int(sharding.to_host(state.step)), "eval": eval_metrics}
   for name, path in (("pretrain", os.path.join(workdir, "pretrain", "summary.json")),
                      ("init_from", os.path.join(workdir, "init_from.json"))):
     if (info := _read_json(path)) is not None:
       summary[name] = info
-  log.finish(summary, task.headline, baselines)
+  log.finish(summary, task.headline, baseline_lines(dataset))
   return state, summary

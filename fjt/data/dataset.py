@@ -9,6 +9,27 @@ import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
+class Sources:
+  """Where each training example came from (for non-IID splits by source).
+
+  Attributes:
+    ids: int ``(num_train,)``: example ``i`` came from source ``names[ids[i]]``.
+    names: the sources' names (for the standard-library corpus: top-level packages and
+      modules, ``email``, ``json``, ``os``), indexed by ``ids``.
+  """
+  ids: np.ndarray
+  names: tuple[str, ...]
+
+  def __post_init__(self):
+    ids = np.asarray(self.ids)
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+      raise ValueError(f"Sources.ids: expected a 1-D int array, got {ids.dtype} {ids.shape}")
+    if ids.size and (ids.min() < 0 or ids.max() >= len(self.names)):
+      raise ValueError(f"Sources.ids: ids lie in [{ids.min()}, {ids.max()}], outside the "
+                       f"{len(self.names)} names")
+
+
+@dataclasses.dataclass(frozen=True)
 class Dataset:
   """Two splits of host arrays, each ``{"x": inputs, "y": targets}`` (plus an optional
   ``mask``, see ``fjt.tasks``). ``x`` may be an array or a dict of arrays; every array of a
@@ -21,11 +42,19 @@ class Dataset:
       targets that are not class ids (regression).
     info: extra facts about the data, JSON-friendly: ``task`` (the default task's name),
       ``layout`` of images, vocabulary size, baselines.
+    sources: where each training example came from, for datasets that know it (text: the
+      top-level package of each docstring's file); None otherwise.
   """
   train: dict[str, Any]
   test: dict[str, Any]
   num_classes: int | None
   info: dict[str, Any] = dataclasses.field(default_factory=dict)
+  sources: Sources | None = None
+
+  def __post_init__(self):
+    if self.sources is not None and len(self.sources.ids) != self.num_train:
+      raise ValueError(f"Dataset.sources: {len(self.sources.ids)} source ids for "
+                       f"{self.num_train} training examples")
 
   @property
   def num_train(self) -> int:

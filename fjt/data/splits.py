@@ -1,8 +1,10 @@
 """A training set split over N replicas, and each replica's stream of batches.
 
 ``iid_split`` deals the examples out uniformly at random; ``dirichlet_split`` gives each replica
-a skewed mix of labels (non-IID label skew, Hsu et al., 2019), the usual stress test of FedAvg.
-Both return one sorted int64 index array per replica; every example is in exactly one of them.
+a skewed mix of labels (non-IID label skew, Hsu et al., 2019), the usual stress test of FedAvg;
+``source_split`` gives each replica whole sources (for text: top-level packages, so replicas read
+different modules' docstrings). Each returns one sorted int64 index array per replica; every
+example is in exactly one of them.
 
 A replica's batches are a pure function of (seed, replica, step): the shard is read as one
 continuous stream of per-epoch permutations, so a batch may span two epochs and a shard smaller
@@ -79,6 +81,32 @@ def dirichlet_split(labels: np.ndarray, num_replicas: int, alpha: float, seed: i
                    f"over {num_replicas} replicas all left a replica with fewer than {min_size} "
                    f"examples (the best had {smallest}); lower replicas.min_size or raise "
                    "replicas.alpha")
+
+
+def source_split(sources: np.ndarray, num_replicas: int) -> list[np.ndarray]:
+  """Non-IID by source: each source's examples all go to one replica, balanced by count.
+
+  ``sources`` int ``(num_examples,)`` holds each example's source id. The sources present are
+  dealt largest first (ties: smaller id first), each to the replica with the fewest examples so
+  far (ties: lower index), so the first ``num_replicas`` go one to each replica. Deterministic.
+
+  Returns ``num_replicas`` sorted int64 index arrays covering every example exactly once.
+  Raises ValueError when there are fewer sources than replicas.
+  """
+  sources = np.asarray(sources)
+  _check_num_replicas(num_replicas, len(sources))
+  ids, counts = np.unique(sources, return_counts=True)
+  if len(ids) < num_replicas:
+    raise ValueError(f"config key 'replicas.split': 'by_source' gives each replica whole "
+                     f"sources, but the training set has {len(ids)} sources for {num_replicas} "
+                     "replicas; use fewer replicas or 'iid'")
+  replica_of = np.empty(len(ids), np.int64)  # Indexed like ids.
+  sizes = np.zeros(num_replicas, np.int64)
+  for i in np.lexsort((ids, -counts)):
+    replica_of[i] = np.argmin(sizes)  # The first of the smallest.
+    sizes[replica_of[i]] += counts[i]
+  example_replica = replica_of[np.searchsorted(ids, sources)]
+  return [np.flatnonzero(example_replica == r).astype(np.int64) for r in range(num_replicas)]
 
 
 def split_counts(splits: Sequence[np.ndarray], labels: np.ndarray, num_classes: int) -> np.ndarray:

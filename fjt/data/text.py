@@ -21,7 +21,7 @@ import zlib
 
 import numpy as np
 
-from fjt.data.dataset import Dataset
+from fjt.data.dataset import Dataset, Sources
 from fjt.data.windows import TokenWindows, token_stream
 
 BOS, UNK = "<s>", "<unk>"
@@ -82,6 +82,14 @@ def file_hash(relative_path: str) -> int:
   return zlib.crc32(relative_path.encode()) % 100
 
 
+def source_name(relative_path: str) -> str:
+  """The source of a file for non-IID splits: its top-level package or module, the first
+  component of ``relative_path`` (``email/mime/text.py`` -> ``email``), without its extension
+  when that is the file itself (``os.py`` -> ``os``)."""
+  first, _, rest = relative_path.partition("/")
+  return first if rest else os.path.splitext(first)[0]
+
+
 def is_validation_file(relative_path: str, validation_percent: int = 10) -> bool:
   return file_hash(relative_path) < validation_percent
 
@@ -124,7 +132,7 @@ def load(vocab_size: int = 5000, context: int = 4, validation_percent: int = 10,
 
 
 def window_dataset(files, vocab_size: int, context: int, validation_percent: int,
-                   is_validation=None, block_size: int = 0) -> Dataset:
+                   is_validation=None, block_size: int = 0, source_of=source_name) -> Dataset:
   """The next-word dataset of ``files`` = ``((relative_path, (doc_tokens, ...)), ...)``: a file
   is in validation by ``is_validation(path)`` (default ``is_validation_file``); the vocabulary
   is ``build_vocab`` of the training documents; examples are ``windows``.
@@ -134,10 +142,18 @@ def window_dataset(files, vocab_size: int, context: int, validation_percent: int
   ``TokenWindows`` of it: ``x``, ``y`` int32 ``(N, block_size)`` with ``y`` the next token of
   each position; training batches are random windows, evaluation the validation stream in
   consecutive windows. The vocabulary and the file split are the same as for ``context``
-  windows, and ``info["tokenizer"]`` is the word vocabulary, so a run can decode samples."""
+  windows, and ``info["tokenizer"]`` is the word vocabulary, so a run can decode samples.
+
+  ``sources``: each training example's source, ``source_of(path)`` of its file (default
+  ``source_name``, the top-level package); a block's source is that of its first target."""
   if is_validation is None:
     is_validation = lambda path: is_validation_file(path, validation_percent)
-  train_docs = [d for path, docs in files if not is_validation(path) for d in docs]
+  train_files = [(path, docs) for path, docs in files if not is_validation(path)]
+  train_docs = [d for _, docs in train_files for d in docs]
+  names = sorted({source_of(path) for path, _ in train_files})
+  index = {name: i for i, name in enumerate(names)}
+  doc_sources = np.asarray([index[source_of(path)] for path, docs in train_files for _ in docs],
+                           np.int32)
   test_docs = [d for path, docs in files if is_validation(path) for d in docs]
   vocab = build_vocab(train_docs, vocab_size)
   if block_size:
@@ -148,8 +164,11 @@ def window_dataset(files, vocab_size: int, context: int, validation_percent: int
                    for docs, stride, ignore in ((train_docs, 1, None),
                                                 (test_docs, block_size, vocab[BOS])))
     y_train, y_test = (t[1:][t[1:] != vocab[BOS]] for t in (train.tokens, test.tokens))
+    # Each document's tokens and the <s> before it come from its file.
+    source_ids = train.at_first_targets(np.repeat(doc_sources, [len(d) + 1 for d in train_docs]))
   else:
     x_train, y_train = windows(train_docs, vocab, context)
+    source_ids = np.repeat(doc_sources, [len(d) for d in train_docs])  # A window per token.
     x_test, y_test = windows(test_docs, vocab, context)
     train, test = {"x": x_train, "y": y_train}, {"x": x_test, "y": y_test}
   info = {
@@ -165,7 +184,8 @@ def window_dataset(files, vocab_size: int, context: int, validation_percent: int
   # fewer words (those ids never occur).
   if block_size:
     info["tokenizer"] = {"type": "word", "vocab": info["vocab"]}
-  return Dataset(train=train, test=test, num_classes=max(len(vocab), vocab_size), info=info)
+  return Dataset(train=train, test=test, num_classes=max(len(vocab), vocab_size), info=info,
+                 sources=Sources(source_ids, tuple(names)))
 
 
 def _ids(docs, vocab: dict[str, int]) -> list[list[int]]:

@@ -2,7 +2,9 @@
 
 The same word tokenisation, vocabulary and windows as the standard-library corpus
 (``fjt.data.text``); each file is one document, in validation by a hash of its path relative
-to the argument that named it (so the split survives moving the folder).
+to the argument that named it (so the split survives moving the folder). A file's source
+(``replicas.split = "by_source"``) is the first component of that relative path: its top-level
+folder, or the file's name without extension.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ def load(paths: Sequence[str] = (), vocab_size: int = 5000, context: int = 4,
              zip(files, in_validation)]
   dataset = text.window_dataset(renamed, vocab_size, context,
                                 validation_percent=0, is_validation=lambda n: n.startswith("val/"),
-                                block_size=block_size)
+                                block_size=block_size,
+                                source_of=lambda n: text.source_name(n.partition("/")[2]))
   dataset.info["files"] = {"train": in_validation.count(False), "validation": in_validation.count(True)}
   return dataset

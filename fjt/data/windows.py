@@ -94,6 +94,16 @@ class TokenWindows(Mapping):
   def num_windows(self) -> int:
     return (len(self.tokens) - 1 - self.block_size) // self.stride + 1
 
+  def at_first_targets(self, per_token: np.ndarray) -> np.ndarray:
+    """``per_token[i * stride + 1]`` for every window ``i``, shape ``(num_windows,)``: an
+    annotation of each token of the stream (``(len(tokens),)``, e.g. the source it came from)
+    read at each window's first target."""
+    per_token = np.asarray(per_token)
+    if per_token.shape != self.tokens.shape:
+      raise ValueError(f"a per-token annotation of the stream must have shape "
+                       f"{self.tokens.shape}, got {per_token.shape}")
+    return per_token[np.arange(self.num_windows) * self.stride + 1]
+
   def gather(self, starts: np.ndarray, shift: int = 0) -> np.ndarray:
     """int32 ``(len(starts), block_size)``: ``tokens[s + shift : s + shift + block_size]`` per start."""
     return np.asarray(self.tokens[starts[:, None] + shift + np.arange(self.block_size)], np.int32)
