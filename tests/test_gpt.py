@@ -172,6 +172,24 @@ def test_token_windows_index_lazily_and_batches_are_a_pure_function_of_seed_and_
   assert sum(b["mask"].sum() for b in batches) == 124
 
 
+def test_sliding_evaluation_windows_score_every_target_once():
+  tokens = np.arange(1000, dtype=np.int32)
+  test = TokenWindows(tokens, 8, 4, score_once=True)
+  assert test.num_windows == 248 and test.columns == ("x", "y", "mask")
+  # The first window scores its 8 targets; every later one its last 4, those not yet scored,
+  # each with at least 4 tokens of context.
+  np.testing.assert_array_equal(test["mask"][:3], [[1] * 8, [0] * 4 + [1] * 4, [0] * 4 + [1] * 4])
+  y, mask = test["y"][:], test["mask"][:]
+  np.testing.assert_array_equal(np.sort(y[mask > 0]), np.arange(1, 8 + 4 * 247 + 1))
+  # With separators (ignore_id) both masks apply; stride == block_size needs no mask column.
+  both = TokenWindows(tokens % 10, 8, 4, ignore_id=0, score_once=True)
+  np.testing.assert_array_equal(both["y"][1], [5, 6, 7, 8, 9, 0, 1, 2])
+  np.testing.assert_array_equal(both["mask"][1], [0, 0, 0, 0, 1, 0, 1, 1])
+  assert TokenWindows(tokens, 8, 8, score_once=True).columns == ("x", "y")
+  with pytest.raises(ValueError, match="'data.eval_stride'"):
+    TokenWindows(tokens, 8, 9, score_once=True)
+
+
 def test_stdlib_text_in_blocks_has_the_vocabulary_and_split_of_text_nnlm():
   blocks, windows = text.load(block_size=32), text.load(context=4)
   assert blocks.num_classes == windows.num_classes == 5000

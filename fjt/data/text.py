@@ -124,15 +124,16 @@ def unigram_perplexity(train_y: np.ndarray, test_y: np.ndarray, vocab_size: int)
 
 
 def load(vocab_size: int = 5000, context: int = 4, validation_percent: int = 10,
-         block_size: int = 0) -> Dataset:
+         block_size: int = 0, eval_stride: int = 0) -> Dataset:
   """Windows of ``context`` words -> next word, split by source file; with ``block_size``,
   blocks of a token stream for a GPT (see ``window_dataset``)."""
   return window_dataset(stdlib_docstrings(), vocab_size, context, validation_percent,
-                        block_size=block_size)
+                        block_size=block_size, eval_stride=eval_stride)
 
 
 def window_dataset(files, vocab_size: int, context: int, validation_percent: int,
-                   is_validation=None, block_size: int = 0, source_of=source_name) -> Dataset:
+                   is_validation=None, block_size: int = 0, source_of=source_name,
+                   eval_stride: int = 0) -> Dataset:
   """The next-word dataset of ``files`` = ``((relative_path, (doc_tokens, ...)), ...)``: a file
   is in validation by ``is_validation(path)`` (default ``is_validation_file``); the vocabulary
   is ``build_vocab`` of the training documents; examples are ``windows``.
@@ -141,7 +142,8 @@ def window_dataset(files, vocab_size: int, context: int, validation_percent: int
   split become one token stream (each document preceded by ``<s>``) and the splits are
   ``TokenWindows`` of it: ``x``, ``y`` int32 ``(N, block_size)`` with ``y`` the next token of
   each position; training batches are random windows, evaluation the validation stream in
-  consecutive windows. The vocabulary and the file split are the same as for ``context``
+  consecutive windows, every ``eval_stride`` tokens (default ``block_size``; a smaller stride
+  is a sliding window that scores each target once, ``TokenWindows.score_once``). The vocabulary and the file split are the same as for ``context``
   windows, and ``info["tokenizer"]`` is the word vocabulary, so a run can decode samples.
 
   ``sources``: each training example's source, ``source_of(path)`` of its file (default
@@ -159,10 +161,9 @@ def window_dataset(files, vocab_size: int, context: int, validation_percent: int
   if block_size:
     # Validation scores the docstrings' own words, as the NNLM's windows do: predicting a
     # separator <s> (where the next docstring starts) is left out of its metrics.
-    train, test = (TokenWindows(token_stream(_ids(docs, vocab), vocab[BOS]), block_size, stride,
-                                ignore)
-                   for docs, stride, ignore in ((train_docs, 1, None),
-                                                (test_docs, block_size, vocab[BOS])))
+    train = TokenWindows(token_stream(_ids(train_docs, vocab), vocab[BOS]), block_size)
+    test = TokenWindows(token_stream(_ids(test_docs, vocab), vocab[BOS]), block_size,
+                        eval_stride or block_size, vocab[BOS], score_once=True)
     y_train, y_test = (t[1:][t[1:] != vocab[BOS]] for t in (train.tokens, test.tokens))
     # Each document's tokens and the <s> before it come from its file.
     source_ids = train.at_first_targets(np.repeat(doc_sources, [len(d) + 1 for d in train_docs]))

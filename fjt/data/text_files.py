@@ -46,7 +46,7 @@ def find_files(paths: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def load(paths: Sequence[str] = (), vocab_size: int = 5000, context: int = 4,
-         validation_percent: int = 10, block_size: int = 0) -> Dataset:
+         validation_percent: int = 10, block_size: int = 0, eval_stride: int = 0) -> Dataset:
   """Windows of ``context`` words -> next word over the text files of ``paths``; with
   ``block_size``, blocks of a token stream for a GPT (``fjt.data.text.window_dataset``).
 
@@ -75,7 +75,7 @@ def load(paths: Sequence[str] = (), vocab_size: int = 5000, context: int = 4,
              zip(files, in_validation)]
   dataset = text.window_dataset(renamed, vocab_size, context,
                                 validation_percent=0, is_validation=lambda n: n.startswith("val/"),
-                                block_size=block_size,
+                                block_size=block_size, eval_stride=eval_stride,
                                 source_of=lambda n: text.source_name(n.partition("/")[2]))
   dataset.info["files"] = {"train": in_validation.count(False), "validation": in_validation.count(True)}
   return dataset

@@ -134,18 +134,20 @@ def memmap_split(path: str, split: str, meta: dict) -> np.memmap:
   return np.memmap(file, dtype=dtype, mode="r")
 
 
-def load(path: str, block_size: int = 128) -> Dataset:
+def load(path: str, block_size: int = 128, eval_stride: int = 0) -> Dataset:
   """Dataset ``"tokens"``: windows of ``block_size`` tokens of the token directory ``path``.
 
   ``train``: random windows of ``train.bin`` (``TokenWindows.sample_batch``); ``test``:
-  ``val.bin`` in consecutive windows, in order. Neither file is read whole. ``info`` has the
+  ``val.bin`` in windows every ``eval_stride`` tokens (default ``block_size``: consecutive;
+  smaller: a sliding window scoring each token once), in order. Neither file is read whole. ``info`` has the
   ``meta.json`` counts, ``"tokenizer"`` (the tokenizer file's path) and ``"task"``.
   """
   if not path:
     raise ValueError("config key 'data.path': the token directory is required")
   meta = read_meta(path)
   train = TokenWindows(memmap_split(path, "train", meta), block_size, 1)
-  test = TokenWindows(memmap_split(path, "validation", meta), block_size, block_size)
+  test = TokenWindows(memmap_split(path, "validation", meta), block_size,
+                      eval_stride or block_size, score_once=True)
   info = {
       "vocab_size": int(meta["vocab_size"]),
       "train_tokens": len(train.tokens),

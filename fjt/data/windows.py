@@ -26,7 +26,7 @@ class _Column:
   indexed by an int, a slice or an index array without reading the rest of the stream."""
   windows: TokenWindows
   shift: int
-  mask: bool = False  # The float32 weights ``y != ignore_id`` instead of the ids.
+  mask: bool = False  # The float32 weights of ``y`` (``TokenWindows.weights``) instead of the ids.
 
   @property
   def shape(self) -> tuple[int, int]:
@@ -40,7 +40,9 @@ class _Column:
     return self.windows.num_windows
 
   def __getitem__(self, index) -> np.ndarray:
-    if isinstance(index, (slice, int, np.integer)):
+    if isinstance(index, (int, np.integer)):  # One window: (T,).
+      return self[np.asarray([index])][0]
+    if isinstance(index, slice):
       rows = np.asarray(range(len(self))[index])
     else:
       rows = np.asarray(index)
@@ -48,7 +50,7 @@ class _Column:
         raise IndexError(f"window index out of range [0, {len(self)})")
       rows = rows % len(self)
     ids = self.windows.gather(rows * self.windows.stride, self.shift)
-    return (ids != self.windows.ignore_id).astype(np.float32) if self.mask else ids
+    return self.windows.weights(rows, ids) if self.mask else ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,20 +58,31 @@ class TokenWindows(Mapping):
   """Windows of ``block_size`` tokens of ``tokens`` (1-D integer array), every ``stride``-th.
 
   ``stride=1``: every window (training); ``stride=block_size``: consecutive non-overlapping
-  windows covering the stream in order (evaluation; the last ``< block_size`` tokens that do
+  windows covering the stream in order (evaluation; the last ``< stride`` tokens that do
   not fill a window are left out). ``len(self["x"]) == (len(tokens) - 1 - block_size) //
-  stride + 1``. With ``ignore_id``, a third column ``mask`` (float32, 0 where ``y`` is
-  ``ignore_id``) leaves those targets out of the loss and metrics: the validation stream's
-  document separators, so its perplexity is over the documents' own tokens.
+  stride + 1``. A third column ``mask`` (float32 weights of ``y``, ``weights``) exists with
+  ``ignore_id`` or with ``score_once`` and overlapping windows:
+
+  - ``ignore_id``: 0 where ``y`` is ``ignore_id``, leaving those targets out of the loss and
+    metrics: the validation stream's document separators, so its perplexity is over the
+    documents' own tokens.
+  - ``score_once`` (evaluation with ``stride < block_size``, a sliding window): window ``i >
+    0`` scores only its last ``stride`` targets, those the previous window did not, so each
+    target is scored once and, after the first window, with at least ``block_size - stride``
+    tokens of context (the sliding-window perplexity of Hugging Face's guide).
   """
   tokens: np.ndarray
   block_size: int
   stride: int = 1
   ignore_id: int | None = None
+  score_once: bool = False
 
   def __post_init__(self):
     if self.block_size < 1 or self.stride < 1:
       raise ValueError(f"config key 'data.block_size': expected a positive int, got {self.block_size}")
+    if self.score_once and self.stride > self.block_size:
+      raise ValueError(f"config key 'data.eval_stride': expected 1 <= stride <= block_size "
+                       f"({self.block_size}), got {self.stride}")
     if self.tokens.ndim != 1 or len(self.tokens) < self.block_size + 1:
       raise ValueError(f"config key 'data.block_size': a window of {self.block_size} tokens and "
                        f"its next token need {self.block_size + 1} tokens; the stream has "
@@ -77,7 +90,8 @@ class TokenWindows(Mapping):
 
   @property
   def columns(self) -> tuple[str, ...]:
-    return ("x", "y") if self.ignore_id is None else ("x", "y", "mask")
+    masked = self.ignore_id is not None or (self.score_once and self.stride < self.block_size)
+    return ("x", "y", "mask") if masked else ("x", "y")
 
   def __len__(self) -> int:  # The number of columns, as a Mapping.
     return len(self.columns)
@@ -103,6 +117,17 @@ class TokenWindows(Mapping):
       raise ValueError(f"a per-token annotation of the stream must have shape "
                        f"{self.tokens.shape}, got {per_token.shape}")
     return per_token[np.arange(self.num_windows) * self.stride + 1]
+
+  def weights(self, rows: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """float32 ``(len(rows), block_size)``: the ``mask`` column of windows ``rows`` whose
+    targets are ``targets`` (0 for ``ignore_id`` and, with ``score_once``, for the targets an
+    earlier window scored; else 1)."""
+    weights = np.ones(targets.shape, np.float32)
+    if self.ignore_id is not None:
+      weights *= targets != self.ignore_id
+    if self.score_once:
+      weights[np.asarray(rows) > 0, :self.block_size - self.stride] = 0.0
+    return weights
 
   def gather(self, starts: np.ndarray, shift: int = 0) -> np.ndarray:
     """int32 ``(len(starts), block_size)``: ``tokens[s + shift : s + shift + block_size]`` per start."""
