@@ -385,15 +385,18 @@ def centralized_config(config: ml_collections.ConfigDict) -> ml_collections.Conf
 def communication_bytes(params: PyTree, opts: ReplicaOptions) -> dict[str, Any]:
   """What one replica sends: a pseudo-gradient (``opts.communication_dtype``) per round, against
   synchronous data parallel's gradient (the params' dtype) per step, for the same inner steps
-  after the warm start."""
+  after the warm start (``ratio``); and with the warm start counted on both sides (its
+  ``warmup_steps`` are synchronous data parallel: a gradient per step), ``ratio_with_warmup``."""
   leaves = jax.tree.leaves(params)
   size = sum(int(np.prod(np.shape(x))) for x in leaves)
   gradient_bytes = sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize for x in leaves)
   sent = opts.rounds * size * np.dtype(jnp.dtype(opts.communication_dtype)).itemsize
   sync = opts.rounds * opts.local_steps * gradient_bytes
+  warmup = opts.warmup_steps * gradient_bytes
   return {"rounds": opts.rounds, "dtype": opts.communication_dtype,
           "bytes_per_replica": sent, "sync_bytes_per_replica": sync,
-          "ratio": sync / sent}
+          "ratio": sync / sent, "warmup_bytes_per_replica": warmup,
+          "ratio_with_warmup": (warmup + sync) / (warmup + sent)}
 
 
 def _check_finite(loss: np.ndarray, round_: int) -> None:
@@ -465,14 +468,18 @@ def split_report(dataset: Dataset, shards: Sequence[np.ndarray], opts: ReplicaOp
 
 
 def _warm_start(model, tx, task, state: TrainState, dataset: Dataset, options: TrainOptions,
-                global_batch: int, steps: int, mesh: Mesh, log: RunLog) -> TrainState:
+                global_batch: int, steps: int, mesh: Mesh, log: RunLog,
+                progress: bool = True) -> TrainState:
   """``steps`` synchronous data-parallel steps of ``state`` on batches of ``global_batch`` (the
-  warm start of DiLoCo), over the devices of ``mesh``; logs their train metrics."""
+  warm start of DiLoCo), over the devices of ``mesh``; logs their train metrics (and, with
+  ``progress``, a progress bar on the first process)."""
   state = put_replicated(state, mesh)
   train_step = make_train_step(model, tx, task, mesh=mesh, rng_streams=options.rng_streams)
   rows = process_rows(global_batch, mesh)
   window = []
-  for step in range(steps):
+  bar = tqdm(range(steps), disable=not (progress and jax.process_index() == 0), desc="warm start",
+             unit="step", dynamic_ncols=True)
+  for step in bar:
     local = fjt_data.get_batch(dataset.train, options.seed, step, global_batch, rows)
     state, metrics = train_step(state, put_split(local, mesh, global_batch))
     if needs_lockstep(mesh):
@@ -567,7 +574,7 @@ def _fit(config: ml_collections.ConfigDict, workdir: str, opts: ReplicaOptions,
   eval_batch_size = -(-options.eval_batch_size // mesh.size) * mesh.size
   if warmup:
     state = _warm_start(model, tx, task, state, dataset, options, num * options.batch_size,
-                        warmup, data_mesh, log)
+                        warmup, data_mesh, log, progress)
     log.write(warmup, "eval", evaluate(eval_step, put_replicated(state, data_mesh), dataset.test,
                                        eval_batch_size, averages=False, mesh=data_mesh))
   communication = communication_bytes(state.params, opts)

@@ -107,7 +107,9 @@ def test_tiny_diloco_by_source_writes_the_three_perplexities_and_the_bytes(tmp_p
       "rounds": 2, "dtype": "bfloat16",
       "bytes_per_replica": 2 * size * 2,  # 2 rounds of a bfloat16 pseudo-gradient.
       "sync_bytes_per_replica": 2 * 3 * size * 4,  # 6 inner steps of a float32 gradient.
-      "ratio": 6.0}  # H = 3 steps per round, 4 bytes against 2.
+      "ratio": 6.0,  # H = 3 steps per round, 4 bytes against 2.
+      "warmup_bytes_per_replica": 2 * size * 4,  # The warm start's 2 synchronous steps.
+      "ratio_with_warmup": (2 * 4 + 2 * 3 * 4) / (2 * 4 + 2 * 2)}
 
   # Whole sources per replica, largest first to the replica with the fewest windows so far.
   report = json.load(open(tmp_path / "run" / "splits.json"))
