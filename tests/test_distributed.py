@@ -165,7 +165,7 @@ def test_diloco_over_two_processes_matches_one_bitwise(tmp_path):
   port = free_port()
   run = ("--config", os.path.join(ROOT, "configs", "text_diloco.py"),
          "--config.model.num_layers=1", "--config.model.embed_dim=32",
-         "--config.model.block_size=16", "--config.data.block_size=16",
+         "--config.model.block_size=16", "--config.data.block_size=16", "--config.data.eval_stride=8",
          "--config.replicas.num=4", "--config.replicas.split=by_source",
          "--config.replicas.rounds=2", "--config.replicas.local_steps=3",
          "--config.replicas.warmup_steps=2", "--config.optimizer.warmup_steps=2",

@@ -129,21 +129,23 @@ def test_the_lock_refuses_a_second_holder_and_dies_with_its_process(tmp_path):
 
 
 def test_a_second_run_on_a_busy_workdir_is_refused_and_the_first_finishes(tmp_path):
-  first = train_cli(tmp_path, "--config.train.steps=400", "--config.train.eval_every=400",
-                    "--config.checkpoint.every_steps=100")
+  # Long enough that the second process (a fresh interpreter importing jax) starts well before
+  # the first one finishes: with 400 steps a fast machine finished first.
+  first = train_cli(tmp_path, "--config.train.steps=2000", "--config.train.eval_every=2000",
+                    "--config.checkpoint.every_steps=500")
   deadline = time.time() + 120
   while not os.path.exists(tmp_path / "metrics.jsonl") and time.time() < deadline:
     time.sleep(0.05)  # The first run holds the lock and is training.
   assert first.poll() is None
-  out, err = train_cli(tmp_path, "--config.train.steps=400").communicate(timeout=120)
+  out, err = train_cli(tmp_path, "--config.train.steps=2000").communicate(timeout=120)
   assert err.strip().splitlines() == [
       f"error: workdir {tmp_path} is in use by another run (pid {first.pid}); wait for it to "
       "finish or use another --workdir"]
   out, err = first.communicate(timeout=300)
   assert first.returncode == 0, err
-  assert "step 400" in out
+  assert "step 2000" in out
   rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-  assert [r["step"] for r in rows if r["split"] == "train"] == list(range(10, 401, 10))
+  assert [r["step"] for r in rows if r["split"] == "train"] == list(range(10, 2001, 10))
 
 
 def with_key(key, value):
