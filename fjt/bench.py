@@ -17,6 +17,7 @@ Needs PyTorch (the ``torch`` extra) for the baselines.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import gc
@@ -250,27 +251,64 @@ def background_load(seconds: float = 1.0) -> float | None:
 # --- Train steps ---------------------------------------------------------------------------------
 
 
-def _fjt_train_loop(model, x: np.ndarray, y: np.ndarray, steps: int, learning_rate: float
-                    ) -> tuple[Callable[[], None], PyTree]:
-  """``run()`` doing ``steps`` fjt train steps over pre-placed batches (state carried across
-  calls, donated at each step), and the params (for their size)."""
+def _fjt_loop(model, tx, task, batches: Sequence[dict[str, jax.Array]], steps: int,
+              precision: str | None = None) -> tuple[Callable[[], None], PyTree]:
+  """``run()`` doing ``steps`` jitted fjt train steps of ``model`` over the pre-placed
+  ``batches`` in turn (state carried across calls, donated at each step), and the params'
+  shapes (``jax.ShapeDtypeStruct``). With ``precision``, tracing and steps run under
+  ``jax.default_matmul_precision(precision)``, whatever the process's default."""
   import fjt
 
-  tx = fjt.create_optimizer({"name": "sgd", "learning_rate": learning_rate, "momentum": 0.9}, 1)
-  state = jax.jit(fjt.create_train_state, static_argnums=(0, 1))(
-      model, tx, jnp.asarray(x[0][:1]), jax.random.PRNGKey(0))
-  train_step = fjt.make_train_step(model, tx)
-  batches = [{"x": jax.device_put(xb), "y": jax.device_put(yb)} for xb, yb in zip(x, y)]
+  def scope():
+    return jax.default_matmul_precision(precision) if precision else contextlib.nullcontext()
+
+  with scope():
+    state = jax.jit(fjt.create_train_state, static_argnums=(0, 1))(
+        model, tx, batches[0]["x"][:1], jax.random.PRNGKey(0))
+    train_step = fjt.make_train_step(model, tx, task)
   params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state.params)
   carry = {"state": state}
 
   def run() -> None:
     state = carry.pop("state")
-    for i in range(steps):
-      state, _ = train_step(state, batches[i % len(batches)])
+    with scope():
+      for i in range(steps):
+        state, _ = train_step(state, batches[i % len(batches)])
     carry["state"] = jax.block_until_ready(state)
 
   return run, params
+
+
+def _fjt_train_loop(model, x: np.ndarray, y: np.ndarray, steps: int, learning_rate: float
+                    ) -> tuple[Callable[[], None], PyTree]:
+  """``_fjt_loop`` of SGD (momentum 0.9) classification steps over the batches ``x[i], y[i]``."""
+  import fjt
+
+  tx = fjt.create_optimizer({"name": "sgd", "learning_rate": learning_rate, "momentum": 0.9}, 1)
+  batches = [{"x": jax.device_put(xb), "y": jax.device_put(yb)} for xb, yb in zip(x, y)]
+  return _fjt_loop(model, tx, "classification", batches, steps)
+
+
+def _hf_gpt2(vocab: int, block: int, width: int, layers: int, heads: int, device,
+             learning_rate: float, fused: bool = False):
+  """``(module, optimizer)``: Hugging Face's ``GPT2LMHeadModel`` of those sizes (no dropout,
+  ``scaled_dot_product_attention``) on ``device`` in train mode, and AdamW with weight decay 0.1
+  on its kernels only (fjt's ``decay_mask="gpt"``), ``fused`` as nanoGPT does on a GPU."""
+  torch = require_torch()
+  import transformers
+
+  config = transformers.GPT2Config(vocab_size=vocab, n_positions=block, n_embd=width,
+                                   n_layer=layers, n_head=heads, resid_pdrop=0.0,
+                                   embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+  config._attn_implementation = "sdpa"
+  module = transformers.GPT2LMHeadModel(config).to(device).train()
+  named = list(module.named_parameters())
+  decayed = [p.ndim > 1 and not n.endswith(("wte.weight", "wpe.weight")) for n, p in named]
+  optimizer = torch.optim.AdamW(
+      [{"params": [p for (_, p), d in zip(named, decayed) if d], "weight_decay": 0.1},
+       {"params": [p for (_, p), d in zip(named, decayed) if not d], "weight_decay": 0.0}],
+      lr=learning_rate, fused=fused)
+  return module, optimizer
 
 
 def _torch_train_loops(model, x: np.ndarray, y: np.ndarray, steps: int, learning_rate: float,
@@ -477,7 +515,6 @@ def gpt_train_step_row(sizes: Sizes, progress: Callable[[str], None] = print) ->
   PyTorch, eager or ``torch.compile``, whichever is faster."""
   import fjt
   torch = require_torch()
-  import transformers
 
   torch.set_num_threads(cpu_threads())
   layers, width, heads, block, batch = sizes.gpt
@@ -488,32 +525,13 @@ def gpt_train_step_row(sizes: Sizes, progress: Callable[[str], None] = print) ->
                   embed_dim=width, dropout_rate=0.0)
   tx = fjt.create_optimizer({"name": "adamw", "learning_rate": 1e-4, "weight_decay": 0.1,
                              "decay_mask": "gpt"}, 1)
-  state = jax.jit(fjt.create_train_state, static_argnums=(0, 1))(
-      model, tx, jnp.asarray(x[0, :1, :-1]), jax.random.PRNGKey(0))
-  train_step = fjt.make_train_step(model, tx, "language_model")
   batches = [{"x": jax.device_put(b[:, :-1]), "y": jax.device_put(b[:, 1:])} for b in x]
-  carry = {"state": state}
-
-  def fjt_run() -> None:
-    state = carry.pop("state")
-    for i in range(steps):
-      state, _ = train_step(state, batches[i % len(batches)])
-    carry["state"] = jax.block_until_ready(state)
-
-  config = transformers.GPT2Config(vocab_size=vocab, n_positions=block, n_embd=width,
-                                   n_layer=layers, n_head=heads, resid_pdrop=0.0,
-                                   embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+  fjt_run, _ = _fjt_loop(model, tx, "language_model", batches, steps)
   device = torch_device()
   torch_batches = [torch.from_numpy(b.astype(np.int64)).to(device) for b in x]
 
   def make(compiled: bool) -> Callable[[], None]:
-    module = transformers.GPT2LMHeadModel(config).to(device).train()
-    named = list(module.named_parameters())
-    decayed = [p.ndim > 1 and not n.endswith(("wte.weight", "wpe.weight")) for n, p in named]
-    optimizer = torch.optim.AdamW(  # fjt's decay_mask "gpt": kernels only.
-        [{"params": [p for (_, p), d in zip(named, decayed) if d], "weight_decay": 0.1},
-         {"params": [p for (_, p), d in zip(named, decayed) if not d], "weight_decay": 0.0}],
-        lr=1e-4)
+    module, optimizer = _hf_gpt2(vocab, block, width, layers, heads, device, 1e-4)
 
     def step(b):
       optimizer.zero_grad(set_to_none=True)
@@ -567,7 +585,7 @@ def gpt_flops_per_token(params: PyTree, num_layers: int, embed_dim: int, block_s
   """Training FLOPs per token, as nanoGPT and PaLM count them: ``6 N`` for the matmuls of the
   ``N`` parameters less the position embedding (the tied head counted once), plus ``12 L C T``
   for attention's scores and weighted sums (forward and backward)."""
-  sizes = {"/".join(str(getattr(k, "key", k)) for k in path): int(np.size(x))
+  sizes = {"/".join(str(getattr(k, "key", k)) for k in path): math.prod(np.shape(x))
            for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
   n = sum(v for k, v in sizes.items() if not k.startswith("wpe"))
   return 6.0 * n + 12.0 * num_layers * embed_dim * block_size
@@ -586,7 +604,6 @@ def gpt2_124m_rows(sizes: Sizes, progress: Callable[[str], None] = print) -> lis
   measured)."""
   import fjt
   torch = require_torch()
-  import transformers
 
   layers, width, heads, block, batch = sizes.gpt2
   vocab, steps = sizes.gpt2_vocab, sizes.gpt2_steps
@@ -596,34 +613,12 @@ def gpt2_124m_rows(sizes: Sizes, progress: Callable[[str], None] = print) -> lis
                          embed_dim=width, dropout_rate=0.0, dtype="bfloat16")
   tx = fjt.create_optimizer({"name": "adamw", "learning_rate": 6e-4, "weight_decay": 0.1,
                              "decay_mask": "gpt", "grad_clip_norm": 1.0}, 1)
-  with jax.default_matmul_precision("default"):
-    state = jax.jit(fjt.create_train_state, static_argnums=(0, 1))(
-        model, tx, jnp.asarray(x[0, :1, :-1]), jax.random.PRNGKey(0))
-    train_step = fjt.make_train_step(model, tx, "language_model")
   batches = [{"x": jax.device_put(b[:, :-1]), "y": jax.device_put(b[:, 1:])} for b in x]
-  flops_per_token = gpt_flops_per_token(state.params, layers, width, block)
-  carry = {"state": state}
-  del state
-
-  def fjt_run() -> None:
-    state = carry.pop("state")
-    with jax.default_matmul_precision("default"):
-      for i in range(steps):
-        state, _ = train_step(state, batches[i % len(batches)])
-    carry["state"] = jax.block_until_ready(state)
-
+  fjt_run, params = _fjt_loop(model, tx, "language_model", batches, steps, precision="default")
+  flops_per_token = gpt_flops_per_token(params, layers, width, block)
   device = torch_device()
-  config = transformers.GPT2Config(vocab_size=vocab, n_positions=block, n_embd=width,
-                                   n_layer=layers, n_head=heads, resid_pdrop=0.0, embd_pdrop=0.0,
-                                   attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-  config._attn_implementation = "sdpa"
-  module = transformers.GPT2LMHeadModel(config).to(device).train()
-  named = list(module.named_parameters())
-  decayed = [p.ndim > 1 and not n.endswith(("wte.weight", "wpe.weight")) for n, p in named]
-  optimizer = torch.optim.AdamW(
-      [{"params": [p for (_, p), d in zip(named, decayed) if d], "weight_decay": 0.1},
-       {"params": [p for (_, p), d in zip(named, decayed) if not d], "weight_decay": 0.0}],
-      lr=6e-4, fused=device.type == "cuda")
+  module, optimizer = _hf_gpt2(vocab, block, width, layers, heads, device, 6e-4,
+                               fused=device.type == "cuda")
   compiled = torch.compile(module) if sizes.torch_compile else module
   torch_batches = [torch.from_numpy(b.astype(np.int64)).to(device) for b in x]
 
