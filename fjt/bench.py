@@ -625,7 +625,8 @@ def gpt2_124m_rows(sizes: Sizes, progress: Callable[[str], None] = print) -> lis
   def torch_step(b) -> None:
     with torch.autocast(device.type, dtype=torch.bfloat16):
       logits = compiled(b[:, :-1]).logits
-    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, vocab), b[:, 1:].reshape(-1))
+    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, vocab),
+                                             b[:, 1:].reshape(-1))
     loss.backward()
     torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
     optimizer.step()

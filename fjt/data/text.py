@@ -143,8 +143,9 @@ def window_dataset(files, vocab_size: int, context: int, validation_percent: int
   ``TokenWindows`` of it: ``x``, ``y`` int32 ``(N, block_size)`` with ``y`` the next token of
   each position; training batches are random windows, evaluation the validation stream in
   consecutive windows, every ``eval_stride`` tokens (default ``block_size``; a smaller stride
-  is a sliding window that scores each target once, ``TokenWindows.score_once``). The vocabulary and the file split are the same as for ``context``
-  windows, and ``info["tokenizer"]`` is the word vocabulary, so a run can decode samples.
+  is a sliding window that scores each target once, ``TokenWindows.score_once``). The
+  vocabulary and the file split are the same as for ``context`` windows, and
+  ``info["tokenizer"]`` is the word vocabulary, so a run can decode samples.
 
   ``sources``: each training example's source, ``source_of(path)`` of its file (default
   ``source_name``, the top-level package); a block's source is that of its first target."""

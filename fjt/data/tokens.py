@@ -139,8 +139,9 @@ def load(path: str, block_size: int = 128, eval_stride: int = 0) -> Dataset:
 
   ``train``: random windows of ``train.bin`` (``TokenWindows.sample_batch``); ``test``:
   ``val.bin`` in windows every ``eval_stride`` tokens (default ``block_size``: consecutive;
-  smaller: a sliding window scoring each token once), in order. Neither file is read whole. ``info`` has the
-  ``meta.json`` counts, ``"tokenizer"`` (the tokenizer file's path) and ``"task"``.
+  smaller: a sliding window scoring each token once), in order. Neither file is read whole.
+  ``info`` has the ``meta.json`` counts, ``"tokenizer"`` (the tokenizer file's path) and
+  ``"task"``.
   """
   if not path:
     raise ValueError("config key 'data.path': the token directory is required")

@@ -159,7 +159,8 @@ class Block(nn.Module):
     norm = lambda name: _layer_norm(self.dtype, self.param_dtype, name)
     drop = nn.Dropout(self.dropout_rate, deterministic=not train)
     y = CausalSelfAttention(self.num_heads, self.block_size, self.residual_std, self.dtype,
-                            self.param_dtype, self.decode, self.attention, name="attn")(norm("ln_1")(x), cache_index)
+                            self.param_dtype, self.decode, self.attention,
+                            name="attn")(norm("ln_1")(x), cache_index)
     x = x + drop(y)
     y = MLP(self.residual_std, self.dtype, self.param_dtype, name="mlp")(norm("ln_2")(x))
     return x + drop(y)
