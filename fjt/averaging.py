@@ -30,18 +30,14 @@ class TemporalAveraging:
 
   @classmethod
   def from_config(cls, config) -> TemporalAveraging:
-    ema = config.get("ema") or {}
-    swa = config.get("swa") or {}
-    averaging = cls(float(ema.get("decay", 0.0)), int(swa.get("start_step", 0)),
-                    int(swa.get("every", 0)))
-    if not 0.0 <= averaging.ema_decay < 1.0:
-      from fjt.config import ConfigError
-      raise ConfigError(f"config key 'ema.decay': expected 0 <= decay < 1, got {averaging.ema_decay}")
-    if averaging.swa_every < 0 or averaging.swa_start < 0:
-      from fjt.config import ConfigError
-      raise ConfigError("config keys 'swa.start_step' and 'swa.every' must be >= 0, got "
-                        f"{averaging.swa_start} and {averaging.swa_every}")
-    return averaging
+    """The averages of ``config.ema`` / ``config.swa`` (read by ``fjt.options.AveragingOptions``)."""
+    from fjt.options import AveragingOptions
+    return cls.from_options(AveragingOptions.from_config(config))
+
+  @classmethod
+  def from_options(cls, options) -> TemporalAveraging:
+    """From a ``fjt.options.AveragingOptions``."""
+    return cls(options.ema_decay, options.swa_start, options.swa_every)
 
   @property
   def names(self) -> tuple[str, ...]:

@@ -64,6 +64,16 @@ RUN_DEFAULTS = {
     # reductions). CPU and TPU are deterministic already. See fjt.accelerators.
     "deterministic": True,
     "matmul_precision": "default",  # default | high | highest (jax.default_matmul_precision).
+    # Keys fjt reads itself; every other key of the group is a keyword argument of the
+    # optimizer's factory (fjt.optim: sgd's momentum and nesterov, adamw's b1, lion's b2, ...).
+    "optimizer": {
+        "schedule": "constant",  # constant | warmup_cosine
+        "warmup_steps": 0,
+        "final_lr_fraction": 0.0,  # warmup_cosine ends at learning_rate * this.
+        "weight_decay": 0.0,  # Decoupled where the optimizer takes it (adamw), else L2.
+        "grad_clip_norm": 0.0,  # Global-norm clipping; 0 disables.
+        "decay_mask": "matrices",  # matrices | gpt: the leaves weight decay applies to.
+    },
     "init_from": "",  # A checkpoint to start from (run workdir, step or saved directory).
     "init_skip": (),  # Path patterns (regex) not to load from init_from, e.g. a new head.
     "freeze": (),  # Path patterns (regex) of parameters that get no updates.
@@ -95,9 +105,15 @@ def _add_defaults(config: ml_collections.ConfigDict, defaults: dict) -> None:
       config[key] = value
 
 
+def copy_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A deep copy of ``config`` (``ConfigDict.copy_and_resolve_references``)."""
+  return config.copy_and_resolve_references()
+
+
 def with_run_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """``config`` with each key of ``RUN_DEFAULTS`` (and, if it has a ``replicas`` group,
-  ``REPLICA_DEFAULTS``) that it lacks added, at any depth (in place; returned)."""
+  """A copy of ``config`` with each key of ``RUN_DEFAULTS`` (and, if it has a ``replicas``
+  group, ``REPLICA_DEFAULTS``) that it lacks added, at any depth. ``config`` is not changed."""
+  config = copy_config(config)
   _add_defaults(config, RUN_DEFAULTS)
   if config.get("replicas"):
     _add_defaults(config.replicas, REPLICA_DEFAULTS)
@@ -171,15 +187,19 @@ def _parse_value(dotted: str, text: str, current):
 # model's attributes): group -> options(name) -> {key: default} or None if the name is unknown.
 # Filled by ``fjt.data`` and ``fjt.models``, which know their registries.
 SWITCHABLE_GROUPS: dict[str, Callable[[str], dict | None]] = {}
+# Keys of a switchable group that keep their values when its ``name`` changes (the optimizer's
+# learning rate and schedule are fjt's own keys; momentum or b1 belong to the old optimizer).
+KEPT_ON_SWITCH: dict[str, tuple[str, ...]] = {}
 
 
 def _switch_group(config: ml_collections.ConfigDict, group: str, name: str) -> None:
-  """``config[group]`` for ``name``: its options at their defaults. Nothing of the old group is
-  kept: an option of the same name may mean something else (digits' ``layout`` is what to make,
-  arrays' is what the file holds)."""
+  """``config[group]`` for ``name``: its options at their defaults, and the old group's keys of
+  ``KEPT_ON_SWITCH[group]``. Nothing else of the old group is kept: an option of the same name
+  may mean something else (digits' ``layout`` is what to make, arrays' is what the file holds)."""
   defaults = SWITCHABLE_GROUPS[group](name)
   if defaults is not None:  # An unknown name: the loader's own error lists the known ones.
-    config[group] = ml_collections.ConfigDict({"name": name, **defaults})
+    kept = {k: v for k, v in config[group].items() if k in KEPT_ON_SWITCH.get(group, ())}
+    config[group] = ml_collections.ConfigDict({"name": name, **defaults, **kept})
 
 
 def apply_overrides(config: ml_collections.ConfigDict,
@@ -190,7 +210,7 @@ def apply_overrides(config: ml_collections.ConfigDict,
   options at their defaults (``--config.data.name=arrays --config.data.path=F.npz`` works on
   any config).
   """
-  config = ml_collections.ConfigDict(config.to_dict())
+  config = copy_config(config)
   switches = [o for o in overrides if o.partition("=")[0] in {f"{g}.name" for g in SWITCHABLE_GROUPS}]
   overrides = switches + [o for o in overrides if o not in switches]
   for item in overrides:

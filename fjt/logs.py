@@ -153,6 +153,17 @@ def plot_metrics(jsonl_path: str, png_path: str, eval_metric: str,
   plt.close(fig)
 
 
+def write_summary(workdir: str, summary: Mapping, eval_metric: str,
+                  baselines: Mapping[str, float] | None = None,
+                  curves: Mapping[str, str] | None = None) -> None:
+  """Writes ``WORKDIR/summary.json`` and plots ``WORKDIR/metrics.jsonl`` to ``metrics.png``
+  (``plot_metrics``)."""
+  with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
+    json.dump(summary, f, indent=2)
+  plot_metrics(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "metrics.png"),
+               eval_metric, baselines, curves)
+
+
 class RunLog:
   """Everything a run writes about itself in its workdir, for every fjt loop: ``config.json``,
   ``metrics.jsonl`` and TensorBoard events (``MetricWriter``), ``summary.json`` and
@@ -172,13 +183,10 @@ class RunLog:
   def finish(self, summary: Mapping, eval_metric: str,
              baselines: Mapping[str, float] | None = None,
              curves: Mapping[str, str] | None = None) -> None:
-    """Writes ``summary.json`` and plots the logged metrics (``plot_metrics``)."""
+    """Writes ``summary.json`` and plots the logged metrics (``write_summary``)."""
     self.close()
     if self.enabled:
-      with open(os.path.join(self.workdir, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
-      plot_metrics(self.metrics.path, os.path.join(self.workdir, "metrics.png"), eval_metric,
-                   baselines, curves)
+      write_summary(self.workdir, summary, eval_metric, baselines, curves)
 
   def close(self) -> None:
     if self._open:

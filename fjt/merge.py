@@ -59,19 +59,19 @@ def check_inputs(paths: Sequence[str]) -> None:
 
 def make_evaluator(config) -> tuple[Callable[[dict[str, PyTree]], dict[str, float]], Task]:
   """``(evaluate(variables) -> the task's metrics on the test split of config, task)``."""
-  from fjt.config import with_run_defaults
+  from fjt.checks import resolve_task
   from fjt.data import load_dataset
   from fjt.models import create_model
+  from fjt.options import RunOptions
   from fjt.steps import evaluate, make_eval_step
-  from fjt.train import resolve_task
 
-  config = with_run_defaults(config)
-  dataset = load_dataset(config.data)
-  task = resolve_task(config, dataset)
-  eval_step = make_eval_step(create_model(config.model), task)
+  options = RunOptions.from_config(config)
+  dataset = load_dataset(options.data)
+  task = resolve_task(options.task, dataset)
+  eval_step = make_eval_step(create_model(options.model), task)
 
   def evaluate_variables(variables):
-    return evaluate(eval_step, variables, dataset.test, config.train.eval_batch_size)
+    return evaluate(eval_step, variables, dataset.test, options.train.eval_batch_size)
 
   return evaluate_variables, task
 

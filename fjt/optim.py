@@ -1,51 +1,143 @@
-"""Optax optimizers and learning-rate schedules from ``config.optimizer``."""
+"""Optimizers by name, learning-rate schedules, weight-decay masks and frozen parameters.
+
+An optimizer is a factory ``f(learning_rate, **arguments) -> optax.GradientTransformation``
+found by name: first in ``OPTIMIZERS`` (``register`` adds your own), else in optax itself
+(any ``optax.<name>`` taking ``learning_rate``: ``lion``, ``adafactor``, ``lamb``, ...), as
+big_vision does. The keys of ``config.optimizer`` that fjt reads itself (the schedule, weight
+decay, clipping: ``fjt.options.GENERIC_OPTIMIZER_KEYS``) wrap the factory; every other key is
+one of its keyword arguments, checked against its signature::
+
+  @fjt.optim.register("my_sgd")
+  def my_sgd(learning_rate, momentum=0.0):
+    return optax.sgd(learning_rate, momentum or None)
+
+The same registry gives the server (outer) optimizer of replica rounds
+(``fjt.replicas.create_server_optimizer``).
+"""
 
 from __future__ import annotations
 
 import functools
+import inspect
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import optax
 
+from fjt import config as fjt_config
 from fjt.config import ConfigError
+from fjt.options import DECAY_MASKS, GENERIC_OPTIMIZER_KEYS, SCHEDULES, OptimizerOptions
 from fjt.tree import tree_paths
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("constant", "warmup_cosine")
-DECAY_MASKS = ("matrices", "gpt")
+Factory = Callable[..., optax.GradientTransformation]
+OPTIMIZERS: dict[str, Factory] = {}
+
+
+def register(name: str) -> Callable[[Factory], Factory]:
+  """Decorator: ``OPTIMIZERS[name] = factory``, so ``config.optimizer.name = name`` builds it
+  (also as ``replicas.server_optimizer``). ``factory(learning_rate, **arguments)`` returns an
+  ``optax.GradientTransformation``; its keyword arguments are the config's other keys."""
+  def add(factory: Factory) -> Factory:
+    OPTIMIZERS[name] = factory
+    return factory
+  return add
+
+
+@register("sgd")
+def sgd(learning_rate, momentum: float = 0.0, nesterov: bool = False
+        ) -> optax.GradientTransformation:
+  """``optax.sgd``; ``momentum`` 0 keeps no velocity (``optax.sgd(momentum=None)``)."""
+  return optax.sgd(learning_rate, momentum=momentum or None, nesterov=bool(nesterov))
+
+
+def _optax_factory(name: str) -> Factory | None:
+  factory = getattr(optax, name, None) if not name.startswith("_") else None
+  if not callable(factory) or isinstance(factory, type):
+    return None
+  try:
+    return factory if "learning_rate" in inspect.signature(factory).parameters else None
+  except (TypeError, ValueError):
+    return None
+
+
+def get_optimizer(name: str, key: str = "optimizer.name") -> Factory:
+  """The factory of optimizer ``name`` (``OPTIMIZERS``, else ``optax.<name>``); an unknown
+  name is a ``ConfigError`` naming ``key``."""
+  factory = OPTIMIZERS.get(name) if isinstance(name, str) else None
+  factory = factory or (_optax_factory(name) if isinstance(name, str) else None)
+  if factory is None:
+    raise ConfigError(f"config key {key!r}: {name!r} is not an optimizer; expected one of "
+                      f"{tuple(sorted(OPTIMIZERS))} or the name of an optax optimizer taking "
+                      "learning_rate (e.g. 'adam', 'lion', 'adafactor')")
+  return factory
+
+
+def _parameters(factory: Factory) -> dict[str, inspect.Parameter]:
+  return {k: p for k, p in inspect.signature(factory).parameters.items()
+          if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def optimizer_arguments(name: str) -> dict[str, Any] | None:
+  """The keyword arguments of optimizer ``name`` with plain defaults (numbers, strings, bools,
+  None) besides ``learning_rate`` and what fjt sets (``weight_decay``, ``mask``): the keys
+  ``--config.optimizer.name=NAME`` gives the group. None for an unknown name."""
+  try:
+    factory = get_optimizer(name)
+  except ConfigError:
+    return None
+  return {k: p.default for k, p in _parameters(factory).items()
+          if k not in ("learning_rate", "weight_decay", "mask")
+          and (p.default is None or isinstance(p.default, (bool, int, float, str)))}
+
+
+fjt_config.SWITCHABLE_GROUPS["optimizer"] = optimizer_arguments
+fjt_config.KEPT_ON_SWITCH["optimizer"] = GENERIC_OPTIMIZER_KEYS
+
+
+def make_optimizer(name: str, learning_rate: float | optax.Schedule, arguments: Mapping[str, Any],
+                   group: str = "optimizer") -> optax.GradientTransformation:
+  """``factory(learning_rate, **arguments)`` of optimizer ``name``; an argument the factory does
+  not take is a ``ConfigError`` naming ``group.<argument>`` and the ones it takes."""
+  factory = get_optimizer(name, f"{group}.name")
+  takes = _parameters(factory)
+  for key in arguments:
+    if key not in takes or key == "learning_rate":
+      known = sorted(k for k in takes if k != "learning_rate")
+      raise ConfigError(f"config key '{group}.{key}': optimizer {name!r} takes no argument "
+                        f"{key!r}; it takes {known}")
+  try:
+    return factory(learning_rate, **arguments)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"config key '{group}': optimizer {name!r} refused its arguments "
+                      f"{dict(arguments)}: {e}".splitlines()[0]) from e
+
+
+def takes_argument(name: str, argument: str) -> bool:
+  """Whether optimizer ``name``'s factory has a keyword argument ``argument``."""
+  return argument in _parameters(get_optimizer(name))
 
 
 def create_learning_rate_fn(config: Mapping, total_steps: int) -> optax.Schedule:
   """``constant``: ``learning_rate`` throughout. ``warmup_cosine``: linear from 0
   to ``learning_rate`` over ``warmup_steps``, then cosine decay to
-  ``learning_rate * final_lr_fraction`` at ``total_steps``."""
-  lr = float(config["learning_rate"])
-  schedule = config.get("schedule", "constant")
+  ``learning_rate * final_lr_fraction`` at ``total_steps``. ``config``: ``config.optimizer``
+  or a ``fjt.options.OptimizerOptions``."""
+  get = config.get if isinstance(config, Mapping) else lambda k, d=None: getattr(config, k, d)
+  lr = float(get("learning_rate"))
+  schedule = get("schedule", "constant")
   if schedule == "constant":
     return optax.constant_schedule(lr)
   if schedule == "warmup_cosine":
-    warmup = int(config.get("warmup_steps", 0))
+    warmup = int(get("warmup_steps", 0))
     if not 0 <= warmup < total_steps:
       raise ConfigError(f"config key 'optimizer.warmup_steps': expected 0 <= value < train.steps "
                         f"({total_steps}), got {warmup}")
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=lr, warmup_steps=warmup, decay_steps=total_steps,
-        end_value=lr * float(config.get("final_lr_fraction", 0.0)))
+        end_value=lr * float(get("final_lr_fraction", 0.0)))
   raise ConfigError(f"config key 'optimizer.schedule': expected one of {SCHEDULES}, got {schedule!r}")
-
-
-def check_optimizer_config(config: Mapping) -> None:
-  """``learning_rate > 0`` and ``momentum`` in [0, 1): outside them SGD climbs the loss (a
-  negative rate) or its velocity never decays, and the run ends in NaN or 1e17 losses."""
-  lr, momentum = config.get("learning_rate"), config.get("momentum", 0.0)
-  if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
-    raise ConfigError(f"config key 'optimizer.learning_rate': expected a number > 0, got {lr!r}")
-  if not isinstance(momentum, (int, float)) or isinstance(momentum, bool) or \
-      not 0 <= momentum < 1:
-    raise ConfigError(f"config key 'optimizer.momentum': expected a number in [0, 1), "
-                      f"got {momentum!r}")
 
 
 def decay_mask(params, kind: str = "matrices"):
@@ -73,46 +165,36 @@ def freeze_labels(params, freeze: Sequence[str]):
   return jax.tree.unflatten(jax.tree.structure(params), labels)
 
 
-def create_optimizer(config: Mapping, total_steps: int,
+def create_optimizer(config, total_steps: int,
                      freeze: Sequence[str] = ()) -> optax.GradientTransformation:
-  """The optimizer of ``config.optimizer``.
+  """The optimizer that ``config`` describes: ``config.optimizer`` (a mapping) or a
+  ``fjt.options.OptimizerOptions``.
 
-  Keys: ``name`` (sgd | adam | adamw), ``learning_rate``, ``schedule`` and its
-  keys, ``momentum`` and ``nesterov`` (sgd), ``weight_decay`` (sgd and adam: L2
-  added to the gradient; adamw: decoupled), ``grad_clip_norm`` (global norm,
-  0 disables), ``decay_mask`` (``decay_mask``'s kind: which leaves weight decay
-  applies to; default ``matrices``, leaves with ndim > 1).
+  ``name`` (``get_optimizer``: fjt's registry or any optax optimizer), ``learning_rate`` and
+  its ``schedule`` (``create_learning_rate_fn``), ``weight_decay`` (decoupled, with the
+  ``decay_mask``, where the factory takes ``weight_decay`` as adamw and lion do; else L2 added
+  to the gradient before it, as for sgd and adam), ``grad_clip_norm`` (global norm, first; 0
+  disables), and the factory's own keyword arguments (sgd's ``momentum`` and ``nesterov``, ...).
 
   ``freeze``: path patterns of parameters that get no updates: their updates
   are ``optax.set_to_zero`` and the optimizer keeps no state (momentum,
   moments) for them.
   """
-  name = config.get("name")
-  check_optimizer_config(config)
-  lr = create_learning_rate_fn(config, total_steps)
-  wd = float(config.get("weight_decay", 0.0))
-  clip = float(config.get("grad_clip_norm", 0.0))
-  if wd < 0 or clip < 0:
-    raise ConfigError("config keys 'optimizer.weight_decay' and 'optimizer.grad_clip_norm' "
-                      f"must be >= 0, got {wd} and {clip}")
-  kind = config.get("decay_mask", "matrices")
-  if kind not in DECAY_MASKS:
-    raise ConfigError(f"config key 'optimizer.decay_mask': expected one of {DECAY_MASKS}, got {kind!r}")
-  mask = functools.partial(decay_mask, kind=kind)
+  options = config if isinstance(config, OptimizerOptions) else OptimizerOptions.from_mapping(config)
+  lr = create_learning_rate_fn(options, total_steps)
+  mask = functools.partial(decay_mask, kind=options.decay_mask)
+  arguments = dict(options.arguments)
+  decoupled = takes_argument(options.name, "weight_decay")
+  if decoupled:
+    arguments["weight_decay"] = options.weight_decay
+    if takes_argument(options.name, "mask"):
+      arguments["mask"] = mask
   chain = []
-  if clip:
-    chain.append(optax.clip_by_global_norm(clip))
-  if name in ("sgd", "adam") and wd:
-    chain.append(optax.add_decayed_weights(wd, mask=mask))
-  if name == "sgd":
-    momentum = float(config.get("momentum", 0.0))
-    chain.append(optax.sgd(lr, momentum=momentum or None, nesterov=bool(config.get("nesterov", False))))
-  elif name == "adam":
-    chain.append(optax.adam(lr))
-  elif name == "adamw":
-    chain.append(optax.adamw(lr, weight_decay=wd, mask=mask))
-  else:
-    raise ConfigError(f"config key 'optimizer.name': expected one of {OPTIMIZERS}, got {name!r}")
+  if options.grad_clip_norm:
+    chain.append(optax.clip_by_global_norm(options.grad_clip_norm))
+  if options.weight_decay and not decoupled:
+    chain.append(optax.add_decayed_weights(options.weight_decay, mask=mask))
+  chain.append(make_optimizer(options.name, lr, arguments))
   tx = optax.chain(*chain)
   if freeze:
     tx = optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()},

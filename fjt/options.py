@@ -1,25 +1,60 @@
 """Typed run options, built once from a config at the boundary.
 
-The loops take these dataclasses and never name config keys; each ``from_config`` is the one
-place a group of keys is read and checked, with errors that name the key. Defaults live in
-``fjt.config.RUN_DEFAULTS`` (added by ``with_run_defaults``), not here.
+``RunOptions.from_config(config)`` adds the defaults once (``fjt.config.with_run_defaults``, on
+a copy) and reads every group; the loops below ``fjt.experiment`` take these dataclasses and
+never name config keys. Each ``_read`` is the one place a group of keys is read and checked,
+with errors that name the key; each ``from_config`` is that group alone (defaults added).
+Defaults live in ``fjt.config.RUN_DEFAULTS`` and ``REPLICA_DEFAULTS``, not here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
 
-from fjt.config import ConfigError, positive_int, require, with_run_defaults
+from fjt.config import RUN_DEFAULTS, ConfigError, positive_int, require, with_run_defaults
 
 
 def _int(value) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+SCHEDULES = ("constant", "warmup_cosine")  # fjt.optim.create_learning_rate_fn
+DECAY_MASKS = ("matrices", "gpt")  # fjt.optim.decay_mask
+# Keys of ``config.optimizer`` that fjt reads itself; the others go to the optimizer's factory.
+GENERIC_OPTIMIZER_KEYS = ("name", "learning_rate", *RUN_DEFAULTS["optimizer"])
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def check_learning_rate(value, key: str) -> float:
+  """``value`` as a float if it is a finite number in (0, float32's largest]; else a
+  ``ConfigError`` naming ``key`` (a learning rate that overflows float32 makes every update
+  infinite)."""
+  if not (_number(value) and 0 < value <= FLOAT32_MAX):
+    raise ConfigError(f"config key {key!r}: expected a finite number > 0 that fits float32, "
+                      f"got {value!r}")
+  return float(value)
+
+
+class _FromConfig:
+  """``from_config(config)``: the group of keys of one options class, defaults added on a copy.
+  ``RunOptions`` adds them once and calls ``_read`` of every group."""
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict):
+    return cls._read(with_run_defaults(config))
+
+
 @dataclasses.dataclass(frozen=True)
-class TrainOptions:
+class TrainOptions(_FromConfig):
   """How the single-model loop runs: steps, batches, logging, evaluation, rng streams."""
   steps: int
   batch_size: int
@@ -31,8 +66,7 @@ class TrainOptions:
   grad_accum_steps: int
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict) -> TrainOptions:
-    config = with_run_defaults(config)
+  def _read(cls, config: ml_collections.ConfigDict) -> TrainOptions:
     options = cls(
         steps=require(config, "train.steps", positive_int, "a positive int"),
         batch_size=require(config, "train.batch_size", positive_int, "a positive int"),
@@ -70,14 +104,13 @@ def check_model_widths(config: ml_collections.ConfigDict) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class AcceleratorOptions:
+class AcceleratorOptions(_FromConfig):
   """Determinism and matmul precision (``fjt.accelerators``)."""
   deterministic: bool
   matmul_precision: str
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict) -> AcceleratorOptions:
-    config = with_run_defaults(config)
+  def _read(cls, config: ml_collections.ConfigDict) -> AcceleratorOptions:
     return cls(
         deterministic=require(config, "deterministic", lambda v: isinstance(v, bool), "a bool"),
         matmul_precision=require(config, "matmul_precision",
@@ -98,7 +131,7 @@ def _rule(pair) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class ShardingOptions:
+class ShardingOptions(_FromConfig):
   """The device mesh and how the train state is laid out on it (``fjt.sharding``).
 
   ``mesh``: ``{axis: size}`` in ``MESH_AXES`` order (-1: the devices the others leave).
@@ -108,8 +141,7 @@ class ShardingOptions:
   rules: tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict) -> ShardingOptions:
-    config = with_run_defaults(config)
+  def _read(cls, config: ml_collections.ConfigDict) -> ShardingOptions:
     mesh = dict(require(config, "mesh", lambda v: isinstance(v, ml_collections.ConfigDict),
                         "a group {data, fsdp, model} of axis sizes"))
     unknown = sorted(set(mesh) - set(MESH_AXES))
@@ -129,7 +161,7 @@ class ShardingOptions:
 
 
 @dataclasses.dataclass(frozen=True)
-class CheckpointOptions:
+class CheckpointOptions(_FromConfig):
   """When a run saves, what it keeps, and how it resumes."""
   every_steps: int  # 0: at the end only.
   max_to_keep: int
@@ -138,8 +170,7 @@ class CheckpointOptions:
   fallback: bool
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict) -> CheckpointOptions:
-    config = with_run_defaults(config)
+  def _read(cls, config: ml_collections.ConfigDict) -> CheckpointOptions:
     return cls(
         every_steps=require(config, "checkpoint.every_steps", lambda v: _int(v) and v >= 0,
                             "an int >= 0 (0: at the end only)"),
@@ -154,7 +185,7 @@ class CheckpointOptions:
 
 
 @dataclasses.dataclass(frozen=True)
-class ReplicaOptions:
+class ReplicaOptions(_FromConfig):
   """N replicas trained in rounds (``fjt.replicas``)."""
   num: int
   split: str
@@ -177,11 +208,10 @@ class ReplicaOptions:
     return self.warmup_steps + self.rounds * self.local_steps
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict) -> ReplicaOptions:
+  def _read(cls, config: ml_collections.ConfigDict) -> ReplicaOptions:
     if not isinstance(config.get("replicas"), ml_collections.ConfigDict):
       raise ConfigError("config has no group 'replicas', which fjt.replicas.fit requires")
-    config = with_run_defaults(config)
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    number = _number
     return cls(
         num=require(config, "replicas.num", positive_int, "a positive int"),
         split=require(config, "replicas.split", lambda v: v in REPLICA_SPLITS,
@@ -208,3 +238,161 @@ class ReplicaOptions:
                                 "names among 'centralized', 'sync' (both: batch N*B) and "
                                 "'single' (batch B)")),
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerOptions:
+  """``config.optimizer`` (``fjt.optim.create_optimizer``): the keys fjt reads itself, and
+  ``arguments``, the other keys, for the optimizer's factory (sgd's ``momentum``, ...)."""
+  name: str
+  learning_rate: float
+  schedule: str
+  warmup_steps: int
+  final_lr_fraction: float
+  weight_decay: float
+  grad_clip_norm: float
+  decay_mask: str
+  arguments: tuple[tuple[str, Any], ...] = ()
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> OptimizerOptions:
+    return cls._read(with_run_defaults(config))
+
+  @classmethod
+  def _read(cls, config: ml_collections.ConfigDict) -> OptimizerOptions:
+    require(config, "optimizer", lambda v: isinstance(v, (Mapping, ml_collections.ConfigDict)),
+            "a group")
+    return cls.from_mapping(config.optimizer)
+
+  @classmethod
+  def from_mapping(cls, group: Mapping[str, Any], key: str = "optimizer") -> OptimizerOptions:
+    """From the mapping ``group`` (``config.optimizer``; missing keys take ``RUN_DEFAULTS``);
+    errors name ``key.<name>``."""
+    values = {**RUN_DEFAULTS["optimizer"], **dict(group)}
+    def get(name, check, expected):
+      value = values.get(name)
+      if not check(value):
+        raise ConfigError(f"config key '{key}.{name}': expected {expected}, got {value!r}")
+      return value
+    non_negative = lambda v: _number(v) and v >= 0
+    arguments = {k: v for k, v in values.items() if k not in GENERIC_OPTIMIZER_KEYS}
+    if "momentum" in arguments:
+      get("momentum", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)")
+    return cls(
+        name=get("name", lambda v: isinstance(v, str) and v, "an optimizer name"),
+        learning_rate=check_learning_rate(values.get("learning_rate"), f"{key}.learning_rate"),
+        schedule=get("schedule", lambda v: v in SCHEDULES, f"one of {SCHEDULES}"),
+        warmup_steps=get("warmup_steps", lambda v: _int(v) and v >= 0, "an int >= 0"),
+        final_lr_fraction=float(get("final_lr_fraction", non_negative, "a number >= 0")),
+        weight_decay=float(get("weight_decay", non_negative, "a number >= 0")),
+        grad_clip_norm=float(get("grad_clip_norm", non_negative, "a number >= 0 (0: off)")),
+        decay_mask=get("decay_mask", lambda v: v in DECAY_MASKS, f"one of {DECAY_MASKS}"),
+        arguments=tuple(sorted(arguments.items())))
+
+
+@dataclasses.dataclass(frozen=True)
+class AveragingOptions(_FromConfig):
+  """Temporal averages of the params (``fjt.averaging``): EMA decay (0: off) and SWA from
+  ``swa_start`` every ``swa_every`` steps (0: off)."""
+  ema_decay: float
+  swa_start: int
+  swa_every: int
+
+  @classmethod
+  def _read(cls, config: ml_collections.ConfigDict) -> AveragingOptions:
+    return cls(
+        ema_decay=float(require(config, "ema.decay", lambda v: _number(v) and 0 <= v < 1,
+                                "a number in [0, 1) (0: off)")),
+        swa_start=require(config, "swa.start_step", lambda v: _int(v) and v >= 0, "an int >= 0"),
+        swa_every=require(config, "swa.every", lambda v: _int(v) and v >= 0,
+                          "an int >= 0 (0: off)"))
+
+
+@dataclasses.dataclass(frozen=True)
+class InitOptions(_FromConfig):
+  """Where a run's weights start: ``init_from`` (a checkpoint; empty: fresh), ``init_skip``
+  (path patterns not loaded), ``freeze`` (patterns of params without updates) and ``pretrain``
+  (a config trained first into ``WORKDIR/pretrain``; None: none)."""
+  init_from: str
+  init_skip: tuple[str, ...]
+  freeze: tuple[str, ...]
+  pretrain: ml_collections.ConfigDict | None
+
+  @classmethod
+  def _read(cls, config: ml_collections.ConfigDict) -> InitOptions:
+    patterns = lambda v: isinstance(v, (tuple, list)) and all(isinstance(p, str) for p in v)
+    pretrain = config.get("pretrain") or None
+    if pretrain is not None and not isinstance(pretrain, ml_collections.ConfigDict):
+      raise ConfigError(f"config key 'pretrain': expected a config group, got {pretrain!r}")
+    return cls(
+        init_from=require(config, "init_from", lambda v: isinstance(v, str), "a path or empty"),
+        init_skip=tuple(require(config, "init_skip", patterns, "a tuple of regex patterns")),
+        freeze=tuple(require(config, "freeze", patterns, "a tuple of regex patterns")),
+        pretrain=pretrain)
+
+  @property
+  def fine_tune(self) -> bool:
+    """Whether the run starts from other weights (``init_from`` or ``pretrain``)."""
+    return bool(self.init_from or self.pretrain)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedOptions(_FromConfig):
+  """Multi-process runs (``fjt.distributed``): a peer silent ``timeout_s`` seconds is lost."""
+  timeout_s: float
+
+  @classmethod
+  def _read(cls, config: ml_collections.ConfigDict) -> DistributedOptions:
+    return cls(timeout_s=float(require(config, "distributed.timeout_s",
+                                       lambda v: _number(v) and v > 0, "a number of seconds > 0")))
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+  """Every option of a run, read once from its config (``from_config``).
+
+  ``config`` is the config with its defaults (a copy: the caller's is unchanged), kept for the
+  run's record (``config.json``) and for the ``data`` and ``model`` groups, which are the keyword
+  arguments of the dataset's loader and the model's class (their registries check them).
+  ``replicas`` is None for a single-model run.
+  """
+  config: ml_collections.ConfigDict
+  seed: int
+  task: str
+  train: TrainOptions
+  checkpoint: CheckpointOptions
+  accelerator: AcceleratorOptions
+  sharding: ShardingOptions
+  optimizer: OptimizerOptions
+  averaging: AveragingOptions
+  init: InitOptions
+  distributed: DistributedOptions
+  replicas: ReplicaOptions | None
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> RunOptions:
+    config = with_run_defaults(config)
+    check_model_widths(config)
+    return cls(
+        config=config,
+        seed=require(config, "seed", _int, "an int"),
+        task=require(config, "task", lambda v: isinstance(v, str), "a task name, or empty"),
+        train=TrainOptions._read(config),
+        checkpoint=CheckpointOptions._read(config),
+        accelerator=AcceleratorOptions._read(config),
+        sharding=ShardingOptions._read(config),
+        optimizer=OptimizerOptions._read(config),
+        averaging=AveragingOptions._read(config),
+        init=InitOptions._read(config),
+        distributed=DistributedOptions._read(config),
+        replicas=ReplicaOptions._read(config) if config.get("replicas") else None)
+
+  @property
+  def data(self) -> ml_collections.ConfigDict:
+    """``config.data``: the dataset's name and its loader's keyword arguments."""
+    return self.config.data
+
+  @property
+  def model(self) -> ml_collections.ConfigDict:
+    """``config.model``: the model's name and its class's attributes."""
+    return self.config.model

@@ -33,6 +33,7 @@ step).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -50,25 +51,23 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from fjt import checkpoint, runs, sharding
+from fjt import checkpoint, optim, runs, sharding
 from fjt import data as fjt_data
-from fjt import train as fjt_train
-from fjt.averaging import TemporalAveraging
-from fjt.config import ConfigError, with_run_defaults
-from fjt.data import Dataset
+from fjt.checks import (NonFiniteLossError, check_finite, check_layout, check_model_fits_data,
+                        prepare_workdir, resolve_task)
+from fjt.config import ConfigError
+from fjt.data import Dataset, baseline_lines, data_baselines
 from fjt.data import splits as fjt_splits
 from fjt.logs import RunLog
 from fjt.models import create_model
-from fjt.optim import check_optimizer_config
-from fjt.options import ReplicaOptions, ShardingOptions, TrainOptions, check_model_widths
+from fjt.options import ReplicaOptions, RunOptions, TrainOptions, check_learning_rate
 from fjt.sharding import (FSDP, Rules, create_mesh, logical_shardings, needs_lockstep,
                           process_rows, put_global, put_like, put_replicated, put_split, to_host)
-from fjt.state import PyTree, TrainState, boxed_abstract_state, create_from_config
+from fjt.state import PyTree, TrainState, boxed_abstract_state, create_state
 from fjt.steps import TaskLike, evaluate, make_eval_step, make_train_step, train_step_fn
-from fjt.train import NonFiniteLossError
 
 AXIS = "replica"
-SERVER_OPTIMIZERS = ("none", "momentum", "nesterov")
+SERVER_OPTIMIZERS = ("none", "momentum", "nesterov")  # Besides every name of fjt.optim.
 OPTIMIZER_STATES = ("keep", "average")
 COMMUNICATION_DTYPES = ("float32", "bfloat16")
 _NO_AVERAGES = ("config keys 'ema.decay' and 'swa.every': temporal averages are not kept by "
@@ -169,20 +168,24 @@ def create_server_optimizer(name: str = "none", learning_rate: float = 1.0,
   """The optimizer applied to the pseudo-gradient; None for plain FedAvg ("none", lr 1).
 
   ``"none"``: ``optax.sgd(lr)``; ``"momentum"``: ``optax.sgd(lr, momentum)`` (FedAvgM);
-  ``"nesterov"``: ``optax.sgd(lr, momentum, nesterov=True)`` (DiLoCo's outer step).
+  ``"nesterov"``: ``optax.sgd(lr, momentum, nesterov=True)`` (DiLoCo's outer step); any other
+  name is an optimizer of ``fjt.optim`` (its registry, or optax's: ``adam``, ``lion``, ...),
+  given ``momentum`` where it takes one.
   """
-  if name not in SERVER_OPTIMIZERS:
-    raise ConfigError(f"config key 'replicas.server_optimizer': expected one of "
-                      f"{SERVER_OPTIMIZERS}, got {name!r}")
-  if not learning_rate > 0:
-    raise ConfigError("config key 'replicas.server_learning_rate': expected a positive number, "
-                      f"got {learning_rate!r}")
-  if name == "none":
-    return None if learning_rate == 1.0 else optax.sgd(learning_rate)
-  if not 0 <= momentum < 1:
+  lr = check_learning_rate(learning_rate, "replicas.server_learning_rate")
+  if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
     raise ConfigError("config key 'replicas.server_momentum': expected 0 <= momentum < 1, got "
                       f"{momentum!r}")
-  return optax.sgd(learning_rate, momentum=momentum or None, nesterov=name == "nesterov")
+  if name == "none":
+    return None if lr == 1.0 else optax.sgd(lr)
+  if name in ("momentum", "nesterov"):
+    return optax.sgd(lr, momentum=momentum or None, nesterov=name == "nesterov")
+  optim.get_optimizer(name, "replicas.server_optimizer")
+  if momentum and not optim.takes_argument(name, "momentum"):
+    raise ConfigError(f"config key 'replicas.server_momentum': server optimizer {name!r} takes "
+                      "no momentum; set it to 0")
+  arguments = {"momentum": momentum} if momentum else {}
+  return optim.make_optimizer(name, lr, arguments, group="replicas.server_optimizer")
 
 
 def replicate(state: TrainState, num_replicas: int,
@@ -355,31 +358,12 @@ def make_round(model: nn.Module, tx: optax.GradientTransformation,
 # The driver.
 
 
-def _with_steps(config: ml_collections.ConfigDict, steps: int) -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict(config.to_dict())
+def with_steps(options: RunOptions, steps: int) -> RunOptions:
+  """``options`` with ``train.steps = steps``, in its record (``config.json``) too."""
+  config = options.config.copy_and_resolve_references()
   config.train.steps = steps
-  return config
-
-
-def baseline_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
-  """A baseline of a replicas config, for ``fjt.train.fit``: the same model, optimizer and seed
-  for as many optimizer steps as each replica takes (``warmup_steps + rounds * local_steps``),
-  evaluated every ``local_steps`` steps and checkpointed at the end only. ``"centralized"`` or
-  ``"sync"``: synchronous data parallel on the whole training set with the global batch
-  ``N * B`` (the same examples seen); ``"single"``: one worker with the per-replica batch B."""
-  opts = ReplicaOptions.from_config(config)
-  steps = opts.inner_steps
-  baseline = _with_steps(config, steps)
-  del baseline["replicas"]
-  baseline.train.batch_size = config.train.batch_size * (1 if name == "single" else opts.num)
-  baseline.train.eval_every = baseline.train.log_every = opts.local_steps
-  baseline.checkpoint.every_steps = steps
-  return baseline
-
-
-def centralized_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """``baseline_config(config, "centralized")``: batch ``N * B``, every replica's steps."""
-  return baseline_config(config, "centralized")
+  return dataclasses.replace(options, config=config,
+                             train=dataclasses.replace(options.train, steps=steps))
 
 
 def communication_bytes(params: PyTree, opts: ReplicaOptions) -> dict[str, Any]:
@@ -408,19 +392,6 @@ def _check_finite(loss: np.ndarray, round_: int) -> None:
     raise NonFiniteLossError(
         f"training loss of replica {k} is {loss[k, t]} at local step {t + 1} of round {round_}; "
         "lower optimizer.learning_rate or set optimizer.grad_clip_norm")
-
-
-def _check_centralized_dir(directory: str, config: ml_collections.ConfigDict) -> None:
-  """``fjt.train.fit`` resumes (or only re-evaluates) a run it finds in its workdir: refuse a
-  baseline left there by a different config rather than report its stale accuracy."""
-  try:
-    with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
-      saved = f.read()
-  except OSError:
-    return
-  if saved != config.to_json_best_effort(indent=2):
-    raise ConfigError(f"{directory} holds a centralised baseline of a different config; use a new "
-                      "workdir, or delete that directory to train the baseline again")
 
 
 def split_dataset(dataset: Dataset, opts: ReplicaOptions) -> list[np.ndarray]:
@@ -468,7 +439,7 @@ def split_report(dataset: Dataset, shards: Sequence[np.ndarray], opts: ReplicaOp
 
 
 def _warm_start(model, tx, task, state: TrainState, dataset: Dataset, options: TrainOptions,
-                global_batch: int, steps: int, mesh: Mesh, log: RunLog,
+                seed: int, global_batch: int, steps: int, mesh: Mesh, log: RunLog,
                 progress: bool = True) -> TrainState:
   """``steps`` synchronous data-parallel steps of ``state`` on batches of ``global_batch`` (the
   warm start of DiLoCo), over the devices of ``mesh``; logs their train metrics (and, with
@@ -480,29 +451,30 @@ def _warm_start(model, tx, task, state: TrainState, dataset: Dataset, options: T
   bar = tqdm(range(steps), disable=not (progress and jax.process_index() == 0), desc="warm start",
              unit="step", dynamic_ncols=True)
   for step in bar:
-    local = fjt_data.get_batch(dataset.train, options.seed, step, global_batch, rows)
+    local = fjt_data.get_batch(dataset.train, seed, step, global_batch, rows)
     state, metrics = train_step(state, put_split(local, mesh, global_batch))
     if needs_lockstep(mesh):
       jax.block_until_ready(metrics)
     window.append(metrics)
     if (step + 1) % options.log_every == 0 or step + 1 == steps:
       window = to_host(window)
-      fjt_train.check_finite(window, step + 1 - len(window))  # Warm-start steps, not a round.
+      check_finite(window, step + 1 - len(window))  # Warm-start steps, not a round.
       log.write(step + 1, "train", {k: float(np.mean([m[k] for m in window])) for k in window[0]})
       window = []
   return to_host(state)
 
 
-def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module | None = None,
-        dataset: Dataset | None = None, task: TaskLike | None = None,
-        progress: bool = True) -> tuple[TrainState, dict[str, Any]]:
+def fit(config: ml_collections.ConfigDict | RunOptions, workdir: str,
+        model: nn.Module | None = None, dataset: Dataset | None = None,
+        task: TaskLike | None = None, progress: bool = True) -> tuple[TrainState, dict[str, Any]]:
   """Trains ``config.replicas.num`` replicas for ``rounds`` rounds and evaluates the aggregate;
-  returns (global state, summary).
+  returns (global state, summary). ``config``: a config or its ``fjt.options.RunOptions``.
 
   ``config.replicas``: ``num``, ``split`` (``iid`` | ``dirichlet`` | ``by_source``, see
   ``split_dataset``), ``alpha`` and ``min_size`` (dirichlet), ``seed`` (of the split),
   ``local_steps``, ``rounds``, ``warmup_steps``, ``server_optimizer``, ``server_learning_rate``,
-  ``server_momentum``, ``optimizer_state``, ``communication_dtype``, ``baselines``.
+  ``server_momentum``, ``optimizer_state``, ``communication_dtype``; its ``baselines`` are
+  trained beside by ``fjt.fit`` (``fjt.experiment``), not here.
   ``train.batch_size`` is each replica's batch size B; ``train.steps`` is set to
   ``warmup_steps + rounds * local_steps`` (each replica's optimizer steps, which the
   learning-rate schedule spans). Replica ``k``'s batches are ``fjt.data.splits.replica_batches``
@@ -513,74 +485,67 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module | None
   (``split_report``: examples, and examples per class or per source, of each replica),
   ``metrics.jsonl`` (per round: ``train`` metrics averaged over replicas and local steps,
   ``eval`` of the aggregate on the test split, at inner steps), ``metrics.png``, the final global
-  state in ``final/``, each baseline's run (``baseline_config``) in ``<name>/``, and
-  ``summary.json`` = ``{"step": rounds, "eval": {the task's metrics, the data's baselines
-  (``unigram_perplexity``), "<baseline>_<metric>" ...}, "replicas": {...}, "communication":
-  {...}, "seconds": {...}}``.
+  state in ``final/``, and ``summary.json`` = ``{"step": rounds, "eval": {the task's metrics,
+  the data's baselines (``unigram_perplexity``)}, "replicas": {...}, "communication": {...},
+  "seconds": {...}}``.
   """
-  config = with_run_defaults(config)
-  opts = ReplicaOptions.from_config(config)
-  options = TrainOptions.from_config(config)
-  config = _with_steps(config, opts.inner_steps)
-  if TemporalAveraging.from_config(config).names:
+  options = config if isinstance(config, RunOptions) else RunOptions.from_config(config)
+  opts = options.replicas
+  if opts is None:
+    raise ConfigError("config has no group 'replicas', which fjt.replicas.fit requires")
+  options = with_steps(options, opts.inner_steps)
+  if options.averaging.ema_decay or options.averaging.swa_every:
     raise ConfigError(_NO_AVERAGES)
-  check_model_widths(config)
-  check_optimizer_config(config.optimizer)
-  fjt_train.prepare_workdir(workdir)
-  sharding.check_same_config(runs.as_record(config), os.path.abspath(workdir),
-                             float(config.distributed.timeout_s))
+  prepare_workdir(workdir)
+  sharding.check_same_config(runs.as_record(options.config), os.path.abspath(workdir),
+                             options.distributed.timeout_s)
   # A workdir's final state is its result: a rerun with another config is refused, as in fit.
   with runs.WorkdirLock(workdir, enabled=jax.process_index() == 0):
-    runs.check_rerun(workdir, config, os.path.isdir(os.path.join(workdir, "final")))
-    return _fit(config, workdir, opts, options, model, dataset, task, progress)
+    runs.check_rerun(workdir, options.config, os.path.isdir(os.path.join(workdir, "final")))
+    return _fit(options, workdir, model, dataset, task, progress)
 
 
-def _fit(config: ml_collections.ConfigDict, workdir: str, opts: ReplicaOptions,
-         options: TrainOptions, model: nn.Module | None, dataset: Dataset | None,
+def _fit(options: RunOptions, workdir: str, model: nn.Module | None, dataset: Dataset | None,
          task: TaskLike | None, progress: bool) -> tuple[TrainState, dict[str, Any]]:
+  opts, train = options.replicas, options.train
   rounds, local_steps, num, warmup = opts.rounds, opts.local_steps, opts.num, opts.warmup_steps
-  baselines = {name: (baseline_config(config, name), os.path.join(workdir, name))
-               for name in opts.baselines}
-  for baseline, directory in baselines.values():
-    _check_centralized_dir(directory, baseline)
   main = jax.process_index() == 0  # Only process 0 writes files other than checkpoints.
-  dataset = dataset if dataset is not None else fjt_data.load_dataset(config.data)
-  task = fjt_train.resolve_task(config, dataset, task)
+  dataset = dataset if dataset is not None else fjt_data.load_dataset(options.data)
+  task = resolve_task(options.task, dataset, task)
 
   shards = split_dataset(dataset, opts)
   counts = [len(s) for s in shards]
   report = split_report(dataset, shards, opts)
-  log = RunLog(workdir, config, enabled=main)
+  log = RunLog(workdir, options.config, enabled=main)
   if main:
     with open(os.path.join(workdir, "splits.json"), "w", encoding="utf-8") as f:
       json.dump(report, f, indent=2)
 
   tic = time.perf_counter()
-  sharding_options = ShardingOptions.from_config(config)
-  mesh = replica_mesh(num, fsdp=sharding_options.mesh.get(FSDP, 1))
-  model = create_model(config.model) if model is None else model
-  fjt_train.check_layout(model, dataset)
+  mesh = replica_mesh(num, fsdp=options.sharding.mesh.get(FSDP, 1))
+  model = create_model(options.model) if model is None else model
+  check_layout(model, dataset)
   example = jax.tree.map(lambda v: v[:1], dataset.train["x"])
-  model, tx, state = create_from_config(config, example, model, options.rng_streams)
-  fjt_train.check_model_fits_data(model, state, dataset, task)
+  model, tx, state = create_state(options, example, model, train.rng_streams)
+  check_model_fits_data(model, state, dataset, task)
   server_tx = create_server_optimizer(opts.server_optimizer, opts.server_learning_rate,
                                      opts.server_momentum)
   one, layout = None, None
   if FSDP in mesh.shape:  # Each replica's state split over its group's fsdp devices.
-    one, layout = sharded_layout(model, tx, server_tx, example, mesh, sharding_options.rules,
-                                 options.rng_streams)
+    one, layout = sharded_layout(model, tx, server_tx, example, mesh, options.sharding.rules,
+                                 train.rng_streams)
   data_mesh = Mesh(mesh.devices, ("data",))  # Evaluation splits test batches over the devices.
   eval_step = make_eval_step(model, task, mesh=data_mesh)
-  eval_batch_size = -(-options.eval_batch_size // mesh.size) * mesh.size
+  eval_batch_size = -(-train.eval_batch_size // mesh.size) * mesh.size
   if warmup:
-    state = _warm_start(model, tx, task, state, dataset, options, num * options.batch_size,
-                        warmup, data_mesh, log, progress)
+    state = _warm_start(model, tx, task, state, dataset, train, options.seed,
+                        num * train.batch_size, warmup, data_mesh, log, progress)
     log.write(warmup, "eval", evaluate(eval_step, put_replicated(state, data_mesh), dataset.test,
                                        eval_batch_size, averages=False, mesh=data_mesh))
   communication = communication_bytes(state.params, opts)
   state = shard_state(replicate(state, num, server_tx), mesh, layout)
   run_round = make_round(model, tx, server_tx, mesh, opts.optimizer_state, task,
-                         options.rng_streams, opts.communication_dtype, layout)
+                         train.rng_streams, opts.communication_dtype, layout)
   weights = shard_replicas(np.asarray(counts, np.float32), mesh)
   mine = local_replicas(num, mesh)
   gather = jax.jit(lambda tree: tree, out_shardings=NamedSharding(mesh, P()))
@@ -591,7 +556,7 @@ def _fit(config: ml_collections.ConfigDict, workdir: str, opts: ReplicaOptions,
         # Each process builds only the batches of its own replicas.
         batches = fjt_splits.replica_batches(dataset.train, [shards[k] for k in mine],
                                              options.seed, warmup + r * local_steps, local_steps,
-                                             options.batch_size, first_replica=mine.start)
+                                             train.batch_size, first_replica=mine.start)
         state, metrics = run_round(state, put_local_replicas(batches, mesh, num), weights)
         metrics = to_host(gather(metrics))
         _check_finite(metrics["loss"], r + 1)
@@ -606,36 +571,19 @@ def _fit(config: ml_collections.ConfigDict, workdir: str, opts: ReplicaOptions,
     log.close()
   final = global_state(state, mesh, one)
   checkpoint.save(os.path.join(workdir, "final"), final, force=True)
-  replicas_seconds = time.perf_counter() - tic
-
-  references = fjt_train.data_baselines(dataset)
-  eval_metrics = {**eval_metrics, **references}
-  seconds = {"replicas": replicas_seconds}
-  for name, (baseline, directory) in baselines.items():
-    tic = time.perf_counter()
-    _, result = fjt_train.fit(baseline, directory, model=model, dataset=dataset, task=task,
-                              progress=False)  # One summary line, not a line per eval.
-    seconds[name] = time.perf_counter() - tic
-    eval_metrics.update({f"{name}_{k}": v for k, v in result["eval"].items()
-                         if k not in references})  # The data's own baselines once.
-    if progress and main:
-      print(f"{name} baseline ({baseline.train.steps} steps): " +
-            ", ".join(f"{k} {v:.4f}" for k, v in result["eval"].items()), flush=True)
 
   summary = {
       "step": rounds,
-      "eval": eval_metrics,
+      "eval": {**eval_metrics, **data_baselines(dataset)},
       "replicas": {**{k: v for k, v in report.items() if k != "sources"},  # In splits.json.
                    "local_steps": local_steps, "rounds": rounds,
-                   "warmup_steps": warmup, "batch_size": options.batch_size,
+                   "warmup_steps": warmup, "batch_size": train.batch_size,
                    "server_optimizer": opts.server_optimizer,
                    "server_learning_rate": opts.server_learning_rate,
                    "server_momentum": opts.server_momentum,
                    "optimizer_state": opts.optimizer_state},
       "communication": communication,
-      "seconds": seconds,
+      "seconds": {"replicas": time.perf_counter() - tic},
   }
-  log.finish(summary, task.headline, fjt_train.baseline_lines(dataset),
-             curves={name: os.path.join(directory, "metrics.jsonl")
-                     for name, (_, directory) in baselines.items()})
+  log.finish(summary, task.headline, baseline_lines(dataset))
   return final, summary

@@ -133,35 +133,43 @@ def boxed_abstract_state(model: nn.Module, tx: optax.GradientTransformation, exa
                         jax.random.PRNGKey(0))
 
 
-def _parts_from_config(config, model: nn.Module | None = None
-                       ) -> tuple[nn.Module, optax.GradientTransformation, TemporalAveraging]:
+def _parts(options, model: nn.Module | None = None
+           ) -> tuple[nn.Module, optax.GradientTransformation, TemporalAveraging]:
+  """The model (``options.model``, unless given), optimizer and temporal averaging of a
+  ``fjt.options.RunOptions``."""
   from fjt.models import create_model  # Local imports keep this module light.
   from fjt.optim import create_optimizer
 
-  model = create_model(config.model) if model is None else model
-  tx = create_optimizer(config.optimizer, int(config.train.steps), tuple(config.get("freeze", ())))
-  return model, tx, TemporalAveraging.from_config(config)
+  model = create_model(options.model) if model is None else model
+  tx = create_optimizer(options.optimizer, options.train.steps, options.init.freeze)
+  return model, tx, TemporalAveraging.from_options(options.averaging)
+
+
+def create_state(options, example_x, model: nn.Module | None = None,
+                 rng_streams: Sequence[str] = (), mesh: Mesh | None = None
+                 ) -> tuple[nn.Module, optax.GradientTransformation, TrainState]:
+  """The model (``options.model``, unless ``model`` is given), optimizer and fresh train state
+  that a ``fjt.options.RunOptions`` describes.
+
+  ``example_x`` is one batch of inputs (only its shape and dtype matter). With a ``mesh``, the
+  state is created already laid out by ``state_shardings`` under ``options.sharding.rules``
+  (``jax.jit`` with ``out_shardings``): it never exists whole on one device.
+  """
+  model, tx, averaging = _parts(options, model)
+  streams = tuple(rng_streams)
+  out_shardings = None if mesh is None else state_shardings(
+      model, tx, example_x, mesh, options.sharding.rules, averaging, streams)
+  state = jax.jit(create_train_state, static_argnums=(0, 1, 4, 5), out_shardings=out_shardings)(
+      model, tx, example_x, jax.random.PRNGKey(options.seed), averaging, streams)
+  return model, tx, state
 
 
 def create_from_config(config, example_x, model: nn.Module | None = None,
                        rng_streams: Sequence[str] = (), mesh: Mesh | None = None
                        ) -> tuple[nn.Module, optax.GradientTransformation, TrainState]:
-  """The model (``config.model``, unless ``model`` is given), optimizer and fresh train state
-  that ``config`` describes.
-
-  ``example_x`` is one batch of inputs (only its shape and dtype matter). With a ``mesh``, the
-  state is created already laid out by ``state_shardings`` under ``config.sharding_rules``
-  (``jax.jit`` with ``out_shardings``): it never exists whole on one device.
-  """
-  from fjt.options import ShardingOptions
-
-  model, tx, averaging = _parts_from_config(config, model)
-  streams = tuple(rng_streams)
-  out_shardings = None if mesh is None else state_shardings(
-      model, tx, example_x, mesh, ShardingOptions.from_config(config).rules, averaging, streams)
-  state = jax.jit(create_train_state, static_argnums=(0, 1, 4, 5), out_shardings=out_shardings)(
-      model, tx, example_x, jax.random.PRNGKey(config.seed), averaging, streams)
-  return model, tx, state
+  """``create_state`` of the options of ``config`` (``fjt.options.RunOptions``)."""
+  from fjt.options import RunOptions
+  return create_state(RunOptions.from_config(config), example_x, model, rng_streams, mesh)
 
 
 def abstract_from_config(config, mesh: Mesh | AbstractMesh | None = None
@@ -171,14 +179,15 @@ def abstract_from_config(config, mesh: Mesh | AbstractMesh | None = None
   ``mesh`` (an ``AbstractMesh`` needs no devices: ``fjt.sharding.abstract_mesh``), each leaf
   carries its ``NamedSharding`` under ``config.sharding_rules``."""
   from fjt.data import load_dataset
-  from fjt.options import ShardingOptions
+  from fjt.options import RunOptions
 
-  example = jax.tree.map(lambda v: v[:1], load_dataset(config.data).train["x"])
-  model, tx, averaging = _parts_from_config(config)
+  options = RunOptions.from_config(config)
+  example = jax.tree.map(lambda v: v[:1], load_dataset(options.data).train["x"])
+  model, tx, averaging = _parts(options)
   boxed = boxed_abstract_state(model, tx, example, averaging)
   abstract = _unbox_state(boxed)
   if mesh is not None:
-    shardings = sharding.logical_shardings(boxed, mesh, ShardingOptions.from_config(config).rules)
+    shardings = sharding.logical_shardings(boxed, mesh, options.sharding.rules)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, shardings)
   return model, abstract

@@ -21,49 +21,17 @@ from fjt import accelerators, checkpoint, runs, sharding
 from fjt import data as fjt_data
 from fjt.averaging import TemporalAveraging
 from fjt.checkpoint import CheckpointError, LoadReport
-from fjt.config import ConfigError, with_run_defaults
-from fjt.data import Dataset
+from fjt.checks import (check_batch_size, check_finite, check_layout, check_model_fits_data,
+                        prepare_workdir, resolve_task)
+from fjt.config import ConfigError
+from fjt.data import Dataset, baseline_lines, data_baselines
 from fjt.logs import RunLog, say
 from fjt.models import create_model
-from fjt.optim import check_optimizer_config
-from fjt.options import (AcceleratorOptions, CheckpointOptions, ShardingOptions, TrainOptions,
-                         check_model_widths)
+from fjt.options import RunOptions
 from fjt.preemption import StopSignals, StoppedBySignal
-from fjt.state import TrainState, create_from_config, model_kwargs
+from fjt.state import TrainState, create_state, model_kwargs
 from fjt.steps import TaskLike, evaluate, make_eval_step, make_train_step
-from fjt.tasks import Task, get_task
-
-
-class NonFiniteLossError(FloatingPointError):
-  """The training loss became NaN or infinite."""
-
-
-def check_finite(window: list[dict[str, np.ndarray]], first_step: int) -> None:
-  """Raises ``NonFiniteLossError`` naming the step of the first NaN or infinite ``loss`` in
-  ``window``, the host metrics of the steps after ``first_step``."""
-  for offset, metrics in enumerate(window):
-    loss = float(metrics["loss"])
-    if not np.isfinite(loss):
-      raise NonFiniteLossError(
-          f"training loss is {loss} at step {first_step + offset + 1}; lower optimizer.learning_rate "
-          "or set optimizer.grad_clip_norm")
-
-
-def prepare_workdir(workdir: str, subdirs: Sequence[str] = ()) -> str:
-  """Creates ``workdir`` and its ``subdirs`` and checks that files can be written in each, so
-  a read-only disk or directory is found before training, not at the first save."""
-  for directory in (workdir, *(os.path.join(workdir, d) for d in subdirs)):
-    try:
-      os.makedirs(directory, exist_ok=True)
-      probe = os.path.join(directory, f".fjt_write_test_{jax.process_index()}")
-      with open(probe, "w") as f:
-        f.write("ok")
-      os.remove(probe)
-    except OSError as e:
-      what = "workdir" if directory == workdir else "directory"
-      raise ConfigError(f"{what} {directory!r} is not writable: {e.strerror or e}; fix its "
-                        "permissions or use another --workdir") from e
-  return workdir
+from fjt.tasks import Task
 
 
 def _say_resuming(start: int, steps: int, directory: str, changes: list[runs.Change]) -> None:
@@ -97,19 +65,16 @@ def init_from_checkpoint(state: TrainState, path: str, skip=()) -> tuple[TrainSt
   return state.replace(params=variables["params"], batch_stats=variables["batch_stats"]), report
 
 
-def _fine_tune_start(config, workdir: str, state: TrainState, tx, progress: bool) -> TrainState:
-  """The state a new run starts from: fresh, or ``init_from`` (after training
-  ``config.pretrain`` into ``WORKDIR/pretrain`` when that is set). The load
-  report goes to ``WORKDIR/init_from.json``."""
-  init_from = config.get("init_from", "")
-  if config.get("pretrain"):
-    pretrain_dir = os.path.join(workdir, "pretrain")
-    fit(config.pretrain, pretrain_dir, progress=progress, desc="pretrain")
-    init_from = init_from or pretrain_dir
+def _fine_tune_start(options: RunOptions, workdir: str, state: TrainState, tx,
+                     averaging: TemporalAveraging) -> TrainState:
+  """The state a new run starts from: fresh, or ``init_from`` (``fjt.experiment`` trains a
+  ``pretrain`` config first and points ``init_from`` at it). The load report goes to
+  ``WORKDIR/init_from.json``."""
+  init_from = options.init.init_from
   if not init_from:
     return state
-  state, report = init_from_checkpoint(state, init_from, tuple(config.get("init_skip", ())))
-  state = state.replace(averages=TemporalAveraging.from_config(config).init(state.variables))
+  state, report = init_from_checkpoint(state, init_from, options.init.init_skip)
+  state = state.replace(averages=averaging.init(state.variables))
   with open(os.path.join(workdir, "init_from.json"), "w", encoding="utf-8") as f:
     json.dump({"path": init_from, "skipped": report.skipped, "missing": report.missing,
                "mismatched": report.mismatched}, f, indent=2)
@@ -124,61 +89,12 @@ def _read_json(path: str) -> dict[str, Any] | None:
     return None
 
 
-def _create_mesh(config, options: TrainOptions) -> Mesh:
+def _create_mesh(options: RunOptions) -> Mesh:
+  train = options.train
   return sharding.create_train_mesh(
-      ShardingOptions.from_config(config).mesh,
-      {"train.batch_size": options.batch_size // options.grad_accum_steps,
-       "train.eval_batch_size": options.eval_batch_size})
-
-
-def resolve_task(config: ml_collections.ConfigDict, dataset: Dataset,
-                 task: TaskLike | None = None) -> Task:
-  """The task of a run: ``task`` if given, else ``config.task``, else the dataset's own."""
-  try:
-    return get_task(task if task is not None else (config.get("task") or dataset.task))
-  except ValueError as e:
-    raise ConfigError(f"config key 'task': {e}") from e
-
-
-_DATA_BASELINES = {"unigram_perplexity": "unigram model"}  # dataset.info key: plot label.
-
-
-def data_baselines(dataset: Dataset) -> dict[str, float]:
-  """The metrics of models of the data alone that ``dataset.info`` knows (``unigram_perplexity``
-  of text), reported in summary.json's ``eval`` beside a run's own."""
-  return {k: dataset.info[k] for k in _DATA_BASELINES if k in dataset.info}
-
-
-def baseline_lines(dataset: Dataset) -> dict[str, float]:
-  """``data_baselines`` by plot label, the horizontal lines of ``metrics.png``."""
-  return {_DATA_BASELINES[k]: v for k, v in data_baselines(dataset).items()}
-
-
-def check_layout(model: nn.Module, dataset: Dataset) -> None:
-  """An image layout the model does not take is an error that says what to move, raised
-  before the model is initialised (Flax would fail on the shapes with a ZeroDivisionError)."""
-  wants, has = getattr(model, "input_layout", ""), dataset.info.get("layout", "")
-  if wants and has and wants != has:
-    shape = np.shape(jax.tree.leaves(dataset.train["x"])[0])
-    hint = ("move the channel axis to the end (x = np.moveaxis(x, 1, -1)) and save again"
-            if (has, wants) == ("nchw", "nhwc") else f"convert the images to {wants.upper()}")
-    raise ConfigError(
-        f"config key 'data.layout': the data's images are {has.upper()} {shape} but "
-        f"{type(model).__name__} takes {wants.upper()}; {hint}")
-
-
-def check_model_fits_data(model: nn.Module, state: TrainState, dataset: Dataset,
-                          task: Task) -> None:
-  """An output width that is not the data's number of classes is an error naming the key."""
-  example = jax.tree.map(lambda v: v[:1], dataset.train["x"])
-  outputs = jax.eval_shape(lambda v: model.apply(v, example, **model_kwargs(model, False)),
-                           state.variables)
-  width = outputs.shape[-1] if outputs.ndim else None
-  if dataset.num_classes is not None and task.name != "regression" and \
-      width != dataset.num_classes:
-    key = next((f"model.{a}" for a in ("vocab_size", "num_classes") if hasattr(model, a)), "model")
-    raise ConfigError(f"config key {key!r}: {type(model).__name__} outputs {width} classes but "
-                      f"the data has {dataset.num_classes}")
+      options.sharding.mesh,
+      {"train.batch_size": train.batch_size // train.grad_accum_steps,
+       "train.eval_batch_size": train.eval_batch_size})
 
 
 def metric_names(model: nn.Module, state: TrainState, dataset: Dataset, task: Task) -> list[str]:
@@ -233,18 +149,21 @@ def _saving(directory: str) -> Iterator[None]:
     raise CheckpointError(save_error_line(directory, e)) from e
 
 
-def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module | None = None,
-        dataset: Dataset | None = None, task: TaskLike | None = None,
-        progress: bool = True, desc: str | None = None) -> tuple[TrainState, dict[str, Any]]:
-  """Trains the model of ``config`` and evaluates it; returns (final state, summary).
+def fit(config: ml_collections.ConfigDict | RunOptions, workdir: str,
+        model: nn.Module | None = None, dataset: Dataset | None = None,
+        task: TaskLike | None = None, progress: bool = True,
+        desc: str | None = None) -> tuple[TrainState, dict[str, Any]]:
+  """Trains the model of ``config`` (a config, or its ``fjt.options.RunOptions``) and evaluates
+  it; returns (final state, summary).
 
   ``model``, ``dataset`` and ``task`` replace ``config.model``, ``config.data`` and
   ``config.task`` when given (a Linen module, a ``fjt.Dataset``, a task name, ``fjt.Task`` or
   ``loss_fn``). ``desc`` labels the progress bar (default ``train``, or ``fine-tune`` for a run
-  that starts from ``init_from``/``pretrain``).
+  that starts from ``init_from``). A ``pretrain`` config is trained first by ``fjt.fit``
+  (``fjt.experiment``), which composes runs; this loop refuses one it was not given the result of.
 
-  Before any work: the settings are checked (``fjt.options``, ``fjt.optim``); the processes of
-  a multi-process run compare their configs (``fjt.sharding.check_same_config``); the workdir
+  Before any work: the settings are checked (``fjt.options``); the processes of
+  a multi-process run compare their configs (``fjt.distributed.check_same_config``); the workdir
   is locked (``fjt.runs.WorkdirLock``) and, if it holds checkpoints, the config is compared
   with the one they were made with (``fjt.runs.check_rerun``): a change that alters the
   result is an error, a larger ``train.steps`` continues the run (the learning-rate schedule
@@ -255,44 +174,42 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module | None
   current step, saves it and raises ``fjt.preemption.StoppedBySignal``. Over the mesh of
   ``config.mesh`` (default: every device on the ``data`` axis): the batch split over ``data`` x
   ``fsdp``, the state created and kept sharded by ``config.sharding_rules`` (``fjt.sharding``;
-  a run may resume on another mesh), across all the processes of a ``jax.distributed`` run; a peer that stops answering is ``fjt.sharding.PeerLostError``;
-  only process 0 writes files other than checkpoints. Writes to ``workdir`` (``fjt.logs.RunLog``):
+  a run may resume on another mesh), across all the processes of a ``jax.distributed`` run; a
+  peer that stops answering is ``fjt.distributed.PeerLostError``; only process 0 writes files
+  other than checkpoints. Writes to ``workdir`` (``fjt.logs.RunLog``):
   ``config.json``, ``metrics.jsonl`` (one object per logged step: step, split, metrics),
   TensorBoard events, ``metrics.png``, checkpoints, and ``summary.json`` =
   ``{"step": final step, "eval": final eval metrics}``.
   """
-  config = with_run_defaults(config)
-  options, ckpt = TrainOptions.from_config(config), CheckpointOptions.from_config(config)
-  accel = AcceleratorOptions.from_config(config)
-  check_model_widths(config)
-  check_optimizer_config(config.optimizer)
-  accelerators.request_determinism(accel.deterministic)
+  options = config if isinstance(config, RunOptions) else RunOptions.from_config(config)
+  if options.init.pretrain is not None and not options.init.init_from:
+    raise ConfigError("config key 'pretrain': fjt.train.fit runs one loop; train the pretrain "
+                      "config first with fjt.fit (fjt.experiment.fit) or scripts/train.py")
+  accelerators.request_determinism(options.accelerator.deterministic)
   prepare_workdir(workdir, subdirs=("checkpoints",))
-  sharding.check_same_config(runs.as_record(config), os.path.abspath(workdir),
-                             float(config.distributed.timeout_s))
+  sharding.check_same_config(runs.as_record(options.config), os.path.abspath(workdir),
+                             options.distributed.timeout_s)
   with runs.WorkdirLock(workdir, enabled=jax.process_index() == 0), \
-      accelerators.precision(accel.matmul_precision):
+      accelerators.precision(options.accelerator.matmul_precision):
     has_results = bool(checkpoint.step_dirs(os.path.join(workdir, "checkpoints")))
-    changes = runs.check_rerun(workdir, config, has_results)
-    return _fit(config, workdir, options, ckpt, changes, model, dataset, task, progress, desc)
+    changes = runs.check_rerun(workdir, options.config, has_results)
+    return _fit(options, workdir, changes, model, dataset, task, progress, desc)
 
 
-def _fit(config: ml_collections.ConfigDict, workdir: str, options: TrainOptions,
-         ckpt: CheckpointOptions, changes: list[runs.Change], model: nn.Module | None,
+def _fit(options: RunOptions, workdir: str, changes: list[runs.Change], model: nn.Module | None,
          dataset: Dataset | None, task: TaskLike | None, progress: bool,
          desc: str | None) -> tuple[TrainState, dict[str, Any]]:
   main = jax.process_index() == 0
-  dataset = dataset if dataset is not None else fjt_data.load_dataset(config.data)
-  if options.batch_size > dataset.num_train:
-    raise ConfigError(f"config key 'train.batch_size': {options.batch_size} is larger than the "
-                      f"{dataset.num_train} training examples")
-  task = resolve_task(config, dataset, task)
-  mesh = _create_mesh(config, options)
-  model = create_model(config.model) if model is None else model
+  train, ckpt = options.train, options.checkpoint
+  dataset = dataset if dataset is not None else fjt_data.load_dataset(options.data)
+  check_batch_size(train.batch_size, dataset)
+  task = resolve_task(options.task, dataset, task)
+  mesh = _create_mesh(options)
+  model = create_model(options.model) if model is None else model
   check_layout(model, dataset)
   example = jax.tree.map(lambda v: v[:1], dataset.train["x"])
   try:
-    model, tx, state = create_from_config(config, example, model, options.rng_streams, mesh)
+    model, tx, state = create_state(options, example, model, train.rng_streams, mesh)
   except (ValueError, TypeError) as e:  # The model cannot take the data's inputs.
     if isinstance(e, ConfigError):
       raise
@@ -301,10 +218,10 @@ def _fit(config: ml_collections.ConfigDict, workdir: str, options: TrainOptions,
                       f"inputs of shape {shapes}: {e}".splitlines()[0]) from e
   state_sharding = sharding.shardings_of(state)
   check_model_fits_data(model, state, dataset, task)
-  averaging = TemporalAveraging.from_config(config)
+  averaging = TemporalAveraging.from_options(options.averaging)
   train_step = make_train_step(model, tx, task, averaging=averaging, mesh=mesh,
-                               state_sharding=state_sharding, rng_streams=options.rng_streams,
-                               grad_accum_steps=options.grad_accum_steps)
+                               state_sharding=state_sharding, rng_streams=train.rng_streams,
+                               grad_accum_steps=train.grad_accum_steps)
   eval_step = make_eval_step(model, task, mesh=mesh, variables_sharding=state_sharding.variables)
   best_mode = ckpt.best_mode or task.mode
   if ckpt.best_metric:
@@ -318,30 +235,30 @@ def _fit(config: ml_collections.ConfigDict, workdir: str, options: TrainOptions,
                                             best_mode)
   state, start = checkpointer.restore_latest(state, fallback=ckpt.fallback)
   if start == 0:
-    state = sharding.put_like(_fine_tune_start(config, workdir, state, tx, progress),
+    state = sharding.put_like(_fine_tune_start(options, workdir, state, tx, averaging),
                               state_sharding)
   elif main:
-    _say_resuming(start, options.steps, os.path.join(checkpointer.directory, str(start)), changes)
+    _say_resuming(start, train.steps, os.path.join(checkpointer.directory, str(start)), changes)
 
   def run_eval(state):
-    return evaluate(eval_step, state, dataset.test, options.eval_batch_size, mesh=mesh)
+    return evaluate(eval_step, state, dataset.test, train.eval_batch_size, mesh=mesh)
 
-  steps, checkpoint_every = options.steps, ckpt.every_steps or options.steps
-  rows = sharding.process_rows(options.batch_size, mesh)
+  steps, checkpoint_every = train.steps, ckpt.every_steps or train.steps
+  rows = sharding.process_rows(train.batch_size, mesh)
   lockstep = sharding.needs_lockstep(mesh)
-  watchdog = (sharding.Watchdog(float(config.distributed.timeout_s))
+  watchdog = (sharding.Watchdog(options.distributed.timeout_s)
               if jax.process_count() > 1 else None)
-  log = RunLog(workdir, config, start_step=start, enabled=main)
+  log = RunLog(workdir, options.config, start_step=start, enabled=main)
   window, window_start, tic = [], start, time.perf_counter()
   evaluated_at, eval_metrics, done, lost = -1, {}, start, None
-  desc = desc or ("fine-tune" if config.get("init_from") or config.get("pretrain") else "train")
+  desc = desc or ("fine-tune" if options.init.fine_tune else "train")
   try:
     with StopSignals() as stop, tqdm(total=steps, initial=start, disable=not (progress and main),
                                      desc=desc, unit="step", dynamic_ncols=True,
                                      smoothing=0) as bar:
       for step in range(start, steps):
-        local = fjt_data.get_batch(dataset.train, options.seed, step, options.batch_size, rows)
-        state, metrics = train_step(state, sharding.put_split(local, mesh, options.batch_size))
+        local = fjt_data.get_batch(dataset.train, options.seed, step, train.batch_size, rows)
+        state, metrics = train_step(state, sharding.put_split(local, mesh, train.batch_size))
         if lockstep:
           jax.block_until_ready(metrics)
         window.append(metrics)
@@ -351,7 +268,7 @@ def _fit(config: ml_collections.ConfigDict, workdir: str, options: TrainOptions,
           bar.update()
         done = step + 1
         save_now = done % checkpoint_every == 0 or done == steps
-        if done % options.log_every == 0 or save_now:
+        if done % train.log_every == 0 or save_now:
           window = sharding.to_host(window)  # The only host sync of the training loop.
           check_finite(window, window_start)  # Before a save: never checkpoint a NaN state.
           toc = time.perf_counter()
@@ -360,7 +277,7 @@ def _fit(config: ml_collections.ConfigDict, workdir: str, options: TrainOptions,
           log.write(done, "train", logged)
           bar.set_postfix(loss=f"{logged['loss']:.4f}", refresh=False)
           window, window_start, tic = [], done, toc
-        if done % options.eval_every == 0 or done == steps:
+        if done % train.eval_every == 0 or done == steps:
           eval_metrics, evaluated_at = run_eval(state), done
           log.write(done, "eval", eval_metrics)
           if main and progress:

@@ -26,17 +26,14 @@ def main(argv=None) -> int:
 
   import fjt  # After argument parsing, so --help is instant.
   from fjt import merge
-  from fjt.checkpoint import CheckpointError
 
-  try:
+  def average() -> None:
     config = fjt.load_config(args.config) if args.config else None
     result = merge.average_checkpoints(args.inputs, args.out, args.weights, args.method, args.trim,
                                        config, args.recompute_batch_stats)
-  except (CheckpointError, fjt.ConfigError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(merge.format_rows(result))
-  return 0
+    print(merge.format_rows(result))
+
+  return fjt.cli.run(average)
 
 
 if __name__ == "__main__":

@@ -19,11 +19,10 @@ def main(argv=None) -> int:
                       "(required to import; to export, needed for the CNN's layout)")
   args = parser.parse_args(argv)
 
-  from fjt.checkpoint import CheckpointError  # After argument parsing, so --help is instant.
-  from fjt.config import ConfigError
+  from fjt import cli  # After argument parsing, so --help is instant.
   from fjt.interop import convert
 
-  try:
+  def run() -> None:
     if convert.is_weights_file(args.input):
       if not args.config:
         parser.error("importing weights needs --config (the model they belong to)")
@@ -35,10 +34,8 @@ def main(argv=None) -> int:
       print(f"{args.output}: {len(keys)} tensors with PyTorch keys and layouts")
     else:
       parser.error("one of INPUT and OUTPUT must be a .safetensors, .pt or .pth file")
-  except (CheckpointError, ConfigError, ValueError, ImportError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  return 0
+
+  return cli.run(run)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 
+from fjt import cli
 from fjt.data.tokens import TOKENIZERS, prepare_text
 
 
@@ -23,14 +24,12 @@ def main(argv=None) -> int:
   parser.add_argument("--vocab_size", type=int, default=5000)
   parser.add_argument("--validation_percent", type=int, default=10)
   args = parser.parse_args(argv)
-  try:
+  def prepare() -> None:
     meta = prepare_text(args.sources, args.out, args.tokenizer, args.vocab_size,
                         args.validation_percent)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(json.dumps(meta, indent=2))
-  return 0
+    print(json.dumps(meta, indent=2))
+
+  return cli.run(prepare)
 
 
 if __name__ == "__main__":

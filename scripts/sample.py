@@ -20,16 +20,11 @@ def main(argv=None) -> int:
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
 
-  from fjt.checkpoint import CheckpointError  # After argument parsing, so --help is instant.
+  from fjt import cli  # After argument parsing, so --help is instant.
   from fjt.generate import sample_text
 
-  try:
-    print(sample_text(args.workdir, args.prompt, args.tokens, args.temperature, args.top_k,
-                      args.seed))
-  except (CheckpointError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  return 0
+  return cli.run(lambda: print(sample_text(args.workdir, args.prompt, args.tokens,
+                                           args.temperature, args.top_k, args.seed)))
 
 
 if __name__ == "__main__":

@@ -6,10 +6,10 @@ Running again into a workdir resumes its run; a config that changes the result i
 (listing each changed key), unless --restart moves the old run aside (DIR.previous-N) first.
 SIGTERM or Ctrl-C saves the current step and exits with code 4; run the same command to resume.
 
-exit codes:
+exit codes (every fjt script: fjt.cli):
   0  the run finished (or a finished run was evaluated again)
   1  the run failed (a NaN loss, a damaged checkpoint, a failed save)
-  2  bad config or usage (a config key, a changed config in a workdir, a workdir in use)
+  2  bad config, input or usage (a config key, a changed config in a workdir, a workdir in use)
   3  a peer process of a multi-process run stopped answering
   4  stopped by SIGTERM/SIGINT after saving the current step
   128+N  a second signal N ended the run at once, without saving
@@ -39,37 +39,26 @@ def main(argv=None) -> int:
     overrides.append(item[len("--config."):])
 
   import fjt  # After argument parsing, so --help is instant.
-  from fjt.checkpoint import CheckpointError, CheckpointMismatchError
 
   fjt.logs.one_line_errors()
 
-  try:
+  def train() -> int:
     config = fjt.apply_overrides(fjt.load_config(args.config), overrides)
     # XLA reads its flags when JAX starts its backends: before anything else touches them.
     fjt.accelerators.request_determinism(fjt.AcceleratorOptions.from_config(config).deterministic)
     distributed = (args.coordinator, args.num_processes, args.process_id)
     if any(v is not None for v in distributed) or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-      fjt.sharding.initialize_distributed(*distributed, timeout_s=int(config.distributed.timeout_s))
+      timeout_s = fjt.options.DistributedOptions.from_config(config).timeout_s
+      fjt.sharding.initialize_distributed(*distributed, timeout_s=int(timeout_s))
     workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
     if args.restart:
       fjt.runs.restart(workdir)
     summary = fjt.train_and_evaluate(config, workdir)
-  except fjt.ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  except (fjt.NonFiniteLossError, CheckpointError, CheckpointMismatchError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  except fjt.StoppedBySignal as e:
-    print(f"fjt: {e}", file=sys.stderr)
-    return fjt.preemption.EXIT_STOPPED
-  except fjt.sharding.PeerLostError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    # Not sys.exit: JAX's shutdown would wait on the lost peer and abort with C++ text.
-    os._exit(fjt.sharding.EXIT_PEER_LOST)
-  print(f"{workdir}: step {summary['step']}, " +
-        ", ".join(f"{k} {v:.4f}" for k, v in summary["eval"].items()))
-  return 0
+    print(f"{workdir}: step {summary['step']}, " +
+          ", ".join(f"{k} {v:.4f}" for k, v in summary["eval"].items()))
+    return 0
+
+  return fjt.cli.run(train)
 
 
 if __name__ == "__main__":

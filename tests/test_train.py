@@ -84,14 +84,19 @@ def test_optimizers_and_schedules():
   assert float(lr(60)) == pytest.approx(0.05)
   params = {"w": np.ones((2, 2), np.float32), "b": np.ones(2, np.float32)}
   grads = jax.tree.map(np.zeros_like, params)
-  for name in ("sgd", "adam", "adamw"):
+  for name, arguments in (("sgd", {"momentum": 0.9}), ("adam", {}), ("adamw", {"b1": 0.8})):
     tx = fjt.create_optimizer({"name": name, "learning_rate": 0.1, "weight_decay": 0.5,
-                               "momentum": 0.9}, total_steps=10)
+                               **arguments}, total_steps=10)
     updates, _ = tx.update(grads, tx.init(params), params)
     assert np.all(np.asarray(updates["w"]) < 0), name  # Decay shrinks matrices...
     np.testing.assert_array_equal(updates["b"], 0.0)  # ...not biases.
   with pytest.raises(fjt.ConfigError, match="'optimizer.name'"):
-    fjt.create_optimizer({"name": "lamb", "learning_rate": 0.1}, 10)
+    fjt.create_optimizer({"name": "lamba", "learning_rate": 0.1}, 10)
+  with pytest.raises(fjt.ConfigError, match=r"'optimizer.momentum': optimizer 'adam' takes no "
+                                            r"argument 'momentum'; it takes \['b1'"):
+    fjt.create_optimizer({"name": "adam", "learning_rate": 0.1, "momentum": 0.9}, 10)
+  with pytest.raises(fjt.ConfigError, match="'optimizer.learning_rate'.*fits float32"):
+    fjt.create_optimizer({"name": "sgd", "learning_rate": 1e39}, 10)
   clipped = fjt.create_optimizer({"name": "sgd", "learning_rate": 1.0, "grad_clip_norm": 1.0}, 10)
   big = {"w": np.full((2, 2), 10.0, np.float32), "b": np.zeros(2, np.float32)}
   updates, _ = clipped.update(big, clipped.init(params), params)

@@ -74,3 +74,17 @@ def num_examples(arrays) -> int:
   if len(lengths) != 1:
     raise ValueError(f"the arrays of a split must have one number of examples, got {sorted(lengths)}")
   return lengths.pop()
+
+
+_DATA_BASELINES = {"unigram_perplexity": "unigram model"}  # Dataset.info key: plot label.
+
+
+def data_baselines(dataset: Dataset) -> dict[str, float]:
+  """The metrics of models of the data alone that ``dataset.info`` knows (``unigram_perplexity``
+  of text), reported in summary.json's ``eval`` beside a run's own."""
+  return {k: dataset.info[k] for k in _DATA_BASELINES if k in dataset.info}
+
+
+def baseline_lines(dataset: Dataset) -> dict[str, float]:
+  """``data_baselines`` by plot label, the horizontal lines of ``metrics.png``."""
+  return {_DATA_BASELINES[k]: v for k, v in data_baselines(dataset).items()}
