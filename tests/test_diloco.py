@@ -90,7 +90,7 @@ def test_tiny_diloco_by_source_writes_the_three_perplexities_and_the_bytes(tmp_p
   dataset = text_files.load((corpus,), vocab_size=16, block_size=16)
   # Only 'val.txt' has a path hash below 10: it is the validation file.
   assert dataset.sources.names == ("email", "json", "os", "xml")
-  state, summary = fjt.replicas.fit(config, str(tmp_path / "run"), progress=False)
+  state, summary = fjt.fit(config, str(tmp_path / "run"), progress=False)
 
   assert summary == json.load(open(tmp_path / "run" / "summary.json"))
   assert {"perplexity", "sync_perplexity", "single_perplexity", "unigram_perplexity"} <= \

@@ -198,7 +198,8 @@ def test_stream_reads_each_epoch_once_whatever_the_shard_size(shard_size):
 def test_config_errors_name_the_key():
   assert fjt.replicas.create_server_optimizer("none", 1.0) is None  # Plain FedAvg: the mean.
   with pytest.raises(fjt.ConfigError, match="replicas.server_optimizer"):
-    fjt.replicas.create_server_optimizer("adam")
+    fjt.replicas.create_server_optimizer("adamm")
+  assert fjt.replicas.create_server_optimizer("adam", 0.1) is not None  # Any optimizer by name.
   with pytest.raises(fjt.ConfigError, match="replicas.server_momentum"):
     fjt.replicas.create_server_optimizer("momentum", 1.0, 1.0)
   with pytest.raises(fjt.ConfigError, match="replicas.optimizer_state"):
@@ -218,7 +219,7 @@ def test_fit_writes_its_workdir(tmp_path):
   config.model.features = (16,)
   config.replicas.update(num=4, rounds=3, local_steps=2)
   config.optimizer.warmup_steps = 1
-  state, summary = fjt.replicas.fit(config, str(tmp_path), progress=False)
+  state, summary = fjt.fit(config, str(tmp_path), progress=False)  # Replicas, then baselines.
   assert summary == json.load(open(tmp_path / "summary.json"))
   assert summary["step"] == 3 and int(state.step) == 6
   assert set(summary["eval"]) == {"accuracy", "loss", "centralized_accuracy", "centralized_loss"}
