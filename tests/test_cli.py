@@ -58,7 +58,30 @@ def test_cli_trains_into_the_default_workdir(tmp_path):
   assert summary["step"] == 20 and 0.0 < summary["eval"]["accuracy"] <= 1.0
 
 
+def test_cli_trains_with_any_optax_optimizer_by_name(tmp_path):
+  # digits_mlp is sgd with momentum and nesterov: switching the name keeps fjt's own keys
+  # (learning rate, schedule, weight decay) and gives lion's own arguments their defaults.
+  config = fjt.apply_overrides(fjt.load_config(CONFIG), ["optimizer.name=lion"])
+  assert "momentum" not in config.optimizer and config.optimizer.b2 == 0.99
+  assert config.optimizer.weight_decay == 5e-4 and config.optimizer.schedule == "warmup_cosine"
+  result = run_train("--config", CONFIG, "--workdir", str(tmp_path / "lion"),
+                     "--config.optimizer.name=lion", "--config.optimizer.learning_rate=0.001",
+                     "--config.optimizer.b2=0.98", "--config.train.steps=100",
+                     "--config.train.eval_every=100", "--config.optimizer.warmup_steps=5",
+                     "--config.model.features=(32,)")
+  assert result.returncode == 0, result.stderr
+  summary = json.load(open(tmp_path / "lion" / "summary.json"))
+  assert summary["eval"]["accuracy"] > 0.5  # Chance is 0.1.
+  assert json.load(open(tmp_path / "lion" / "config.json"))["optimizer"]["b2"] == 0.98
+
+
 @pytest.mark.parametrize("args, message", [
+    (("--config.optimizer.name=lamba",), "error: config key 'optimizer.name': 'lamba' is not an "
+     "optimizer; expected one of ('sgd',) or the name of an optax optimizer"),
+    (("--config.optimizer.name=adam", "--config.optimizer.b3=0.9"),
+     "error: config has no key 'optimizer.b3'"),
+    (("--config.optimizer.learning_rate=1e39",), "error: config key 'optimizer.learning_rate': "
+     "expected a finite number > 0 that fits float32, got 1e+39"),
     (("--config.train.stesp=3",), "error: config has no key 'train.stesp' (did you mean 'steps'?)"),
     (("--config.train.steps=abc",), "error: config key 'train.steps': expected int, got 'abc'"),
     (("--config.train.steps=-1",), "error: config key 'train.steps': expected a positive int, got -1"),
