@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -29,6 +30,7 @@ from fjt.logs import RunLog, say
 from fjt.models import create_model
 from fjt.options import RunOptions
 from fjt.preemption import StopSignals, StoppedBySignal
+from fjt.program import Program, mean_row
 from fjt.state import TrainState, create_state, model_kwargs
 from fjt.steps import TaskLike, evaluate, make_eval_step, make_train_step
 from fjt.tasks import Task
@@ -107,10 +109,11 @@ def metric_names(model: nn.Module, state: TrainState, dataset: Dataset, task: Ta
   return sorted(task.metrics({k: np.float64(1.0) for k in sums}))
 
 
-def _count_first_step(bar: tqdm) -> None:
-  """Counts the first step of a process (which compiled) and starts the bar's clock after it,
-  so rate and ETA (``smoothing=0``: steps / seconds since then) leave the compile time out."""
-  bar.n += 1
+def _count_first_step(bar: tqdm, steps: int = 1) -> None:
+  """Counts the first iteration of a process (which compiled: ``steps`` steps) and starts the
+  bar's clock after it, so rate and ETA (``smoothing=0``: steps / seconds since then) leave the
+  compile time out."""
+  bar.n += steps
   if not bar.disable:  # A disabled bar keeps no clock.
     bar.initial = bar.n
     bar.start_t = bar.last_print_t = bar._time()  # tqdm ends a line only if it printed since.
@@ -185,6 +188,16 @@ def fit(config: ml_collections.ConfigDict | RunOptions, workdir: str,
   if options.init.pretrain is not None and not options.init.init_from:
     raise ConfigError("config key 'pretrain': fjt.train.fit runs one loop; train the pretrain "
                       "config first with fjt.fit (fjt.experiment.fit) or scripts/train.py")
+  build = functools.partial(single_model, options, workdir, model, dataset, task, desc)
+  return run(options, workdir, build, progress)
+
+
+def run(options: RunOptions, workdir: str, build: Callable[[], Program],
+        progress: bool = True) -> tuple[Any, dict[str, Any]]:
+  """THE loop: checks the workdir, then runs the ``Program`` that ``build()`` returns (a single
+  model, ``single_model``, or replica rounds, ``fjt.replicas.program``); returns its
+  ``finish``: (result state, summary). Everything ``fit`` says of checks, checkpoints, resumes,
+  signals, logs and processes holds for every program."""
   accelerators.request_determinism(options.accelerator.deterministic)
   prepare_workdir(workdir, subdirs=("checkpoints",))
   sharding.check_same_config(runs.as_record(options.config), os.path.abspath(workdir),
@@ -193,14 +206,14 @@ def fit(config: ml_collections.ConfigDict | RunOptions, workdir: str,
       accelerators.precision(options.accelerator.matmul_precision):
     has_results = bool(checkpoint.step_dirs(os.path.join(workdir, "checkpoints")))
     changes = runs.check_rerun(workdir, options.config, has_results)
-    return _fit(options, workdir, changes, model, dataset, task, progress, desc)
+    return _run(options, workdir, changes, build(), progress)
 
 
-def _fit(options: RunOptions, workdir: str, changes: list[runs.Change], model: nn.Module | None,
-         dataset: Dataset | None, task: TaskLike | None, progress: bool,
-         desc: str | None) -> tuple[TrainState, dict[str, Any]]:
-  main = jax.process_index() == 0
-  train, ckpt = options.train, options.checkpoint
+def single_model(options: RunOptions, workdir: str, model: nn.Module | None,
+                 dataset: Dataset | None, task: TaskLike | None,
+                 desc: str | None = None) -> Program:
+  """One model trained data parallel over the mesh of ``options``: the ``Program`` of ``fit``."""
+  train = options.train
   dataset = dataset if dataset is not None else fjt_data.load_dataset(options.data)
   check_batch_size(train.batch_size, dataset)
   task = resolve_task(options.task, dataset, task)
@@ -223,62 +236,92 @@ def _fit(options: RunOptions, workdir: str, changes: list[runs.Change], model: n
                                state_sharding=state_sharding, rng_streams=train.rng_streams,
                                grad_accum_steps=train.grad_accum_steps)
   eval_step = make_eval_step(model, task, mesh=mesh, variables_sharding=state_sharding.variables)
-  best_mode = ckpt.best_mode or task.mode
-  if ckpt.best_metric:
-    known = metric_names(model, state, dataset, task)
-    known += [f"{p}_{k}" for p in averaging.names for k in known]
-    if ckpt.best_metric not in known:
-      raise ConfigError(f"config key 'checkpoint.best_metric': {ckpt.best_metric!r} is not a "
-                        f"metric of task {task.name!r}; known: {known}")
+  names = metric_names(model, state, dataset, task)
+  rows = sharding.process_rows(train.batch_size, mesh)
 
+  def step(state, i):
+    local = fjt_data.get_batch(dataset.train, options.seed, i, train.batch_size, rows)
+    return train_step(state, sharding.put_split(local, mesh, train.batch_size))
+
+  def finish(state, eval_metrics):
+    summary = {"step": int(sharding.to_host(state.step)),
+               "eval": {**eval_metrics, **data_baselines(dataset)}}
+    for name, path in (("pretrain", os.path.join(workdir, "pretrain", "summary.json")),
+                       ("init_from", os.path.join(workdir, "init_from.json"))):
+      if (info := _read_json(path)) is not None:
+        summary[name] = info
+    return state, summary
+
+  return Program(
+      state=state, ends=range(1, train.steps + 1), step=step,
+      evaluate=lambda state: evaluate(eval_step, state, dataset.test, train.eval_batch_size,
+                                      mesh=mesh),
+      log_at=lambda i, done: done % train.log_every == 0,
+      eval_at=lambda i, done: done % train.eval_every == 0,
+      row=mean_row, check=check_finite,
+      start=lambda state: sharding.put_like(
+          _fine_tune_start(options, workdir, state, tx, averaging), state_sharding),
+      finish=finish,
+      task=task.name, metric_names=names + [f"{p}_{k}" for p in averaging.names for k in names],
+      headline=task.headline, mode=task.mode, baselines=baseline_lines(dataset),
+      lockstep=sharding.needs_lockstep(mesh),
+      desc=desc or ("fine-tune" if options.init.fine_tune else "train"))
+
+
+def _crossed(every: int, before: int, done: int) -> bool:
+  """Whether a multiple of ``every`` lies in ``(before, done]``."""
+  return done // every > before // every
+
+
+def _run(options: RunOptions, workdir: str, changes: list[runs.Change], program: Program,
+         progress: bool) -> tuple[Any, dict[str, Any]]:
+  main = jax.process_index() == 0
+  ckpt = options.checkpoint
+  best_mode = ckpt.best_mode or program.mode
+  if ckpt.best_metric and ckpt.best_metric not in program.metric_names:
+    raise ConfigError(f"config key 'checkpoint.best_metric': {ckpt.best_metric!r} is not a "
+                      f"metric of task {program.task!r}; known: {list(program.metric_names)}")
   checkpointer = checkpoint.RunCheckpointer(workdir, ckpt.max_to_keep, ckpt.best_metric,
                                             best_mode)
-  state, start = checkpointer.restore_latest(state, fallback=ckpt.fallback)
+  state, start = checkpointer.restore_latest(program.state, fallback=ckpt.fallback)
+  total = program.total
   if start == 0:
-    state = sharding.put_like(_fine_tune_start(options, workdir, state, tx, averaging),
-                              state_sharding)
+    state = program.start(state)
   elif main:
-    _say_resuming(start, train.steps, os.path.join(checkpointer.directory, str(start)), changes)
-
-  def run_eval(state):
-    return evaluate(eval_step, state, dataset.test, train.eval_batch_size, mesh=mesh)
-
-  steps, checkpoint_every = train.steps, ckpt.every_steps or train.steps
-  rows = sharding.process_rows(train.batch_size, mesh)
-  lockstep = sharding.needs_lockstep(mesh)
+    _say_resuming(start, total, os.path.join(checkpointer.directory, str(start)), changes)
+  checkpoint_every = ckpt.every_steps or total
   watchdog = (sharding.Watchdog(options.distributed.timeout_s)
               if jax.process_count() > 1 else None)
   log = RunLog(workdir, options.config, start_step=start, enabled=main)
+  first = program.iteration_after(start)
   window, window_start, tic = [], start, time.perf_counter()
   evaluated_at, eval_metrics, done, lost = -1, {}, start, None
-  desc = desc or ("fine-tune" if options.init.fine_tune else "train")
   try:
-    with StopSignals() as stop, tqdm(total=steps, initial=start, disable=not (progress and main),
-                                     desc=desc, unit="step", dynamic_ncols=True,
+    with StopSignals() as stop, tqdm(total=total, initial=start, disable=not (progress and main),
+                                     desc=program.desc, unit=program.unit, dynamic_ncols=True,
                                      smoothing=0) as bar:
-      for step in range(start, steps):
-        local = fjt_data.get_batch(dataset.train, options.seed, step, train.batch_size, rows)
-        state, metrics = train_step(state, sharding.put_split(local, mesh, train.batch_size))
-        if lockstep:
+      for i in range(first, len(program.ends)):
+        before, done = done, program.ends[i]
+        state, metrics = program.step(state, i)
+        if program.lockstep:
           jax.block_until_ready(metrics)
         window.append(metrics)
-        if step == start:
-          _count_first_step(bar)
+        if i == first:
+          _count_first_step(bar, done - before)
         else:
-          bar.update()
-        done = step + 1
-        save_now = done % checkpoint_every == 0 or done == steps
-        if done % train.log_every == 0 or save_now:
+          bar.update(done - before)
+        save_now = _crossed(checkpoint_every, before, done) or done == total
+        if program.log_at(i, done) or save_now:
           window = sharding.to_host(window)  # The only host sync of the training loop.
-          check_finite(window, window_start)  # Before a save: never checkpoint a NaN state.
+          program.check(window, window_start)  # Before a save: never checkpoint a NaN state.
           toc = time.perf_counter()
-          logged = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
-          logged["steps_per_sec"] = len(window) / (toc - tic)
+          logged = program.row(window)
+          logged["steps_per_sec"] = (done - window_start) / (toc - tic)
           log.write(done, "train", logged)
           bar.set_postfix(loss=f"{logged['loss']:.4f}", refresh=False)
           window, window_start, tic = [], done, toc
-        if done % train.eval_every == 0 or done == steps:
-          eval_metrics, evaluated_at = run_eval(state), done
+        if program.eval_at(i, done) or done == total:
+          eval_metrics, evaluated_at = program.evaluate(state), done
           log.write(done, "eval", eval_metrics)
           if main and progress:
             bar.write(f"step {done}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in eval_metrics.items()))
@@ -290,14 +333,14 @@ def _fit(options: RunOptions, workdir: str, changes: list[runs.Change], model: n
             checkpointer.raise_if_failed()  # A failed save stops the run at the next step.
         if watchdog:
           watchdog.beat(done)
-        if stop.requested(done) and done < steps:  # At the last step the run just finishes.
+        if stop.requested(done) and done < total:  # At the last step the run just finishes.
           with _saving(checkpointer.directory):
             if not save_now:
               checkpointer.save(done, state)
             checkpointer.wait_until_finished()
           raise StoppedBySignal(done, stop.signal_name, checkpointer.directory)
-    if evaluated_at != steps:  # A finished run started again: report, do not retrain.
-      eval_metrics = run_eval(state)
+    if evaluated_at != total:  # A finished run started again: report, do not retrain.
+      eval_metrics = program.evaluate(state)
   except jax.errors.JaxRuntimeError as e:
     if jax.process_count() == 1:
       raise
@@ -311,11 +354,6 @@ def _fit(options: RunOptions, workdir: str, changes: list[runs.Change], model: n
     if watchdog:
       watchdog.stop()
 
-  eval_metrics.update(data_baselines(dataset))
-  summary = {"step": int(sharding.to_host(state.step)), "eval": eval_metrics}
-  for name, path in (("pretrain", os.path.join(workdir, "pretrain", "summary.json")),
-                     ("init_from", os.path.join(workdir, "init_from.json"))):
-    if (info := _read_json(path)) is not None:
-      summary[name] = info
-  log.finish(summary, task.headline, baseline_lines(dataset))
-  return state, summary
+  result, summary = program.finish(state, eval_metrics)
+  log.finish(summary, program.headline, program.baselines)
+  return result, summary

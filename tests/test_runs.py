@@ -157,7 +157,7 @@ def with_key(key, value):
 
 @pytest.mark.parametrize("key, value, message", [
     ("optimizer.learning_rate", -0.1,
-     "config key 'optimizer.learning_rate': expected a number > 0, got -0.1"),
+     "config key 'optimizer.learning_rate': expected a finite number > 0 that fits float32, got -0.1"),
     ("optimizer.momentum", 1.0, "config key 'optimizer.momentum': expected a number in [0, 1), "
      "got 1.0"),
     ("train.log_every", 0, "config key 'train.log_every': expected a positive int, got 0"),
@@ -235,7 +235,7 @@ def test_cli_one_line_errors_for_a_raising_get_config_and_a_negative_learning_ra
   for config, overrides, expected in [
       (str(broken), (), f"error: get_config() in '{broken}' raised KeyError: 'oops'"),
       (CONFIG, ("--config.optimizer.learning_rate=-0.05",),
-       "error: config key 'optimizer.learning_rate': expected a number > 0, got -0.05")]:
+       "error: config key 'optimizer.learning_rate': expected a finite number > 0 that fits float32, got -0.05")]:
     process = train_cli(tmp_path / "run", *overrides, config=config)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 2 and err.strip().splitlines() == [expected]
