@@ -139,8 +139,10 @@ def verbose_counts(log: str) -> dict[str, int]:
   """Outcomes counted from ``pytest -v`` lines so far (``PASSED``, ``FAILED``, ...): what a
   session cut off before its junit file was written still says."""
   counts: dict[str, int] = {}
-  for found in re.finditer(r"^.*::\S*.*?\b(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b", log, re.M):
-    counts[found.group(1).lower()] = counts.get(found.group(1).lower(), 0) + 1
+  for line in log.splitlines():
+    found = re.search(r"\b(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b", line)
+    if found and "::" in line:  # A test's line (with -n: "[gw0] [ 5%] PASSED tests/...").
+      counts[found.group(1).lower()] = counts.get(found.group(1).lower(), 0) + 1
   return counts
 
 
@@ -312,16 +314,17 @@ def run_part(name: str, args: argparse.Namespace, timeout_s: float
   start, code, interrupted = time.monotonic(), None, None
   log = os.path.join(args.out, f"{name}.log")
   with open(log, "w", encoding="utf-8") as f:
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=f, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = None
     try:
+      proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=f, stderr=subprocess.STDOUT,
+                              start_new_session=True)
       code = proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
       pass
     except Interrupted as e:
       interrupted = str(e)
     finally:
-      if proc.poll() is None:  # Its whole session: pytest's workers, bench's PyTorch, ...
+      if proc is not None and proc.poll() is None:  # Its whole session: pytest's workers, ...
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
   record = {"status": "failed", "results": None, "error": None}
