@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
-import check_accelerator  # noqa: E402
+from accelerator_check import parts as check_parts  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, "scripts", "check_accelerator.py")
 # One fast test: the suite itself is not what these tests check.
@@ -30,7 +30,7 @@ def test_quick_run_reports_every_part(tmp_path):
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
   report = read_report(tmp_path)
   parts = report["parts"]
-  assert report["finished"] and list(parts) == list(check_accelerator.PARTS)
+  assert report["finished"] and list(parts) == list(check_parts.PARTS)
   assert {name: part["status"] for name, part in parts.items()} == dict.fromkeys(parts, "ok")
   assert all(part["seconds"] > 0 for part in parts.values())
 
@@ -54,7 +54,7 @@ def test_quick_run_reports_every_part(tmp_path):
   assert determinism["eval"][0] == determinism["eval"][1]
 
   md = (tmp_path / "report.md").read_text()
-  for name in check_accelerator.PARTS:
+  for name in check_parts.PARTS:
     assert f"## {name}: ok" in md
   assert "| ckpt_verify_vs_restore |" in md and "bitwise equal" in md
 
@@ -90,6 +90,22 @@ def test_a_run_stopped_after_the_first_part_keeps_its_results(tmp_path):
   assert "## device: ok" in (tmp_path / "report.md").read_text()
 
 
+def test_a_part_past_its_timeout_is_killed_and_keeps_what_it_counted(tmp_path):
+  slow = tmp_path / "test_slow.py"
+  slow.write_text("import time\n\ndef test_fast():\n  pass\n\ndef test_hangs():\n"
+                  "  time.sleep(600)\n")
+  start = time.monotonic()
+  done = subprocess.run([sys.executable, SCRIPT, "--out", str(tmp_path / "out"), "--parts",
+                         "tests", "--budget_s", "30", "--tests", str(slow)],
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+  assert time.monotonic() - start < 60  # Not the test's 600 s.
+  parts = read_report(tmp_path / "out")["parts"]
+  assert parts["tests"]["status"] == "timeout"
+  assert parts["tests"]["results"]["so_far"] == {"passed": 1}
+  assert {parts[p]["status"] for p in ("device", "bench", "determinism")} == {"skipped"}
+
+
 def test_the_parent_reads_junit_and_verbose_outcomes(tmp_path):
   xml = tmp_path / "t.xml"
   xml.write_text(
@@ -101,14 +117,14 @@ def test_the_parent_reads_junit_and_verbose_outcomes(tmp_path):
       '</testcase>'
       '<testcase classname="tests.test_b" name="test_err"><error message="fixture">x</error>'
       '</testcase></testsuite></testsuites>')
-  assert check_accelerator.junit_results(str(xml)) == {
+  assert check_parts.junit_results(str(xml)) == {
       "passed": 1, "failed": 1, "errors": 1, "skipped": 1,
       "failing": [{"id": "tests.test_a::test_bad", "reason": "AssertionError: 1 != 2"},
                   {"id": "tests.test_b::test_err", "reason": "fixture"}]}
   log = ("tests/test_a.py::test_ok PASSED [ 50%]\n"
          "[gw0] [ 75%] FAILED tests/test_a.py::test_bad\n"
          "tests/test_b.py::test_skip SKIPPED (no torch) [100%]\n")
-  assert check_accelerator.verbose_counts(log) == {"passed": 1, "failed": 1, "skipped": 1}
+  assert check_parts.verbose_counts(log) == {"passed": 1, "failed": 1, "skipped": 1}
 
 
 @pytest.mark.parametrize("argv", [[], ["--out", "x", "--budget_s", "0"],
