@@ -39,6 +39,7 @@ from accelerator_check.report import render_md, write_report
 # Shares of the budget left: a part gets remaining * its weight / the weights of the parts left,
 # so what an early part does not use goes to the later ones.
 WEIGHTS = {"device": 0.05, "tests": 0.45, "bench": 0.35, "determinism": 0.15}
+MIN_PART_S = 60.0  # Unless less is left: a part's start-up (JAX, a GPU, PyTorch) takes seconds.
 
 
 class Interrupted(Exception):
@@ -122,7 +123,8 @@ def check(args: argparse.Namespace) -> int:
     write_report(report, args.out, start)
     for i, name in enumerate(chosen):
       left = args.budget_s - (time.monotonic() - start)
-      timeout_s = left * WEIGHTS[name] / sum(WEIGHTS[p] for p in chosen[i:])
+      share = left * WEIGHTS[name] / sum(WEIGHTS[p] for p in chosen[i:])
+      timeout_s = max(share, min(MIN_PART_S, left))
       if timeout_s < 5:
         report["parts"][name] = {"status": "skipped", "error": "no budget left"}
         continue

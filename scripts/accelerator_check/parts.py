@@ -20,7 +20,7 @@ import tempfile
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import IO, Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PARTS = ("device", "tests", "bench", "determinism")
@@ -78,12 +78,13 @@ def device_part(args: argparse.Namespace, timeout_s: float,
   return results
 
 
-def run_bounded(cmd: Sequence[str], timeout_s: float, env: dict[str, str] | None = None
+def run_bounded(cmd: Sequence[str], timeout_s: float, stdout: IO[str] | None = None
                 ) -> int | None:
-  """Runs ``cmd`` in ``ROOT`` with its output on this process's, in a session of its own (killed
-  whole on timeout); returns its exit code, or None when it ran past ``timeout_s``."""
+  """Runs ``cmd`` in ``ROOT``, its output to ``stdout`` (default: this process's), in a session of
+  its own (killed whole on timeout); returns its exit code, or None past ``timeout_s``."""
   print("$ " + shlex.join(cmd), flush=True)
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=stdout,
+                          stderr=subprocess.STDOUT if stdout else None, start_new_session=True)
   try:
     return proc.wait(timeout=max(1.0, timeout_s))
   except subprocess.TimeoutExpired:
@@ -141,16 +142,13 @@ def tests_part(args: argparse.Namespace, timeout_s: float,
          *(["-n", str(workers)] if workers else []), *selection]
   results = {"command": shlex.join(cmd), "workers": workers, "selection": selection or "all"}
   save(results)
+  if os.path.exists(xml):  # A previous run's.
+    os.remove(xml)
   with open(log, "w", encoding="utf-8") as out:
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-      code = proc.wait(timeout=max(1.0, timeout_s - MARGIN_S))
-    except subprocess.TimeoutExpired:
-      os.killpg(proc.pid, signal.SIGKILL)
-      proc.wait()
-      with open(log, encoding="utf-8", errors="replace") as f:
-        raise PartTimeout({**results, "so_far": verbose_counts(f.read())})
+    code = run_bounded(cmd, timeout_s - MARGIN_S, stdout=out)
+  if code is None:
+    with open(log, encoding="utf-8", errors="replace") as f:
+      raise PartTimeout({**results, "so_far": verbose_counts(f.read())})
   results["pytest_exit_code"] = code
   if not os.path.exists(xml):
     raise RuntimeError(f"pytest exited with code {code} and no junit file; see {log}")
