@@ -27,34 +27,34 @@ def main(argv=None) -> int:
                       help="the config whose model is the CNN of train_step_cnn_vs_torch")
   args = parser.parse_args(argv)
 
-  sys.path.insert(0, ROOT)
+  sys.path.insert(0, ROOT)  # fjt from this checkout; benchmarks from this script's folder.
   # JAX would take 75% of a GPU's memory at start, leaving the PyTorch baselines in this process
   # too little (GPT-2 124M's ran out of memory on an H100 that way).
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   import fjt  # After argument parsing, so --help is instant.
-  from fjt import bench
+  from benchmarks import machine, rows as table, suite, timing
 
   try:
-    bench.require_torch()
+    machine.require_torch()
   except ImportError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  info = bench.machine()
+  info = machine.machine()
   info["mode"] = "quick: tiny sizes, a smoke test, not numbers to report" if args.quick else "full"
-  info["precision"] = bench.full_float32()
+  info["precision"] = machine.full_float32()
   print(", ".join(f"{k}: {v}" for k, v in info.items()), file=sys.stderr)
-  sizes = bench.QUICK if args.quick else bench.FULL if info["backend"] == "cpu" else bench.GPU
-  before = bench.background_load()
-  unknown = sorted(set(args.only or ()) - set(bench.GROUPS))
+  sizes = table.QUICK if args.quick else table.FULL if info["backend"] == "cpu" else table.GPU
+  before = timing.background_load()
+  unknown = sorted(set(args.only or ()) - set(suite.GROUPS))
   if unknown:
-    parser.error(f"--only: unknown groups {unknown}; expected some of {list(bench.GROUPS)}")
-  rows = bench.run(sizes, fjt.load_config(args.cnn_config),
+    parser.error(f"--only: unknown groups {unknown}; expected some of {list(suite.GROUPS)}")
+  rows = suite.run(sizes, fjt.load_config(args.cnn_config),
                    progress=lambda line: print(line, file=sys.stderr, flush=True), only=args.only)
-  loads = [f"{x:.1f}" if x is not None else "?" for x in (before, bench.background_load())]
+  loads = [f"{x:.1f}" if x is not None else "?" for x in (before, timing.background_load())]
   info["CPUs busy with other work before/after"] = " / ".join(loads)
   if args.out:
-    bench.write_json(rows, args.out)
-  print(bench.format_table(rows, info))
+    table.write_json(rows, args.out)
+  print(table.format_table(rows, info))
   return 0
 
 
