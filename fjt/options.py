@@ -153,6 +153,13 @@ class CheckpointOptions:
     )
 
 
+def _aggregation_rule(config: ml_collections.ConfigDict) -> str:
+  """``replicas.aggregate``, the name of a registered aggregation rule (ConfigError otherwise)."""
+  from fjt.aggregate import get_rule  # Above this module: the registry holds the rules.
+  name = require(config, "replicas.aggregate", lambda v: isinstance(v, str), "a rule name")
+  return get_rule(name, key="replicas.aggregate").name
+
+
 @dataclasses.dataclass(frozen=True)
 class ReplicaOptions:
   """N replicas trained in rounds (``fjt.replicas``)."""
@@ -170,11 +177,19 @@ class ReplicaOptions:
   warmup_steps: int
   communication_dtype: str
   baselines: tuple[str, ...]
+  aggregate: str = "mean"
+  trim_fraction: float = 0.1
 
   @property
   def inner_steps(self) -> int:
     """Optimizer steps of each replica: the warm start's and the rounds'."""
     return self.warmup_steps + self.rounds * self.local_steps
+
+  @property
+  def aggregate_params(self) -> dict[str, float]:
+    """The parameters of rule ``aggregate`` that config keys set: ``trim`` (``trim_fraction``)."""
+    from fjt.aggregate import get_rule  # Above this module: the registry holds the rules.
+    return {"trim": self.trim_fraction} if "trim" in get_rule(self.aggregate).params else {}
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> ReplicaOptions:
@@ -207,4 +222,7 @@ class ReplicaOptions:
                                 lambda v: all(b in ("centralized", "sync", "single") for b in v),
                                 "names among 'centralized', 'sync' (both: batch N*B) and "
                                 "'single' (batch B)")),
+        aggregate=_aggregation_rule(config),
+        trim_fraction=float(require(config, "replicas.trim_fraction",
+                                    lambda v: number(v) and 0 <= v < 0.5, "a number in [0, 0.5)")),
     )
