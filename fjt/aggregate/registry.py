@@ -109,9 +109,9 @@ def register(name: str, *, aliases: Sequence[str] = (), trees: Callable[..., PyT
   return decorator
 
 
-def rule_names() -> list[str]:
-  """The registered rules' names (aliases left out), sorted."""
-  return sorted(RULES)
+def rule_names(aliases: bool = False) -> list[str]:
+  """The registered rules' names, sorted; with ``aliases``, their other names after them."""
+  return sorted(RULES) + (sorted(_ALIASES) if aliases else [])
 
 
 def get_rule(name: str | Rule, key: str | None = None) -> Rule:
