@@ -7,7 +7,8 @@ A round is one jit-compiled function::
   vmap over replicas (scan over local steps (train step))  ->  aggregate  ->  broadcast
 
 with the example counts ``n_k`` of the replicas' shards as weights: ``params`` by the weighted
-mean (optionally through a server optimizer), ``batch_stats`` by the exact pooled mean and
+mean or another rule of ``fjt.aggregate``'s registry (``replicas.aggregate``; optionally through
+a server optimizer), ``batch_stats`` by the exact pooled mean and
 variance of ``fjt.aggregate.merge_batch_stats``. On several devices the replica axis is sharded
 over mesh axis ``"replica"`` (and, with ``mesh.fsdp > 1``, each replica's state over an
 ``"fsdp"`` axis of its group of devices): each device trains its replicas, and the aggregation is a
@@ -51,9 +52,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from fjt import checkpoint, runs, sharding
-from fjt.aggregate import aggregate_stacked, get_rule, replica_batch_stats, replica_mean
 from fjt import data as fjt_data
 from fjt import train as fjt_train
+from fjt.aggregate import aggregate_stacked, get_rule, replica_batch_stats, replica_mean
 from fjt.averaging import TemporalAveraging
 from fjt.config import ConfigError, with_run_defaults
 from fjt.data import Dataset
@@ -251,11 +252,11 @@ def make_round(model: nn.Module, tx: optax.GradientTransformation,
 
   ``batches`` holds ``x`` ``(N, L, B, ...)`` and ``y`` ``(N, L, B, ...)``: replica ``k`` takes
   ``L`` local steps (``local_step`` with ``task``), step ``t`` on ``batches[k, t]``. Then, with ``counts``
-  ``(N,)`` the weights ``n_k``: params ``w <- w + server_tx.update(w - agg_k(w_k))`` (``agg``
-  itself when ``server_tx`` is None), with ``agg`` the registered rule ``aggregate``
-  (``fjt.aggregate.register``; ``aggregate_params`` over its defaults) over the replica axis,
-  applied to the pseudo-gradients ``w - w_k`` with a server optimizer or bfloat16
-  communication; the weighted mean by default. ``batch_stats`` merged by
+  ``(N,)`` the weights ``n_k``: params ``w <- agg_k(w_k)``, or with a ``server_tx`` or bfloat16
+  communication ``w <- w + server_tx.update(g)`` (``w - g`` when ``server_tx`` is None) for the
+  pseudo-gradient ``g = agg_k(w - w_k)``; ``agg`` is the registered rule ``aggregate`` over the
+  replica axis (``fjt.aggregate.register``; ``aggregate_params`` over its defaults), by default
+  the weighted mean (for which both forms agree). ``batch_stats`` merged by
   ``replica_batch_stats``, optimizer states kept per replica (``"keep"``) or replaced by their
   ``replica_mean`` (``"average"``); the aggregate is broadcast to every replica. With
   ``communication_dtype="bfloat16"`` the pseudo-gradients ``w - w_k`` are averaged as bfloat16

@@ -37,8 +37,8 @@ def main(argv=None) -> int:
     importlib.import_module(module)
   from fjt import merge  # The registry gives the --method choices and their help.
 
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   epilog="methods:\n" + merge.describe_methods())
+  parser = argparse.ArgumentParser(description=__doc__, epilog="methods:\n" + merge.describe_methods(),
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("inputs", nargs="+", help="run workdirs or checkpoint directories")
   parser.add_argument("--out", required=True, help="the new checkpoint directory")
   parser.add_argument("--weights", nargs="+", type=float, help="one weight per input (default equal)")

@@ -58,7 +58,6 @@ def _batch_norm_pairs(paths: Sequence[str], dtypes: Sequence[np.dtype], prefix: 
   return {parent: (pair["mean"], pair["var"]) for parent, pair in modules.items()}
 
 
-
 @functools.partial(jax.jit, static_argnames=("pairs",))
 def _pooled_stats(leaves: list[list[jax.Array]], counts: jax.Array,
                   pairs: tuple[tuple[int, int], ...]) -> list[jax.Array]:

@@ -21,7 +21,6 @@ INTEGER_POLICIES = ("max", "first", "error")
 NONFINITE_POLICIES = ("error", "skip")
 
 
-
 def _at(path: str) -> str:
   return path or "(the root)"
 

@@ -55,7 +55,6 @@ def _stack(flags: list[jax.Array]) -> jax.Array:
   return jnp.stack(flags) if flags else jnp.zeros((0,), bool)
 
 
-
 @jax.jit
 def _leaf_ok(leaves: list[jax.Array], refs: list[jax.Array | None]) -> jax.Array:
   """Bool per leaf: a floating leaf has no NaN/Inf; another leaf equals its ref (if given)."""
@@ -66,7 +65,6 @@ def _leaf_ok(leaves: list[jax.Array], refs: list[jax.Array | None]) -> jax.Array
     else:
       flags.append(jnp.asarray(True) if ref is None else jnp.array_equal(x, ref))
   return _stack(flags)
-
 
 
 def per_row(w: jax.Array, x: jax.Array) -> jax.Array:

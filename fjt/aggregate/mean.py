@@ -3,7 +3,9 @@
 Three forms of one rule, each where it is fastest: ``mean`` (a list of trees: one fused,
 jit-compiled loop per leaf, N reads and one write, correctly rounded division), ``RunningMean``
 (one tree at a time, one accumulator in memory) and the registered rule ``"mean"``
-(``weighted_mean``, a reduction over a leading axis: what replica rounds use).
+(``weighted_mean``, a reduction over a leading axis: what replica rounds use). ``mean`` does not
+stack its inputs to call ``weighted_mean``: stacking N separate buffers costs a copy of all of
+them (about 45x slower on a CPU for five 2 MiB leaves), which the fused loop avoids.
 """
 
 from __future__ import annotations
@@ -51,7 +53,6 @@ def _mean_leaves(leaves: list[list[jax.Array]], weights: jax.Array, integer_poli
   return outs, _stack(oks)
 
 
-
 def _mean(flats: list[_Flat], names: list[str], weights: np.ndarray, integer_policy: str,
           on_nonfinite: str) -> tuple[PyTree, list[int]]:
   """(weighted mean, indices of the inputs it used)."""
@@ -90,10 +91,7 @@ def mean(trees: Sequence[PyTree], weights: Sequence[float] | None = None,
   return _mean(flats, names, _check_weights(weights, len(flats)), integer_policy, on_nonfinite)[0]
 
 
-
-
-@register("mean", trees=lambda trees, weights, integer_policy, on_nonfinite: mean(
-    trees, weights, integer_policy, on_nonfinite))
+@register("mean", trees=mean)
 def weighted_mean(x: jax.Array, w: jax.Array) -> jax.Array:
   """Weighted mean sum_j w_j x_j / sum_j w_j (FedAvg with example counts as weights).
 

@@ -23,7 +23,6 @@ def uniform_soup(trees: Sequence[PyTree], integer_policy: str = "max") -> PyTree
   return mean(trees, integer_policy=integer_policy)
 
 
-
 def greedy_soup(candidates: Sequence[PyTree], evaluate: Callable[[PyTree], float],
                 integer_policy: str = "max") -> tuple[PyTree, list[int], list[dict[str, Any]]]:
   """Greedy model soup (Wortsman et al., 2022): ``evaluate(tree) -> float``, higher is better.
