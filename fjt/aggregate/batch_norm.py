@@ -21,7 +21,7 @@ import numpy as np
 from fjt.aggregate.checks import (_acc_dtype, _as_list, _at, _check_weights, _Flat, _flatten_all,
                                   _input_names, _is_floating, _weights_array)
 from fjt.aggregate.finite import _kept_inputs, _nonfinite_inputs, _prepare
-from fjt.aggregate.leaves import weighted_sum
+from fjt.aggregate.leaves import _divide, weighted_sum
 from fjt.aggregate.mean import _mean
 from fjt.state import PyTree, model_kwargs
 from fjt.tree import path_str
@@ -32,9 +32,10 @@ def pooled_moments(means: jax.Array, variances: jax.Array, counts: jax.Array
   """The mean and variance (ddof=0) of the union of N groups of ``counts`` ``(N,)`` values with
   means ``means`` and variances ``variances`` ``(N, features)``, all in the accumulation dtype:
   the weighted means of ``means`` and of ``variances + (means - mean)^2``. Traceable."""
-  total = jnp.sum(counts)  # One divisor for both: XLA then keeps true divisions.
-  mean = weighted_sum(means, counts) / total
-  return mean, weighted_sum(variances + jnp.square(means - mean), counts) / total
+  total = jnp.sum(counts)
+  # Correctly rounded divisions (not XLA's x * (1/total)): the same bits on every layout.
+  mean = _divide(weighted_sum(means, counts), total)
+  return mean, _divide(weighted_sum(variances + jnp.square(means - mean), counts), total)
 
 
 def _batch_norm_pairs(paths: Sequence[str], dtypes: Sequence[np.dtype], prefix: str = ""
