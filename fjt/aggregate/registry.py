@@ -23,6 +23,9 @@ From that one definition the rule serves, by name:
     (``fjt.replicas.make_round(..., aggregate=name)``, config key ``replicas.aggregate``);
   * checkpoints: ``fjt.merge.average_checkpoints(..., method=name)`` and
     ``scripts/average.py --method name`` (``--plugin MODULE`` imports a module that registers).
+
+The registry is per process: a multi-process run registers its rules in every process (import
+the module that registers them) before ``fjt.replicas.fit`` reads ``replicas.aggregate``.
 """
 
 from __future__ import annotations
@@ -103,6 +106,7 @@ def register(name: str, *, aliases: Sequence[str] = (), trees: Callable[..., PyT
               if p.default is not p.empty}
     doc = (inspect.getdoc(reduce) or name).splitlines()[0]
     RULES[name] = Rule(name, reduce, params, doc, trees)
+    _ALIASES.pop(name, None)  # A rule's own name wins over an older alias.
     _ALIASES.update({alias: name for alias in aliases})
     return reduce
 
