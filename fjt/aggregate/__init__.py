@@ -21,6 +21,8 @@ One module per concept: ``checks`` (structure, shapes, dtypes, policies, weights
 ``task_arithmetic``, ``stacked`` (a leading replica axis), ``registry``.
 """
 
+# _weights_array and _mean_leaves stay reachable here for the tests that inspect the kernel's
+# compilations (cache size, collectives in its HLO).
 from fjt.aggregate.checks import (INTEGER_POLICIES, NONFINITE_POLICIES, _weights_array,
                                   check_compatible)
 from fjt.aggregate.finite import check_finite
