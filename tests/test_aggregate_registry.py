@@ -2,6 +2,7 @@
 scripts/average.py, by fjt.merge and by replica rounds; the built-in robust rules in rounds."""
 
 import importlib.util
+import inspect
 import os
 import sys
 
@@ -224,3 +225,22 @@ def test_replicas_aggregate_config_keys():
   with pytest.raises(fjt.ConfigError, match="replicas.aggregate"):
     fjt.replicas.make_round(None, None, aggregate="nope")
   assert sys.modules["fjt.replicas"].replica_mean is aggregate.replica_mean
+
+
+def test_fit_passes_the_configured_rule_to_its_rounds(tmp_path, monkeypatch):
+  config = fjt.load_config(os.path.join(ROOT, "configs", "digits_fedavg.py"))
+  config.model.features = (16,)
+  config.optimizer.warmup_steps = 1
+  config.replicas.update(num=4, rounds=1, local_steps=2, baselines=(), aggregate="trimmed",
+                         trim_fraction=0.25)
+  seen = []
+  make_round = fjt.replicas.make_round
+
+  def spy(*args, **kwargs):
+    arguments = inspect.signature(make_round).bind(*args, **kwargs).arguments
+    seen.append((arguments["aggregate"], arguments["aggregate_params"]))
+    return make_round(*args, **kwargs)
+
+  monkeypatch.setattr(fjt.replicas, "make_round", spy)
+  fjt.replicas.fit(config, str(tmp_path), progress=False)
+  assert seen == [("trimmed_mean", {"trim": 0.25})]
