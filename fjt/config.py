@@ -91,6 +91,8 @@ REPLICA_DEFAULTS = {
     "optimizer_state": "keep",  # keep (each replica its own) | average
     "warmup_steps": 0,  # Synchronous data-parallel steps before the first round (DiLoCo's warm start).
     "communication_dtype": "float32",  # float32 | bfloat16: the pseudo-gradients as averaged.
+    "aggregate": "mean",  # A rule of fjt.aggregate.RULES: mean | median | trimmed_mean | yours.
+    "trim_fraction": 0.1,  # trimmed_mean: drops floor(trim_fraction * num) values at each end.
     "baselines": ("centralized",),  # Runs trained beside: centralized/sync (batch N*B), single (B).
 }
 

@@ -1,10 +1,13 @@
 """Average runs and checkpoints on disk into one checkpoint (the engine of ``scripts/average.py``).
 
-Params are aggregated by ``method``; BatchNorm statistics are merged exactly
-(``fjt.aggregate.merge_batch_stats``, the input weights as counts). For
+Params are aggregated by ``method``: a rule of the registry ``fjt.aggregate.RULES``
+(``mean``, ``median``, ``trimmed_mean`` and any registered with ``fjt.aggregate.register``)
+or ``"greedy"``, the greedy soup, which is a method of its own here because it needs an
+evaluator (the test split of a config), not a per-leaf reduction. BatchNorm statistics are
+merged exactly (``fjt.aggregate.merge_batch_stats``, the input weights as counts). For
 ``method="mean"`` the inputs are read one at a time, each in a few groups of
 leaves, into float32 running means, so peak memory is about that of one model
-and a group of leaves, however many inputs.
+and a group of leaves, however many inputs; other rules load every input.
 With a config, every input and the result are evaluated on its test split.
 """
 
@@ -15,7 +18,7 @@ import dataclasses
 import functools
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -27,7 +30,7 @@ from fjt.tasks import Task
 from fjt.tree import flatten, unflatten
 
 PyTree = Any
-METHODS = ("mean", "median", "trimmed", "greedy")
+GREEDY = "greedy"  # The method that is not a rule of the registry.
 PIECES = 4  # Groups of leaves each input is read in by the streaming mean.
 MIN_PIECE_BYTES = 64 * 2**20
 
@@ -45,6 +48,18 @@ class MergeResult:
   variables: dict[str, PyTree]
   rows: list[dict[str, Any]]
   chosen: list[int]
+
+
+def methods(aliases: bool = False) -> list[str]:
+  """The names ``average_checkpoints`` takes: the registered rules, ``"greedy"``, and with
+  ``aliases`` the rules' other names (``"trimmed"``)."""
+  names = aggregate.rule_names(aliases)
+  return names[:len(aggregate.RULES)] + [GREEDY] + names[len(aggregate.RULES):]
+
+
+def describe_methods() -> str:
+  """One line per method, for ``--help``: the registry's rules and the greedy soup."""
+  return aggregate.describe() + f"\n{GREEDY}: greedy soup selected on the config's test split"
 
 
 def check_inputs(paths: Sequence[str]) -> None:
@@ -150,7 +165,8 @@ def _streaming_mean(paths, weights, on_input):
 
 def average_checkpoints(paths: Sequence[str], out: str, weights: Sequence[float] | None = None,
                         method: str = "mean", trim: float = 0.2, config=None,
-                        recompute_batch_stats: bool = False, progress: bool = True) -> MergeResult:
+                        recompute_batch_stats: bool = False, progress: bool = True,
+                        params: Mapping[str, Any] | None = None) -> MergeResult:
   """Aggregates the variables of checkpoints ``paths`` (run workdirs or checkpoint
   directories) and saves ``{"params", "batch_stats"}`` to the new directory ``out``.
 
@@ -159,22 +175,26 @@ def average_checkpoints(paths: Sequence[str], out: str, weights: Sequence[float]
 
   Args:
     weights: one non-negative weight per input (e.g. example counts); default equal.
-    method: "mean" (weighted, streaming), "median" or "trimmed" (coordinate-wise,
-      ``trim`` fraction cut at each end; all inputs in memory), or "greedy" (a
+    method: a rule of ``fjt.aggregate.RULES``: "mean" (weighted, streaming), "median",
+      "trimmed_mean" (alias "trimmed"; ``trim`` fraction cut at each end) or one the user
+      registered (all inputs in memory, the weights passed to the rule); or "greedy" (a
       greedy soup selected on the test split of ``config``; all inputs in memory).
+    trim: the rule's parameter ``trim``, for rules that declare one.
+    params: other parameters of the rule, over its defaults.
     config: an experiment config; evaluates every input and the result.
     recompute_batch_stats: re-estimate the result's BatchNorm statistics with
       forward passes over the training split of ``config`` (for inputs whose
       weights diverged, e.g. runs from different seeds).
   """
-  if method not in METHODS:
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  rule = None if method == GREEDY else _rule(method)
+  if rule is not None:
+    params = rule.bind({**({"trim": trim} if "trim" in rule.params else {}), **(params or {})})
   if len(paths) < 1:
     raise ValueError("give at least one checkpoint to average")
   weights = [1.0] * len(paths) if weights is None else [float(w) for w in weights]
   if len(weights) != len(paths):
     raise ValueError(f"got {len(weights)} weights for {len(paths)} inputs")
-  if (method == "greedy" or recompute_batch_stats) and config is None:
+  if (method == GREEDY or recompute_batch_stats) and config is None:
     raise ValueError("a greedy soup and recomputed batch statistics need a config (its data)")
   if os.path.exists(out):
     raise ValueError(f"output {out!r} exists; choose a new directory")
@@ -191,7 +211,7 @@ def average_checkpoints(paths: Sequence[str], out: str, weights: Sequence[float]
 
   try:  # The bar is closed before an error is printed.
     chosen = list(range(len(paths)))
-    if method == "mean":
+    if rule is not None and rule.name == "mean":
       merged = _streaming_mean(paths, weights, on_input)
     else:
       inputs = []
@@ -199,17 +219,16 @@ def average_checkpoints(paths: Sequence[str], out: str, weights: Sequence[float]
         inputs.append(checkpoint.load_variables(path))
         aggregate.check_finite([inputs[-1]], [path])
         on_input(i, lambda: inputs[-1])
-      if method == "greedy":
+      if rule is None:
         sign = 1.0 if task.mode == "max" else -1.0  # greedy_soup keeps higher scores.
         _, chosen, _ = aggregate.greedy_soup(inputs, lambda v: sign * evaluate(v)[task.headline])
         inputs, weights = [inputs[i] for i in chosen], [weights[i] for i in chosen]
-        params = aggregate.mean([v["params"] for v in inputs], weights)
-      elif method == "median":
-        params = aggregate.median([v["params"] for v in inputs])
+        merged_params = aggregate.mean([v["params"] for v in inputs], weights)
       else:
-        params = aggregate.trimmed_mean([v["params"] for v in inputs], trim)
+        merged_params = aggregate.aggregate_trees(rule, [v["params"] for v in inputs], weights,
+                                                  params=params)
       stats = [v["batch_stats"] for v in inputs]
-      merged = {"params": params,
+      merged = {"params": merged_params,
                 "batch_stats": aggregate.merge_batch_stats(stats, weights) if stats[0] else {}}
   finally:
     bar.close()
@@ -221,6 +240,13 @@ def average_checkpoints(paths: Sequence[str], out: str, weights: Sequence[float]
   if evaluate is not None:
     result.update(evaluate(merged))
   return MergeResult(jax.device_get(merged), rows + [result], chosen)
+
+
+def _rule(method: str) -> aggregate.Rule:
+  try:
+    return aggregate.get_rule(method)
+  except ValueError:
+    raise ValueError(f"method must be one of {methods()}, got {method!r}") from None
 
 
 def format_rows(result: MergeResult) -> str:

@@ -201,6 +201,8 @@ class ReplicaOptions(_FromConfig):
   warmup_steps: int
   communication_dtype: str
   baselines: tuple[str, ...]
+  aggregate: str = "mean"
+  trim_fraction: float = 0.1
 
   @property
   def inner_steps(self) -> int:
@@ -237,6 +239,11 @@ class ReplicaOptions(_FromConfig):
                                 lambda v: all(b in ("centralized", "sync", "single") for b in v),
                                 "names among 'centralized', 'sync' (both: batch N*B) and "
                                 "'single' (batch B)")),
+        # A name of fjt.aggregate's registry: fjt.replicas.aggregation_rule checks it.
+        aggregate=require(config, "replicas.aggregate", lambda v: isinstance(v, str) and v,
+                          "the name of an aggregation rule (fjt.aggregate.RULES)"),
+        trim_fraction=float(require(config, "replicas.trim_fraction",
+                                    lambda v: number(v) and 0 <= v < 0.5, "a number in [0, 0.5)")),
     )
 
 

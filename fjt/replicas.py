@@ -7,7 +7,8 @@ A round is one jit-compiled function::
   vmap over replicas (scan over local steps (train step))  ->  aggregate  ->  broadcast
 
 with the example counts ``n_k`` of the replicas' shards as weights: ``params`` by the weighted
-mean (optionally through a server optimizer), ``batch_stats`` by the exact pooled mean and
+mean or another rule of ``fjt.aggregate``'s registry (``replicas.aggregate``; optionally through
+a server optimizer), ``batch_stats`` by the exact pooled mean and
 variance of ``fjt.aggregate.merge_batch_stats``. On several devices the replica axis is sharded
 over mesh axis ``"replica"`` (and, with ``mesh.fsdp > 1``, each replica's state over an
 ``"fsdp"`` axis of its group of devices): each device trains its replicas, and the aggregation is a
@@ -53,6 +54,7 @@ from tqdm.auto import tqdm
 
 from fjt import checkpoint, optim, runs, sharding
 from fjt import data as fjt_data
+from fjt.aggregate import aggregate_stacked, get_rule, replica_batch_stats, replica_mean
 from fjt.checks import (NonFiniteLossError, check_finite, check_layout, check_model_fits_data,
                         prepare_workdir, resolve_task)
 from fjt.config import ConfigError
@@ -105,54 +107,6 @@ def local_step(model: nn.Module, tx: optax.GradientTransformation, state: TrainS
   """One optimizer step of one replica on ``batch``, un-jitted: ``fjt.steps.train_step_fn``
   with ``task`` (replicas keep no temporal averages)."""
   return train_step_fn(model, tx, task, rng_streams=rng_streams)(state, batch)
-
-
-def _per_replica(counts: jax.Array, x: jax.Array) -> jax.Array:
-  """``counts`` ``(N,)`` shaped to broadcast against ``x`` ``(N, ...)``."""
-  return counts.reshape((-1,) + (1,) * (x.ndim - 1))
-
-
-def replica_mean(tree: PyTree, counts: jax.Array) -> PyTree:
-  """Weighted mean over the leading replica axis: ``sum_k n_k x_k / sum_k n_k`` per leaf.
-
-  ``tree``'s leaves are ``(N, ...)``; ``counts`` is ``(N,)`` (e.g. example counts). Floating
-  leaves are accumulated in at least float32 and cast back; integer leaves (step counters) take
-  the maximum over replicas. The result has no replica axis. Traceable; over a sharded replica
-  axis the sums are all-reduces.
-  """
-  def mean(x):
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      return jnp.max(x, axis=0)
-    acc = jnp.promote_types(x.dtype, jnp.float32)
-    n = counts.astype(acc)
-    return (jnp.sum(_per_replica(n, x) * x.astype(acc), axis=0) / jnp.sum(n)).astype(x.dtype)
-
-  return jax.tree.map(mean, tree)
-
-
-def replica_batch_stats(stats: PyTree, counts: jax.Array, path: str = "batch_stats") -> PyTree:
-  """BatchNorm statistics of N replicas ``(N, features)`` merged into those of the union of their
-  data: per module, with ``n = sum_k n_k``::
-
-    mean = sum_k n_k * mean_k / n,   var = sum_k n_k * (var_k + (mean_k - mean)^2) / n
-
-  The formula of ``fjt.aggregate.merge_batch_stats`` on a stacked axis, traceable. Every leaf
-  must be the ``mean`` or ``var`` of a module; the error names ``path`` otherwise.
-  """
-  if isinstance(stats, Mapping) and set(stats) == {"mean", "var"} and \
-      not isinstance(stats["mean"], Mapping):
-    acc = jnp.promote_types(stats["mean"].dtype, jnp.float32)
-    means, variances = stats["mean"].astype(acc), stats["var"].astype(acc)
-    n = _per_replica(counts.astype(acc), means)
-    total = jnp.sum(counts.astype(acc))
-    mean = jnp.sum(n * means, axis=0) / total
-    var = jnp.sum(n * (variances + jnp.square(means - mean)), axis=0) / total
-    return type(stats)({"mean": mean.astype(stats["mean"].dtype),
-                        "var": var.astype(stats["var"].dtype)})
-  if isinstance(stats, Mapping):
-    return type(stats)({k: replica_batch_stats(v, counts, f"{path}/{k}") for k, v in stats.items()})
-  raise ValueError(f"{path} is not a BatchNorm statistic: batch_stats leaves are 'mean' and "
-                   "'var', one pair per BatchNorm module")
 
 
 def _broadcast(tree: PyTree, num: int) -> PyTree:
@@ -290,18 +244,30 @@ def sharded_layout(model: nn.Module, tx: optax.GradientTransformation,
   return one, replica_shardings(one, server, mesh)
 
 
+def aggregation_rule(opts: ReplicaOptions) -> tuple[str, dict[str, float]]:
+  """``(name, parameters)`` of the rule ``replicas.aggregate`` names (``fjt.aggregate.RULES``;
+  an unknown name is a ``ConfigError`` naming the key): ``trim`` is ``replicas.trim_fraction``
+  for the rules that take it."""
+  rule = get_rule(opts.aggregate, key="replicas.aggregate")
+  return rule.name, ({"trim": opts.trim_fraction} if "trim" in rule.params else {})
+
+
 def make_round(model: nn.Module, tx: optax.GradientTransformation,
                server_tx: optax.GradientTransformation | None = None, mesh: Mesh | None = None,
                optimizer_state: str = "keep", task: TaskLike = "classification",
                rng_streams: Sequence[str] = ("dropout",), communication_dtype: str = "float32",
-               layout: ReplicaState | None = None
+               layout: ReplicaState | None = None, aggregate: str = "mean",
+               aggregate_params: Mapping[str, Any] | None = None
                ) -> Callable[[ReplicaState, Batch, jax.Array], tuple[ReplicaState, Metrics]]:
   """``run_round(state, batches, counts) -> (state, metrics)``, jit-compiled, ``state`` donated.
 
   ``batches`` holds ``x`` ``(N, L, B, ...)`` and ``y`` ``(N, L, B, ...)``: replica ``k`` takes
   ``L`` local steps (``local_step`` with ``task``), step ``t`` on ``batches[k, t]``. Then, with ``counts``
-  ``(N,)`` the weights ``n_k``: params ``w <- w + server_tx.update(w - replica_mean(w_k))``
-  (the weighted mean itself when ``server_tx`` is None), ``batch_stats`` merged by
+  ``(N,)`` the weights ``n_k``: params ``w <- agg_k(w_k)``, or with a ``server_tx`` or bfloat16
+  communication ``w <- w + server_tx.update(g)`` (``w - g`` when ``server_tx`` is None) for the
+  pseudo-gradient ``g = agg_k(w - w_k)``; ``agg`` is the registered rule ``aggregate`` over the
+  replica axis (``fjt.aggregate.register``; ``aggregate_params`` over its defaults), by default
+  the weighted mean (for which both forms agree). ``batch_stats`` merged by
   ``replica_batch_stats``, optimizer states kept per replica (``"keep"``) or replaced by their
   ``replica_mean`` (``"average"``); the aggregate is broadcast to every replica. With
   ``communication_dtype="bfloat16"`` the pseudo-gradients ``w - w_k`` are averaged as bfloat16
@@ -316,6 +282,9 @@ def make_round(model: nn.Module, tx: optax.GradientTransformation,
     raise ConfigError(f"config key 'replicas.communication_dtype': expected one of "
                       f"{COMMUNICATION_DTYPES}, got {communication_dtype!r}")
   wire = jnp.dtype(communication_dtype)
+  rule = get_rule(aggregate, key="replicas.aggregate")
+  rule_params = rule.bind(aggregate_params)
+  combine = lambda tree, n: aggregate_stacked(rule, tree, n, rule_params)
 
   def run_round(state: ReplicaState, batches: Batch, counts: jax.Array
                 ) -> tuple[ReplicaState, Metrics]:
@@ -327,13 +296,13 @@ def make_round(model: nn.Module, tx: optax.GradientTransformation,
     trained, metrics = jax.vmap(train_replica)(start, batches)
     server_opt_state = state.server_opt_state
     if server_tx is None and wire == jnp.float32:
-      params = _broadcast(replica_mean(trained.params, n), num)
+      params = _broadcast(combine(trained.params, n), num)
     else:
-      # Rows of start.params are all the global params w, so w - mean_k(w_k) = mean_k(w - w_k),
-      # and w + update stays equal in every row without gathering w from one device.
+      # Rows of start.params are all the global params w, so w - agg_k(w_k) = agg_k(w - w_k)
+      # (for the mean; other rules aggregate the pseudo-gradients), and w + update stays equal
+      # in every row without gathering w from one device.
       sent = jax.tree.map(lambda w, w_k: (w - w_k).astype(wire), start.params, trained.params)
-      pseudo_grad = jax.tree.map(lambda g, w: g.astype(w.dtype), replica_mean(sent, n),
-                                 start.params)
+      pseudo_grad = jax.tree.map(lambda g, w: g.astype(w.dtype), combine(sent, n), start.params)
       if server_tx is None:  # Plain FedAvg: w - mean_k(w - w_k).
         updates = jax.tree.map(jnp.negative, pseudo_grad)
       else:
@@ -545,7 +514,8 @@ def _fit(options: RunOptions, workdir: str, model: nn.Module | None, dataset: Da
   communication = communication_bytes(state.params, opts)
   state = shard_state(replicate(state, num, server_tx), mesh, layout)
   run_round = make_round(model, tx, server_tx, mesh, opts.optimizer_state, task,
-                         train.rng_streams, opts.communication_dtype, layout)
+                         train.rng_streams, opts.communication_dtype, layout,
+                         *aggregation_rule(opts))
   weights = shard_replicas(np.asarray(counts, np.float32), mesh)
   mine = local_replicas(num, mesh)
   gather = jax.jit(lambda tree: tree, out_shardings=NamedSharding(mesh, P()))

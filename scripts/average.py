@@ -2,35 +2,64 @@
 
   python scripts/average.py --out runs/soup runs/seed0 runs/seed1 runs/seed2 --config configs/digits_mlp.py
 
-Params are averaged (--method mean|median|trimmed|greedy, --weights per input), BatchNorm
-statistics merged exactly. The result is a checkpoint that fjt.checkpoint.load and the train
-CLI's --config.init_from read. With --config, every input and the result are evaluated on
-that config's test split and printed as a table.
+Params are aggregated by --method (a rule of fjt.aggregate's registry, or greedy; --weights per
+input), BatchNorm statistics merged exactly. The result is a checkpoint that fjt.checkpoint.load
+and the train CLI's --config.init_from read. With --config, every input and the result are
+evaluated on that config's test split and printed as a table. --plugin MODULE imports a module
+that registers more rules (fjt.aggregate.register) before the flags are read.
 """
 
 import argparse
+import ast
+import importlib
 import sys
 
 
+def _plugins(argv) -> list[str]:
+  """The modules named by --plugin, read before the other flags (they add --method choices)."""
+  parser = argparse.ArgumentParser(add_help=False)
+  parser.add_argument("--plugin", action="append", default=[])
+  return parser.parse_known_args(argv)[0].plugin
+
+
+def _param(text: str) -> tuple[str, object]:
+  key, sep, value = text.partition("=")
+  if not sep:
+    raise argparse.ArgumentTypeError(f"--param {text!r}: expected NAME=VALUE, e.g. trim=0.2")
+  try:
+    return key, ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    return key, value
+
+
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  for module in _plugins(argv):
+    importlib.import_module(module)
+  from fjt import merge  # The registry gives the --method choices and their help.
+
+  parser = argparse.ArgumentParser(description=__doc__, epilog="methods:\n" + merge.describe_methods(),
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("inputs", nargs="+", help="run workdirs or checkpoint directories")
   parser.add_argument("--out", required=True, help="the new checkpoint directory")
   parser.add_argument("--weights", nargs="+", type=float, help="one weight per input (default equal)")
-  parser.add_argument("--method", default="mean", choices=("mean", "median", "trimmed", "greedy"))
-  parser.add_argument("--trim", type=float, default=0.2, help="fraction cut at each end (trimmed)")
+  parser.add_argument("--method", default="mean", choices=merge.methods(aliases=True),
+                      help="an aggregation rule or greedy (see below)")
+  parser.add_argument("--trim", type=float, default=0.2, help="fraction cut at each end (trimmed_mean; default 0.2)")
+  parser.add_argument("--param", action="append", type=_param, default=[],
+                      help="NAME=VALUE: a parameter of the rule (repeatable)")
+  parser.add_argument("--plugin", action="append", default=[],
+                      help="a module to import first, which registers rules (repeatable)")
   parser.add_argument("--config", help="evaluate inputs and result on this config's test split")
   parser.add_argument("--recompute_batch_stats", action="store_true",
                       help="re-estimate BatchNorm statistics on the config's training data")
   args = parser.parse_args(argv)
 
-  import fjt  # After argument parsing, so --help is instant.
-  from fjt import merge
+  import fjt
 
   def average() -> None:
     config = fjt.load_config(args.config) if args.config else None
     result = merge.average_checkpoints(args.inputs, args.out, args.weights, args.method, args.trim,
-                                       config, args.recompute_batch_stats)
+                                       config, args.recompute_batch_stats, params=dict(args.param))
     print(merge.format_rows(result))
 
   return fjt.cli.run(average)
