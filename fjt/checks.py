@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from fjt import data as fjt_data
 from fjt.config import ConfigError
 from fjt.data import Dataset
 from fjt.state import TrainState, model_kwargs
@@ -93,3 +94,13 @@ def check_batch_size(batch_size: int, dataset: Dataset, key: str = "train.batch_
   if batch_size > dataset.num_train:
     raise ConfigError(f"config key {key!r}: {batch_size} is larger than the "
                       f"{dataset.num_train} training examples")
+
+
+def metric_names(model: nn.Module, state: TrainState, dataset: Dataset, task: Task) -> list[str]:
+  """The names of the metrics ``evaluate`` reports for ``task`` on ``dataset`` (without the
+  ``ema_``/``swa_`` copies), found by tracing one batch, not computing it."""
+  batch = next(fjt_data.eval_batches(jax.tree.map(lambda v: v[:1], dataset.test), 1))
+  sums = jax.eval_shape(
+      lambda v: task.eval_sums(model.apply(v, batch["x"], **model_kwargs(model, False)), batch),
+      state.variables)
+  return sorted(task.metrics({k: np.float64(1.0) for k in sums}))

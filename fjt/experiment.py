@@ -1,10 +1,11 @@
 """A config to runs: its options read once, a pretraining run composed before it, and the right
-loop: one model (``fjt.train.fit``) or N replicas in rounds (``fjt.replicas.fit``). This is the
+loop: one model (``fjt.train.fit``) or N replicas in rounds (``fjt.replicas.program``). This is the
 one module that imports the loops; below it, code takes ``fjt.options`` objects."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from typing import Any
@@ -31,7 +32,8 @@ def fit(config: ml_collections.ConfigDict | RunOptions, workdir: str,
         desc: str | None = None) -> tuple[TrainState, dict[str, Any]]:
   """Trains ``config`` (or its ``RunOptions``); returns (final state, summary).
 
-  A config with a ``replicas`` group trains N replicas in rounds (``fjt.replicas.fit``); any
+  A config with a ``replicas`` group trains N replicas in rounds (``fjt.replicas.program``,
+  run by ``fjt.train.run``, the loop every run goes through) and then its baselines; any
   other is one model, data parallel over the devices (``fjt.train.fit``). A ``pretrain``
   config is trained first into ``WORKDIR/pretrain`` (resumable like any run), and the run
   starts from it unless ``init_from`` names another checkpoint. ``model``, ``dataset`` and
@@ -74,8 +76,12 @@ def _fit_replicas(options: RunOptions, workdir: str, model: nn.Module | None,
   their eval metrics join the summary as ``<name>_<metric>`` and their curves the plot."""
   dataset = dataset if dataset is not None else load_dataset(options.data)
   task = resolve_task(options.task, dataset, task)
-  final, summary = replicas.fit(options, workdir, model=model, dataset=dataset, task=task,
-                                progress=progress)
+  options = replicas.with_steps(options, options.replicas.inner_steps)
+  tic = time.perf_counter()
+  final, summary = train.run(
+      options, workdir, functools.partial(replicas.program, options, workdir, model, dataset, task),
+      progress)
+  summary["seconds"] = {"replicas": time.perf_counter() - tic}
   references = data_baselines(dataset)
   curves = {}
   for name in options.replicas.baselines:

@@ -212,7 +212,7 @@ class ReplicaOptions(_FromConfig):
   @classmethod
   def _read(cls, config: ml_collections.ConfigDict) -> ReplicaOptions:
     if not isinstance(config.get("replicas"), ml_collections.ConfigDict):
-      raise ConfigError("config has no group 'replicas', which fjt.replicas.fit requires")
+      raise ConfigError("config has no group 'replicas', which a replica run requires")
     number = _number
     return cls(
         num=require(config, "replicas.num", positive_int, "a positive int"),

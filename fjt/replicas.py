@@ -38,7 +38,6 @@ import dataclasses
 import functools
 import json
 import os
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -46,27 +45,25 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from tqdm.auto import tqdm
 
-from fjt import checkpoint, optim, runs, sharding
+from fjt import checkpoint, optim
 from fjt import data as fjt_data
 from fjt.aggregate import aggregate_stacked, get_rule, replica_batch_stats, replica_mean
 from fjt.checks import (NonFiniteLossError, check_finite, check_layout, check_model_fits_data,
-                        prepare_workdir, resolve_task)
+                        metric_names, resolve_task)
 from fjt.config import ConfigError
 from fjt.data import Dataset, baseline_lines, data_baselines
 from fjt.data import splits as fjt_splits
-from fjt.logs import RunLog
 from fjt.models import create_model
-from fjt.options import ReplicaOptions, RunOptions, TrainOptions, check_learning_rate
+from fjt.options import ReplicaOptions, RunOptions, check_learning_rate
+from fjt.program import Program, mean_row
 from fjt.sharding import (FSDP, Rules, create_mesh, logical_shardings, needs_lockstep,
-                          process_rows, put_global, put_like, put_replicated, put_split, to_host)
+                          process_rows, put_global, put_like, put_replicated, put_split)
 from fjt.state import PyTree, TrainState, boxed_abstract_state, create_state
-from fjt.steps import TaskLike, evaluate, make_eval_step, make_train_step, train_step_fn
+from fjt.steps import TaskLike, evaluate, make_eval_step, train_step_fn
 
 AXIS = "replica"
 SERVER_OPTIMIZERS = ("none", "momentum", "nesterov")  # Besides every name of fjt.optim.
@@ -142,19 +139,27 @@ def create_server_optimizer(name: str = "none", learning_rate: float = 1.0,
   return optim.make_optimizer(name, lr, arguments, group="replicas.server_optimizer")
 
 
+def _fold_rngs(rng: jax.Array, num: int) -> jax.Array:
+  """``(num, 2)``: ``fold_in(rng, r)`` for each replica ``r``."""
+  return jax.vmap(lambda r: jax.random.fold_in(rng, r))(jnp.arange(num))
+
+
 def replicate(state: TrainState, num_replicas: int,
-              server_tx: optax.GradientTransformation | None = None) -> ReplicaState:
+              server_tx: optax.GradientTransformation | None = None,
+              fold_rngs: bool = True) -> ReplicaState:
   """``num_replicas`` copies of ``state`` stacked on a leading axis, and the server's state.
 
   Every replica starts from the same params, batch statistics and optimizer state; replica
-  ``r``'s rng is ``fold_in(state.rng, r)``, so their dropout masks differ.
+  ``r``'s rng is ``fold_in(state.rng, r)``, so their dropout masks differ (with ``fold_rngs``;
+  else every row keeps ``state.rng``, for the warm start, ``make_warm_step``).
   """
   if isinstance(num_replicas, bool) or not isinstance(num_replicas, int) or num_replicas < 1:
     raise ConfigError(f"config key 'replicas.num': expected a positive int, got {num_replicas!r}")
   if jax.tree.leaves(state.averages):
     raise ConfigError(_NO_AVERAGES)
-  replicas = _broadcast(state, num_replicas).replace(
-      rng=jax.vmap(lambda r: jax.random.fold_in(state.rng, r))(jnp.arange(num_replicas)))
+  replicas = _broadcast(state, num_replicas)
+  if fold_rngs:
+    replicas = replicas.replace(rng=_fold_rngs(state.rng, num_replicas))
   return ReplicaState(replicas, server_tx.init(state.params) if server_tx else ())
 
 
@@ -407,153 +412,145 @@ def split_report(dataset: Dataset, shards: Sequence[np.ndarray], opts: ReplicaOp
   return report
 
 
-def _warm_start(model, tx, task, state: TrainState, dataset: Dataset, options: TrainOptions,
-                seed: int, global_batch: int, steps: int, mesh: Mesh, log: RunLog,
-                progress: bool = True) -> TrainState:
-  """``steps`` synchronous data-parallel steps of ``state`` on batches of ``global_batch`` (the
-  warm start of DiLoCo), over the devices of ``mesh``; logs their train metrics (and, with
-  ``progress``, a progress bar on the first process)."""
-  state = put_replicated(state, mesh)
-  train_step = make_train_step(model, tx, task, mesh=mesh, rng_streams=options.rng_streams)
-  rows = process_rows(global_batch, mesh)
-  window = []
-  bar = tqdm(range(steps), disable=not (progress and jax.process_index() == 0), desc="warm start",
-             unit="step", dynamic_ncols=True)
-  for step in bar:
-    local = fjt_data.get_batch(dataset.train, seed, step, global_batch, rows)
-    state, metrics = train_step(state, put_split(local, mesh, global_batch))
-    if needs_lockstep(mesh):
-      jax.block_until_ready(metrics)
-    window.append(metrics)
-    if (step + 1) % options.log_every == 0 or step + 1 == steps:
-      window = to_host(window)
-      check_finite(window, step + 1 - len(window))  # Warm-start steps, not a round.
-      log.write(step + 1, "train", {k: float(np.mean([m[k] for m in window])) for k in window[0]})
-      window = []
-  return to_host(state)
+def make_warm_step(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,
+                   task: TaskLike = "classification", rng_streams: Sequence[str] = ("dropout",),
+                   layout: ReplicaState | None = None
+                   ) -> Callable[[ReplicaState, Batch, bool], tuple[ReplicaState, Metrics]]:
+  """``warm_step(state, batch, last) -> (state, metrics)``, jit-compiled, ``state`` donated: one
+  synchronous data-parallel step (DiLoCo's warm start) of the model every replica holds (all
+  rows of ``state`` are equal) on the global ``batch`` split over every device of ``mesh``,
+  broadcast back to every row. With ``last``, the replicas' rngs are then folded with their
+  index, as ``replicate`` does before the first round."""
+  step = train_step_fn(model, tx, task, rng_streams=rng_streams)
+  axes = tuple(mesh.axis_names)
+
+  def warm_step(state: ReplicaState, batch: Batch, last: bool) -> tuple[ReplicaState, Metrics]:
+    num = state.num_replicas
+    one, metrics = step(jax.tree.map(lambda x: x[0], state.replicas), batch)
+    replicas = _broadcast(one, num)
+    if last:
+      replicas = replicas.replace(rng=_fold_rngs(one.rng, num))
+    return ReplicaState(replicas, state.server_opt_state), metrics
+
+  shardings = ReplicaState(NamedSharding(mesh, P(AXIS)), NamedSharding(mesh, P())) \
+      if layout is None else layout
+  return jax.jit(warm_step, static_argnums=2, donate_argnums=0,
+                 in_shardings=(shardings, NamedSharding(mesh, P(axes))),
+                 out_shardings=(shardings, NamedSharding(mesh, P())))
 
 
-def fit(config: ml_collections.ConfigDict | RunOptions, workdir: str,
-        model: nn.Module | None = None, dataset: Dataset | None = None,
-        task: TaskLike | None = None, progress: bool = True) -> tuple[TrainState, dict[str, Any]]:
-  """Trains ``config.replicas.num`` replicas for ``rounds`` rounds and evaluates the aggregate;
-  returns (global state, summary). ``config``: a config or its ``fjt.options.RunOptions``.
+def _round_metrics(window: list[Mapping[str, np.ndarray]]) -> dict[str, float]:
+  """A round's train row: each metric's mean over replicas and local steps, and each replica's
+  mean loss (``replica_<k>_loss``), so a diverging replica shows."""
+  row = mean_row(window)
+  losses = np.mean(np.stack([m["loss"] for m in window]), axis=(0, 2))  # (N,)
+  row.update({f"replica_{k}_loss": float(v) for k, v in enumerate(losses)})
+  return row
 
-  ``config.replicas``: ``num``, ``split`` (``iid`` | ``dirichlet`` | ``by_source``, see
-  ``split_dataset``), ``alpha`` and ``min_size`` (dirichlet), ``seed`` (of the split),
-  ``local_steps``, ``rounds``, ``warmup_steps``, ``server_optimizer``, ``server_learning_rate``,
-  ``server_momentum``, ``optimizer_state``, ``communication_dtype``; its ``baselines`` are
-  trained beside by ``fjt.fit`` (``fjt.experiment``), not here.
-  ``train.batch_size`` is each replica's batch size B; ``train.steps`` is set to
-  ``warmup_steps + rounds * local_steps`` (each replica's optimizer steps, which the
-  learning-rate schedule spans). Replica ``k``'s batches are ``fjt.data.splits.replica_batches``
-  of its shard with seed ``config.seed``. ``model``, ``dataset`` and ``task`` replace what the
-  config names, as in ``fjt.train.fit``.
 
-  Writes to ``workdir`` (``fjt.logs.RunLog``): ``config.json``, ``splits.json``
-  (``split_report``: examples, and examples per class or per source, of each replica),
-  ``metrics.jsonl`` (per round: ``train`` metrics averaged over replicas and local steps,
-  ``eval`` of the aggregate on the test split, at inner steps), ``metrics.png``, the final global
-  state in ``final/``, and ``summary.json`` = ``{"step": rounds, "eval": {the task's metrics,
-  the data's baselines (``unigram_perplexity``)}, "replicas": {...}, "communication": {...},
-  "seconds": {...}}``.
+def program(options: RunOptions, workdir: str, model: nn.Module | None = None,
+            dataset: Dataset | None = None, task: TaskLike | None = None) -> Program:
+  """N replicas in rounds as a ``fjt.program.Program`` of the one loop (``fjt.train.run``).
+
+  Its state is a ``ReplicaState`` from the first step: the ``warmup_steps`` iterations of the
+  warm start (``make_warm_step``: every row holds the one model), then ``rounds`` iterations of
+  ``make_round``. Steps count each replica's optimizer steps (a round is ``local_steps`` of
+  them), as ``train.steps``, ``checkpoint.every_steps`` and ``metrics.jsonl`` do. The warm start
+  logs every ``train.log_every`` steps and is evaluated at its end; every round logs a train row
+  (with each replica's loss) and evaluates the aggregate. ``finish`` saves the global model in
+  ``WORKDIR/final`` and returns it with the summary. ``options.train.steps`` must be
+  ``replicas.inner_steps`` (``with_steps``).
   """
-  options = config if isinstance(config, RunOptions) else RunOptions.from_config(config)
-  opts = options.replicas
-  if opts is None:
-    raise ConfigError("config has no group 'replicas', which fjt.replicas.fit requires")
-  options = with_steps(options, opts.inner_steps)
-  if options.averaging.ema_decay or options.averaging.swa_every:
-    raise ConfigError(_NO_AVERAGES)
-  prepare_workdir(workdir)
-  sharding.check_same_config(runs.as_record(options.config), os.path.abspath(workdir),
-                             options.distributed.timeout_s)
-  # A workdir's final state is its result: a rerun with another config is refused, as in fit.
-  with runs.WorkdirLock(workdir, enabled=jax.process_index() == 0):
-    runs.check_rerun(workdir, options.config, os.path.isdir(os.path.join(workdir, "final")))
-    return _fit(options, workdir, model, dataset, task, progress)
-
-
-def _fit(options: RunOptions, workdir: str, model: nn.Module | None, dataset: Dataset | None,
-         task: TaskLike | None, progress: bool) -> tuple[TrainState, dict[str, Any]]:
   opts, train = options.replicas, options.train
   rounds, local_steps, num, warmup = opts.rounds, opts.local_steps, opts.num, opts.warmup_steps
   main = jax.process_index() == 0  # Only process 0 writes files other than checkpoints.
+  if options.averaging.ema_decay or options.averaging.swa_every:
+    raise ConfigError(_NO_AVERAGES)
+  rule = aggregation_rule(opts)
   dataset = dataset if dataset is not None else fjt_data.load_dataset(options.data)
   task = resolve_task(options.task, dataset, task)
-
   shards = split_dataset(dataset, opts)
   counts = [len(s) for s in shards]
   report = split_report(dataset, shards, opts)
-  log = RunLog(workdir, options.config, enabled=main)
   if main:
     with open(os.path.join(workdir, "splits.json"), "w", encoding="utf-8") as f:
       json.dump(report, f, indent=2)
 
-  tic = time.perf_counter()
   mesh = replica_mesh(num, fsdp=options.sharding.mesh.get(FSDP, 1))
   model = create_model(options.model) if model is None else model
   check_layout(model, dataset)
   example = jax.tree.map(lambda v: v[:1], dataset.train["x"])
-  model, tx, state = create_state(options, example, model, train.rng_streams)
-  check_model_fits_data(model, state, dataset, task)
+  model, tx, one_state = create_state(options, example, model, train.rng_streams)
+  check_model_fits_data(model, one_state, dataset, task)
   server_tx = create_server_optimizer(opts.server_optimizer, opts.server_learning_rate,
                                      opts.server_momentum)
   one, layout = None, None
   if FSDP in mesh.shape:  # Each replica's state split over its group's fsdp devices.
     one, layout = sharded_layout(model, tx, server_tx, example, mesh, options.sharding.rules,
                                  train.rng_streams)
+  state = shard_state(replicate(one_state, num, server_tx, fold_rngs=not warmup), mesh, layout)
+  communication = communication_bytes(one_state.params, opts)
   data_mesh = Mesh(mesh.devices, ("data",))  # Evaluation splits test batches over the devices.
   eval_step = make_eval_step(model, task, mesh=data_mesh)
   eval_batch_size = -(-train.eval_batch_size // mesh.size) * mesh.size
-  if warmup:
-    state = _warm_start(model, tx, task, state, dataset, train, options.seed,
-                        num * train.batch_size, warmup, data_mesh, log, progress)
-    log.write(warmup, "eval", evaluate(eval_step, put_replicated(state, data_mesh), dataset.test,
-                                       eval_batch_size, averages=False, mesh=data_mesh))
-  communication = communication_bytes(state.params, opts)
-  state = shard_state(replicate(state, num, server_tx), mesh, layout)
   run_round = make_round(model, tx, server_tx, mesh, opts.optimizer_state, task,
-                         train.rng_streams, opts.communication_dtype, layout,
-                         *aggregation_rule(opts))
+                         train.rng_streams, opts.communication_dtype, layout, *rule)
+  warm_step = make_warm_step(model, tx, mesh, task, train.rng_streams, layout)
   weights = shard_replicas(np.asarray(counts, np.float32), mesh)
   mine = local_replicas(num, mesh)
+  global_batch = num * train.batch_size
+  warm_rows = process_rows(global_batch, mesh, tuple(mesh.axis_names)) if warmup else None
   gather = jax.jit(lambda tree: tree, out_shardings=NamedSharding(mesh, P()))
-  try:
-    with tqdm(total=rounds, disable=not (progress and main), desc="rounds", unit="round",
-              dynamic_ncols=True) as bar:
-      for r in range(rounds):
-        # Each process builds only the batches of its own replicas.
-        batches = fjt_splits.replica_batches(dataset.train, [shards[k] for k in mine],
-                                             options.seed, warmup + r * local_steps, local_steps,
-                                             train.batch_size, first_replica=mine.start)
-        state, metrics = run_round(state, put_local_replicas(batches, mesh, num), weights)
-        metrics = to_host(gather(metrics))
-        _check_finite(metrics["loss"], r + 1)
-        inner = warmup + (r + 1) * local_steps  # Rows are at inner steps, as the baselines'.
-        log.write(inner, "train", {k: float(np.mean(v)) for k, v in metrics.items()})
-        eval_metrics = evaluate(eval_step, global_state(state, mesh), dataset.test,
-                                eval_batch_size, averages=False, mesh=data_mesh)
-        log.write(inner, "eval", eval_metrics)
-        bar.set_postfix({task.headline: f"{eval_metrics[task.headline]:.4f}"}, refresh=False)
-        bar.update()
-  finally:
-    log.close()
-  final = global_state(state, mesh, one)
-  checkpoint.save(os.path.join(workdir, "final"), final, force=True)
+  ends = [*range(1, warmup + 1), *(warmup + (r + 1) * local_steps for r in range(rounds))]
 
-  summary = {
-      "step": rounds,
-      "eval": {**eval_metrics, **data_baselines(dataset)},
-      "replicas": {**{k: v for k, v in report.items() if k != "sources"},  # In splits.json.
-                   "local_steps": local_steps, "rounds": rounds,
-                   "warmup_steps": warmup, "batch_size": train.batch_size,
-                   "server_optimizer": opts.server_optimizer,
-                   "server_learning_rate": opts.server_learning_rate,
-                   "server_momentum": opts.server_momentum,
-                   "optimizer_state": opts.optimizer_state},
-      "communication": communication,
-      "seconds": {"replicas": time.perf_counter() - tic},
-  }
-  log.finish(summary, task.headline, baseline_lines(dataset))
-  return final, summary
+  def step(state: ReplicaState, i: int) -> tuple[ReplicaState, Metrics]:
+    if i < warmup:
+      local = fjt_data.get_batch(dataset.train, options.seed, i, global_batch, warm_rows)
+      return warm_step(state, put_split(local, mesh, global_batch, tuple(mesh.axis_names)),
+                       i == warmup - 1)
+    first = warmup + (i - warmup) * local_steps
+    # Each process builds only the batches of its own replicas.
+    batches = fjt_splits.replica_batches(dataset.train, [shards[k] for k in mine], options.seed,
+                                         first, local_steps, train.batch_size,
+                                         first_replica=mine.start)
+    state, metrics = run_round(state, put_local_replicas(batches, mesh, num), weights)
+    return state, gather(metrics)
+
+  def row(window):
+    return _round_metrics(window) if np.ndim(window[0]["loss"]) == 2 else mean_row(window)
+
+  def check(window, first_done):
+    if np.ndim(window[0]["loss"]) != 2:
+      return check_finite(window, first_done)  # Warm-start steps, not a round.
+    for offset, metrics in enumerate(window):
+      _check_finite(metrics["loss"], (first_done - warmup) // local_steps + offset + 1)
+
+  def finish(state: ReplicaState, eval_metrics: dict[str, float]):
+    final = global_state(state, mesh, one)
+    checkpoint.save(os.path.join(workdir, "final"), final, force=True)
+    summary = {
+        "step": rounds,
+        "eval": {**eval_metrics, **data_baselines(dataset)},
+        "replicas": {**{k: v for k, v in report.items() if k != "sources"},  # In splits.json.
+                     "local_steps": local_steps, "rounds": rounds,
+                     "warmup_steps": warmup, "batch_size": train.batch_size,
+                     "server_optimizer": opts.server_optimizer,
+                     "server_learning_rate": opts.server_learning_rate,
+                     "server_momentum": opts.server_momentum,
+                     "optimizer_state": opts.optimizer_state,
+                     "aggregate": rule[0], **rule[1]},
+        "communication": communication,
+    }
+    return final, summary
+
+  names = metric_names(model, one_state, dataset, task)
+  return Program(
+      state=state, ends=ends, step=step,
+      evaluate=lambda state: evaluate(eval_step, global_state(state, mesh), dataset.test,
+                                      eval_batch_size, averages=False, mesh=data_mesh),
+      log_at=lambda i, done: i >= warmup - 1 or done % train.log_every == 0,
+      eval_at=lambda i, done: i >= warmup - 1,
+      row=row, check=check, start=lambda state: state, finish=finish,
+      task=task.name, metric_names=names, headline=task.headline, mode=task.mode,
+      baselines=baseline_lines(dataset), lockstep=needs_lockstep(mesh),
+      desc="replicas", unit="step")

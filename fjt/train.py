@@ -23,7 +23,7 @@ from fjt import data as fjt_data
 from fjt.averaging import TemporalAveraging
 from fjt.checkpoint import CheckpointError, LoadReport
 from fjt.checks import (check_batch_size, check_finite, check_layout, check_model_fits_data,
-                        prepare_workdir, resolve_task)
+                        metric_names, prepare_workdir, resolve_task)
 from fjt.config import ConfigError
 from fjt.data import Dataset, baseline_lines, data_baselines
 from fjt.logs import RunLog, say
@@ -31,9 +31,8 @@ from fjt.models import create_model
 from fjt.options import RunOptions
 from fjt.preemption import StopSignals, StoppedBySignal
 from fjt.program import Program, mean_row
-from fjt.state import TrainState, create_state, model_kwargs
+from fjt.state import TrainState, create_state
 from fjt.steps import TaskLike, evaluate, make_eval_step, make_train_step
-from fjt.tasks import Task
 
 
 def _say_resuming(start: int, steps: int, directory: str, changes: list[runs.Change]) -> None:
@@ -97,16 +96,6 @@ def _create_mesh(options: RunOptions) -> Mesh:
       options.sharding.mesh,
       {"train.batch_size": train.batch_size // train.grad_accum_steps,
        "train.eval_batch_size": train.eval_batch_size})
-
-
-def metric_names(model: nn.Module, state: TrainState, dataset: Dataset, task: Task) -> list[str]:
-  """The names of the metrics ``evaluate`` reports for ``task`` on ``dataset`` (without the
-  ``ema_``/``swa_`` copies), found by tracing one batch, not computing it."""
-  batch = next(fjt_data.eval_batches(jax.tree.map(lambda v: v[:1], dataset.test), 1))
-  sums = jax.eval_shape(
-      lambda v: task.eval_sums(model.apply(v, batch["x"], **model_kwargs(model, False)), batch),
-      state.variables)
-  return sorted(task.metrics({k: np.float64(1.0) for k in sums}))
 
 
 def _count_first_step(bar: tqdm, steps: int = 1) -> None:

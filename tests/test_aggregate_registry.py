@@ -242,5 +242,5 @@ def test_fit_passes_the_configured_rule_to_its_rounds(tmp_path, monkeypatch):
     return make_round(*args, **kwargs)
 
   monkeypatch.setattr(fjt.replicas, "make_round", spy)
-  fjt.replicas.fit(config, str(tmp_path), progress=False)
+  fjt.fit(config, str(tmp_path), progress=False)
   assert seen == [("trimmed_mean", {"trim": 0.25})]

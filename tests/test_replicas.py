@@ -207,11 +207,11 @@ def test_config_errors_name_the_key():
   config = fjt.load_config(os.path.join(ROOT, "configs", "digits_fedavg.py"))
   config.replicas.split = "shards"
   with pytest.raises(fjt.ConfigError, match="replicas.split"):
-    fjt.replicas.fit(config, "/nonexistent/never-written")
+    fjt.fit(config, "/nonexistent/never-written")
   config = fjt.load_config(os.path.join(ROOT, "configs", "digits_fedavg.py"))
   config.ema.decay = 0.9
   with pytest.raises(fjt.ConfigError, match="ema.decay"):
-    fjt.replicas.fit(config, "/nonexistent/never-written")
+    fjt.fit(config, "/nonexistent/never-written")
 
 
 def test_fit_writes_its_workdir(tmp_path):
@@ -242,7 +242,7 @@ def test_fit_writes_its_workdir(tmp_path):
   config.optimizer.learning_rate /= 2  # The results in the workdir would be stale: refused.
   with pytest.raises(fjt.ConfigError, match="holds a run made with a different config: "
                                             "optimizer.learning_rate 0.05 -> 0.025"):
-    fjt.replicas.fit(config, str(tmp_path), progress=False)
+    fjt.fit(config, str(tmp_path), progress=False)
 
 
 CHILD = r"""
