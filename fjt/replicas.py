@@ -50,7 +50,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from fjt import checkpoint, runs, sharding
+from fjt import checkpoint, distributed, runs, sharding
 from fjt import data as fjt_data
 from fjt import train as fjt_train
 from fjt.averaging import TemporalAveraging
@@ -527,8 +527,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module | None
   check_model_widths(config)
   check_optimizer_config(config.optimizer)
   fjt_train.prepare_workdir(workdir)
-  sharding.check_same_config(runs.as_record(config), os.path.abspath(workdir),
-                             float(config.distributed.timeout_s))
+  distributed.check_same_config(runs.as_record(config), os.path.abspath(workdir),
+                                float(config.distributed.timeout_s))
   # A workdir's final state is its result: a rerun with another config is refused, as in fit.
   with runs.WorkdirLock(workdir, enabled=jax.process_index() == 0):
     runs.check_rerun(workdir, config, os.path.isdir(os.path.join(workdir, "final")))

@@ -17,7 +17,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from fjt import accelerators, checkpoint, runs, sharding
+from fjt import accelerators, checkpoint, distributed, runs, sharding
 from fjt import data as fjt_data
 from fjt.averaging import TemporalAveraging
 from fjt.checkpoint import CheckpointError, LoadReport
@@ -244,7 +244,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module | None
   that starts from ``init_from``/``pretrain``).
 
   Before any work: the settings are checked (``fjt.options``, ``fjt.optim``); the processes of
-  a multi-process run compare their configs (``fjt.sharding.check_same_config``); the workdir
+  a multi-process run compare their configs (``fjt.distributed.check_same_config``); the workdir
   is locked (``fjt.runs.WorkdirLock``) and, if it holds checkpoints, the config is compared
   with the one they were made with (``fjt.runs.check_rerun``): a change that alters the
   result is an error, a larger ``train.steps`` continues the run (the learning-rate schedule
@@ -255,7 +255,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module | None
   current step, saves it and raises ``fjt.preemption.StoppedBySignal``. Over the mesh of
   ``config.mesh`` (default: every device on the ``data`` axis): the batch split over ``data`` x
   ``fsdp``, the state created and kept sharded by ``config.sharding_rules`` (``fjt.sharding``;
-  a run may resume on another mesh), across all the processes of a ``jax.distributed`` run; a peer that stops answering is ``fjt.sharding.PeerLostError``;
+  a run may resume on another mesh), across all the processes of a ``jax.distributed`` run; a peer that stops answering is ``fjt.distributed.PeerLostError``;
   only process 0 writes files other than checkpoints. Writes to ``workdir`` (``fjt.logs.RunLog``):
   ``config.json``, ``metrics.jsonl`` (one object per logged step: step, split, metrics),
   TensorBoard events, ``metrics.png``, checkpoints, and ``summary.json`` =
@@ -268,8 +268,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module | None
   check_optimizer_config(config.optimizer)
   accelerators.request_determinism(accel.deterministic)
   prepare_workdir(workdir, subdirs=("checkpoints",))
-  sharding.check_same_config(runs.as_record(config), os.path.abspath(workdir),
-                             float(config.distributed.timeout_s))
+  distributed.check_same_config(runs.as_record(config), os.path.abspath(workdir),
+                                float(config.distributed.timeout_s))
   with runs.WorkdirLock(workdir, enabled=jax.process_index() == 0), \
       accelerators.precision(accel.matmul_precision):
     has_results = bool(checkpoint.step_dirs(os.path.join(workdir, "checkpoints")))
@@ -329,7 +329,7 @@ def _fit(config: ml_collections.ConfigDict, workdir: str, options: TrainOptions,
   steps, checkpoint_every = options.steps, ckpt.every_steps or options.steps
   rows = sharding.process_rows(options.batch_size, mesh)
   lockstep = sharding.needs_lockstep(mesh)
-  watchdog = (sharding.Watchdog(float(config.distributed.timeout_s))
+  watchdog = (distributed.Watchdog(float(config.distributed.timeout_s))
               if jax.process_count() > 1 else None)
   log = RunLog(workdir, config, start_step=start, enabled=main)
   window, window_start, tic = [], start, time.perf_counter()
@@ -384,7 +384,7 @@ def _fit(config: ml_collections.ConfigDict, workdir: str, options: TrainOptions,
   except jax.errors.JaxRuntimeError as e:
     if jax.process_count() == 1:
       raise
-    lost = sharding.peer_lost(e, done + 1)  # A collective failed: a peer is gone.
+    lost = distributed.peer_lost(e, done + 1)  # A collective failed: a peer is gone.
     raise lost from e
   finally:
     log.close()

@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     fjt.accelerators.request_determinism(fjt.AcceleratorOptions.from_config(config).deterministic)
     distributed = (args.coordinator, args.num_processes, args.process_id)
     if any(v is not None for v in distributed) or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-      fjt.sharding.initialize_distributed(*distributed, timeout_s=int(config.distributed.timeout_s))
+      fjt.distributed.initialize_distributed(*distributed, timeout_s=int(config.distributed.timeout_s))
     workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
     if args.restart:
       fjt.runs.restart(workdir)
@@ -63,10 +63,10 @@ def main(argv=None) -> int:
   except fjt.StoppedBySignal as e:
     print(f"fjt: {e}", file=sys.stderr)
     return fjt.preemption.EXIT_STOPPED
-  except fjt.sharding.PeerLostError as e:
+  except fjt.distributed.PeerLostError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     # Not sys.exit: JAX's shutdown would wait on the lost peer and abort with C++ text.
-    os._exit(fjt.sharding.EXIT_PEER_LOST)
+    os._exit(fjt.distributed.EXIT_PEER_LOST)
   print(f"{workdir}: step {summary['step']}, " +
         ", ".join(f"{k} {v:.4f}" for k, v in summary["eval"].items()))
   return 0
