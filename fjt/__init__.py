@@ -7,8 +7,9 @@ The public API, re-exported flat::
   summary = fjt.train_and_evaluate(config, "runs/digits_mlp")
 """
 
-from fjt import (accelerators, aggregate, averaging, checkpoint, data, distributed, merge, models,
-                 preemption, replicas, runs, sharding, steps, summary, tasks)
+from fjt import (accelerators, activations, aggregate, averaging, checkpoint, data, distributed,
+                 embeddings, merge, models, preemption, replicas, runs, sharding, steps, summary,
+                 tasks)
 from fjt.config import ConfigError, apply_overrides, load_config
 from fjt.data import Dataset, get_batch, load_dataset
 from fjt.experiment import train_and_evaluate

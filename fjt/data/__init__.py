@@ -15,7 +15,7 @@ from fjt import config as fjt_config
 from fjt.config import ConfigError
 from fjt.data import arrays, digits, text, text_files, tokens
 from fjt.data.batching import batch_indices, eval_batches, get_batch, steps_per_epoch
-from fjt.data.dataset import Dataset, Sources, num_examples
+from fjt.data.dataset import Dataset, Sources, dataset_vocabulary, num_examples
 
 DATASETS: dict[str, Callable[..., Dataset]] = {
     "digits": digits.load,
@@ -68,5 +68,5 @@ def load_dataset(config: Mapping) -> Dataset:
   return dataset
 
 
-__all__ = ["DATASETS", "Dataset", "Sources", "batch_indices", "eval_batches", "get_batch",
-           "load_dataset", "num_examples", "register", "steps_per_epoch"]
+__all__ = ["DATASETS", "Dataset", "Sources", "batch_indices", "dataset_vocabulary", "eval_batches",
+           "get_batch", "load_dataset", "num_examples", "register", "steps_per_epoch"]
