@@ -122,8 +122,8 @@ def state_table(source, stats: bool = False, freeze: Sequence[str] = (),
     status = ""
     if collection == "params":
       status = "frozen" if any(re.search(f, full) for f in freeze) else "trainable"
-    read = stats and not isinstance(leaf, jax.ShapeDtypeStruct)
-    leaf_stats = finite_stats(leaf) if read else None
+    has_values = stats and not isinstance(leaf, jax.ShapeDtypeStruct)
+    leaf_stats = finite_stats(leaf) if has_values else None
     spec = sharding.partition_spec(leaf)
     rows.append(Row(full if bare_params else path, key.replace("/", "."), collection, shape,
                     dtype.name, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize, status,
