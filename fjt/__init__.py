@@ -11,8 +11,9 @@ Three words, three things: ``fjt.averaging`` averages one run's weights over tim
 merges), ``fjt.merge`` does that to checkpoints on disk (``scripts/average.py``).
 """
 
-from fjt import (accelerators, aggregate, averaging, checkpoint, checks, cli, data, merge, models,
-                 optim, options, preemption, replicas, runs, sharding, steps, summary, tasks)
+from fjt import (accelerators, activations, aggregate, averaging, checkpoint, checks, cli, data,
+                 distributed, embeddings, merge, models, optim, options, preemption, replicas, runs,
+                 sharding, steps, summary, tasks)
 from fjt.checkpoint import CheckpointError
 from fjt.checks import NonFiniteLossError
 from fjt.config import ConfigError, apply_overrides, load_config
@@ -26,7 +27,7 @@ from fjt.optim import create_learning_rate_fn, create_optimizer
 from fjt.optim import register as register_optimizer
 from fjt.options import AcceleratorOptions, RunOptions
 from fjt.preemption import StoppedBySignal
-from fjt.sharding import PeerLostError
+from fjt.distributed import PeerLostError
 from fjt.state import TrainState, create_from_config, create_train_state, init_variables
 from fjt.steps import evaluate, make_eval_step, make_train_step, train_step_fn
 from fjt.tasks import TASKS, Task, register_task
@@ -47,7 +48,7 @@ __all__ = [
     "CheckpointError", "NonFiniteLossError", "PeerLostError", "StateDictMismatch",
     "StoppedBySignal",
     # Modules.
-    "accelerators", "aggregate", "averaging", "checkpoint", "checks", "cli", "data", "merge",
-    "models", "optim", "options", "preemption", "replicas", "runs", "sharding", "steps",
-    "summary", "tasks",
+    "accelerators", "activations", "aggregate", "averaging", "checkpoint", "checks", "cli", "data",
+    "distributed", "embeddings", "merge", "models", "optim", "options", "preemption", "replicas",
+    "runs", "sharding", "steps", "summary", "tasks",
 ]

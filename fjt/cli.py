@@ -21,7 +21,7 @@ from fjt.checkpoint import CheckpointError, CheckpointMismatchError
 from fjt.checks import NonFiniteLossError
 from fjt.config import ConfigError
 from fjt.preemption import EXIT_STOPPED, StoppedBySignal
-from fjt.sharding import EXIT_PEER_LOST, PeerLostError
+from fjt.distributed import EXIT_PEER_LOST, PeerLostError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 

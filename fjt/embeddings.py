@@ -1,5 +1,5 @@
 """Word vectors: rows of an ``nn.Embed`` table looked up by word, and nearest neighbours by cosine
-similarity. Pure functions of arrays and a vocabulary; ``fjt.summary.run_vocabulary`` gives a run's
+similarity. Pure functions of arrays and a vocabulary; ``fjt.runs.run_vocabulary`` gives a run's
 vocabulary and ``scripts/embeddings.py`` prints them."""
 
 from __future__ import annotations

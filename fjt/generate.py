@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import functools
-import json
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
-from fjt import checkpoint
+from fjt import checkpoint, runs
 from fjt.data import load_dataset
 from fjt.data.tokenizer import Tokenizer, load_tokenizer
 from fjt.models import create_model
@@ -86,14 +83,9 @@ def generate(model: GPT, params: PyTree, prompt_ids: jax.Array, num_tokens: int,
 
 
 def load_run(workdir: str) -> tuple[GPT, PyTree, Tokenizer]:
-  """The model of run ``workdir`` (its ``config.json``), the params of its newest checkpoint
-  and the tokenizer of its data (``dataset.info["tokenizer"]``)."""
-  config_file = os.path.join(workdir, "config.json")
-  try:
-    with open(config_file, encoding="utf-8") as f:
-      config = ml_collections.ConfigDict(json.load(f))
-  except (OSError, json.JSONDecodeError) as e:
-    raise ValueError(f"{workdir!r} is not a training run: cannot read {config_file!r} ({e})") from e
+  """The model of run ``workdir`` (its ``config.json``, ``fjt.runs.run_config``), the params of
+  its newest checkpoint and the tokenizer of its data (``dataset.info["tokenizer"]``)."""
+  config = runs.run_config(workdir)
   model = create_model(config.model)
   if not isinstance(model, GPT):
     raise ValueError(f"run {workdir!r} trained model {config.model.name!r}; sampling needs a "

@@ -8,6 +8,10 @@ logging, evaluation, checkpoint cadence and retention, timeouts, the device mesh
 ``train.steps`` continues the run. ``move_aside`` renames a workdir so a run can start over in
 place (``scripts/train.py --restart``); nothing is deleted. ``WorkdirLock`` keeps a second run off
 a workdir that a live process is using; the kernel drops the lock of a killed process.
+
+This module is the one reader of ``config.json``: ``read_record`` (a workdir's) and
+``find_record`` (the run around a checkpoint). ``run_config``, ``load_model`` and
+``run_vocabulary`` give back a run's config, model and variables, and vocabulary.
 """
 
 from __future__ import annotations
@@ -17,12 +21,15 @@ import fcntl
 import json
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ml_collections
 
 from fjt.config import RUN_DEFAULTS, ConfigError
 from fjt.logs import say
+
+if TYPE_CHECKING:
+  import flax.linen as nn
 
 RECORD = "config.json"
 LOCK = ".fjt-lock"
@@ -95,6 +102,19 @@ def read_record(workdir: str) -> dict[str, Any] | None:
   except (OSError, ValueError) as e:
     raise ConfigError(f"{path}: cannot read the config this run was made with ({e}); move the "
                       "workdir aside or use a new --workdir") from e
+
+
+def find_record(path: str | os.PathLike) -> dict[str, Any] | None:
+  """The config recorded by the run that wrote the checkpoint at ``path`` (a run workdir, its
+  ``checkpoints/``, a step directory or its item): the ``config.json`` in ``path`` or in the 3
+  directories above it; None if there is none."""
+  path = os.path.abspath(os.fspath(path))
+  for _ in range(4):  # workdir/checkpoints/<step>/default at most.
+    record = read_record(path)
+    if record is not None:
+      return record
+    path = os.path.dirname(path)
+  return None
 
 
 def check_rerun(workdir: str, config: ml_collections.ConfigDict,
@@ -204,3 +224,65 @@ class WorkdirLock:
 
   def __exit__(self, *exc) -> None:
     self.release()
+
+
+# --- A run read back: its config, model and vocabulary ------------------------------------------
+
+
+def is_config_path(source: Any) -> bool:
+  """Whether ``source`` names a config file (``*.py``) rather than a run or a checkpoint."""
+  return isinstance(source, (str, os.PathLike)) and os.fspath(source).endswith(".py")
+
+
+def _tuples(value):
+  """JSON lists back to the tuples a config file writes (``features=(256, 256)``)."""
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def run_config(source: str | os.PathLike) -> ml_collections.ConfigDict:
+  """The config of a config file, or of the run that wrote the checkpoint at ``source`` (a run
+  workdir, its ``checkpoints/`` or a step directory: the ``config.json`` in or above it)."""
+  from fjt.config import load_config, with_run_defaults
+
+  if is_config_path(source):
+    return load_config(source)
+  saved = find_record(source)
+  if saved is None:
+    raise ConfigError(f"{os.fspath(source)!r} has no config.json in it or in the 3 directories "
+                      "above it: give a run workdir (or a checkpoint inside one) or a config file")
+  return with_run_defaults(ml_collections.ConfigDict(_tuples(saved)))
+
+
+def load_model(source: str | os.PathLike
+               ) -> tuple[nn.Module, dict[str, Any], ml_collections.ConfigDict]:
+  """``(model, variables, config)`` of a run or checkpoint (its newest step's ``params`` and
+  ``batch_stats``) or of a config file (its fresh variables, initialised as the run would)."""
+  import jax
+
+  from fjt import checkpoint
+  from fjt.data import load_dataset
+  from fjt.models import create_model
+  from fjt.state import create_from_config
+
+  config = run_config(source)
+  if is_config_path(source):
+    example = jax.tree.map(lambda v: v[:1], load_dataset(config.data).train["x"])
+    model, _, state = create_from_config(config, example)
+    return model, state.variables, config
+  return create_model(config.model), checkpoint.load_variables(source), config
+
+
+def run_vocabulary(source: str | os.PathLike) -> list[str]:
+  """The vocabulary (words in id order) of a run or config: its dataset rebuilt from
+  ``config.data`` (deterministic), whose info must carry one (``fjt.data.dataset_vocabulary``)."""
+  from fjt.data import dataset_vocabulary, load_dataset
+
+  config = run_config(source)
+  vocab = dataset_vocabulary(load_dataset(config.data).info)
+  if vocab is None:
+    raise ConfigError(f"{os.fspath(source)}: dataset {config.data.get('name')!r} carries no word "
+                      "vocabulary (info['vocab'] or a word tokenizer), so words cannot be mapped "
+                      "to ids")
+  return vocab

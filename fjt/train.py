@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from fjt import accelerators, checkpoint, runs, sharding
+from fjt import accelerators, checkpoint, distributed, runs, sharding
 from fjt import data as fjt_data
 from fjt.averaging import TemporalAveraging
 from fjt.checkpoint import CheckpointError, LoadReport
@@ -189,8 +189,8 @@ def run(options: RunOptions, workdir: str, build: Callable[[], Program],
   signals, logs and processes holds for every program."""
   accelerators.request_determinism(options.accelerator.deterministic)
   prepare_workdir(workdir, subdirs=("checkpoints",))
-  sharding.check_same_config(runs.as_record(options.config), os.path.abspath(workdir),
-                             options.distributed.timeout_s)
+  distributed.check_same_config(runs.as_record(options.config), os.path.abspath(workdir),
+                                options.distributed.timeout_s)
   with runs.WorkdirLock(workdir, enabled=jax.process_index() == 0), \
       accelerators.precision(options.accelerator.matmul_precision):
     has_results = bool(checkpoint.step_dirs(os.path.join(workdir, "checkpoints")))
@@ -279,7 +279,7 @@ def _run(options: RunOptions, workdir: str, changes: list[runs.Change], program:
   elif main:
     _say_resuming(start, total, os.path.join(checkpointer.directory, str(start)), changes)
   checkpoint_every = ckpt.every_steps or total
-  watchdog = (sharding.Watchdog(options.distributed.timeout_s)
+  watchdog = (distributed.Watchdog(options.distributed.timeout_s)
               if jax.process_count() > 1 else None)
   log = RunLog(workdir, options.config, start_step=start, enabled=main)
   first = program.iteration_after(start)
@@ -333,7 +333,7 @@ def _run(options: RunOptions, workdir: str, changes: list[runs.Change], program:
   except jax.errors.JaxRuntimeError as e:
     if jax.process_count() == 1:
       raise
-    lost = sharding.peer_lost(e, done + 1)  # A collective failed: a peer is gone.
+    lost = distributed.peer_lost(e, done + 1)  # A collective failed: a peer is gone.
     raise lost from e
   finally:
     log.close()

@@ -26,15 +26,15 @@ def main(argv=None) -> int:
 
   import numpy as np  # After argument parsing, so --help is instant.
 
-  from fjt import checkpoint, summary
+  from fjt import checkpoint, embeddings, runs
   from fjt.checkpoint import CheckpointError
   from fjt.config import ConfigError
 
   try:
-    vocab = summary.run_vocabulary(args.run)
+    vocab = runs.run_vocabulary(args.run)
     variables = checkpoint.load_variables(args.run)
-    path, table = summary.embedding_table(variables, len(vocab), args.table)
-    found = summary.embedding(variables, vocab, args.words, args.neighbors, path)
+    path, table = embeddings.embedding_table(variables, len(vocab), args.table)
+    found = embeddings.embedding(variables, vocab, args.words, args.neighbors, path)
   except (CheckpointError, ConfigError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

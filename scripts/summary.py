@@ -43,7 +43,7 @@ def main(argv=None) -> int:
   if args.batch < 1:
     parser.error(f"--batch must be positive, got {args.batch}")
 
-  from fjt import summary  # After argument parsing, so --help is instant.
+  from fjt import activations, runs, summary  # After argument parsing, so --help is instant.
   from fjt.checkpoint import CheckpointError
   from fjt.config import ConfigError
 
@@ -53,11 +53,12 @@ def main(argv=None) -> int:
       print(report)
       return 0 if not (report.missing or report.unexpected or report.mismatched) else 1
     if args.activations:
-      model, variables, config = summary.load_model(args.source)
-      captured = summary.capture(model, variables, summary.validation_batch(config, args.batch))
-      print(summary.format_activations(summary.activation_rows(captured)))
+      model, variables, config = runs.load_model(args.source)
+      batch = activations.validation_batch(config, args.batch)
+      captured = activations.capture(model, variables, batch)
+      print(activations.format_activations(activations.activation_rows(captured)))
       if args.plot:
-        summary.plot_activations(captured, args.plot)
+        activations.plot_activations(captured, args.plot)
         print(f"wrote {args.plot}")
       return 0
     print(summary.format_table(summary.state_table(args.source, args.stats, args.freeze,

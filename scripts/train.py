@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     distributed = (args.coordinator, args.num_processes, args.process_id)
     if any(v is not None for v in distributed) or os.environ.get("JAX_COORDINATOR_ADDRESS"):
       timeout_s = fjt.options.DistributedOptions.from_config(config).timeout_s
-      fjt.sharding.initialize_distributed(*distributed, timeout_s=int(timeout_s))
+      fjt.distributed.initialize_distributed(*distributed, timeout_s=int(timeout_s))
     workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
     if args.restart:
       fjt.runs.restart(workdir)

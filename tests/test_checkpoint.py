@@ -315,8 +315,8 @@ def test_crc32_combine_equals_crc32_of_the_concatenation(len_a, len_b):
 
 def test_file_checksums_cut_into_ranges_equal_whole_file_crc32(tmp_path, monkeypatch):
   import zlib
-  monkeypatch.setattr(checkpoint, "_CRC_RANGE", 1000)
-  monkeypatch.setattr(checkpoint, "_CRC_CHUNK", 300)
+  monkeypatch.setattr(checkpoint.integrity, "_CRC_RANGE", 1000)
+  monkeypatch.setattr(checkpoint.integrity, "_CRC_CHUNK", 300)
   rng = np.random.default_rng(0)
   contents = [rng.bytes(n) for n in (0, 1, 999, 1000, 1001, 5432)]
   paths = []
@@ -324,7 +324,7 @@ def test_file_checksums_cut_into_ranges_equal_whole_file_crc32(tmp_path, monkeyp
     paths.append(str(tmp_path / f"f{i}"))
     with open(paths[-1], "wb") as f:
       f.write(data)
-  assert checkpoint._crc32s(paths) == [zlib.crc32(data) for data in contents]
+  assert checkpoint.integrity._crc32s(paths) == [zlib.crc32(data) for data in contents]
 
 
 def test_manifest_lists_the_arrays_as_orbax_metadata_does(tmp_path, mlp_state):

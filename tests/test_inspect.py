@@ -1,5 +1,5 @@
-"""Activations of a forward pass and word embeddings (fjt.summary, scripts/summary.py
---activations, scripts/embeddings.py)."""
+"""Activations of a forward pass and word embeddings (fjt.activations, fjt.embeddings,
+scripts/summary.py --activations, scripts/embeddings.py)."""
 
 import importlib.util
 import os
@@ -12,7 +12,8 @@ import pytest
 
 import fjt
 from conftest import ROOT
-from fjt import summary
+from fjt import activations, embeddings, runs
+from fjt.data import dataset_vocabulary
 from fjt.tree import unbox
 
 
@@ -45,7 +46,7 @@ def test_mlp_activations_equal_a_manual_forward_pass(nan_input):
   params = {f"Dense_{i}": {"kernel": k, "bias": b} for i, (k, b) in enumerate(zip(kernels, biases))}
   model = fjt.MLP(features=(6, 5), num_classes=3, batch_norm=False)
 
-  rows = summary.activations(model, {"params": params}, {"x": x, "y": np.zeros(16, np.int32)})
+  rows = activations.activations(model, {"params": params}, {"x": x, "y": np.zeros(16, np.int32)})
 
   manual, h = {}, x.astype(np.float64)
   for i, (k, b) in enumerate(zip(kernels, biases)):
@@ -77,7 +78,7 @@ def test_table_of_cnn_nnlm_and_a_user_model_without_train():
   cnn = fjt.CNN(features=(4, 8), dense_features=(16,), num_classes=10)
   x = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 1)))
   variables = fjt.init_variables(cnn, x, jax.random.PRNGKey(1))
-  shapes = _paths(summary.activations(cnn, variables, x))
+  shapes = _paths(activations.activations(cnn, variables, x))
   assert shapes["relu_0"] == (2, 8, 8, 4) and shapes["relu_1"] == (2, 4, 4, 8)
   assert shapes["relu_2"] == (2, 16) and shapes["BatchNorm_1"] == (2, 4, 4, 8)
   assert shapes["(output)"] == (2, 10)
@@ -85,7 +86,7 @@ def test_table_of_cnn_nnlm_and_a_user_model_without_train():
   nnlm = fjt.NNLM(vocab_size=50, embed_dim=8, hidden=16)
   ids = np.arange(12, dtype=np.int32).reshape(3, 4)
   variables = fjt.init_variables(nnlm, ids, jax.random.PRNGKey(0))
-  rows = summary.activations(nnlm, variables, ids)
+  rows = activations.activations(nnlm, variables, ids)
   assert [r.path for r in rows] == ["Embed_0", "Dense_0", "BatchNorm_0", "relu_0", "Dense_1", "(output)"]
   assert _paths(rows)["Embed_0"] == (3, 4, 8) and _paths(rows)["relu_0"] == (3, 16)
   table = variables["params"]["Embed_0"]["embedding"]
@@ -98,7 +99,8 @@ def test_table_of_cnn_nnlm_and_a_user_model_without_train():
 
   plain = Plain()
   variables = plain.init(jax.random.PRNGKey(0), np.ones((2, 5), np.float32))
-  text = summary.format_activations(summary.activations(plain, variables, np.ones((2, 5), np.float32)))
+  rows = activations.activations(plain, variables, np.ones((2, 5), np.float32))
+  text = activations.format_activations(rows)
   assert text.splitlines()[0].split() == ["path", "shape", "dtype", "mean", "std", "min", "max",
                                           "zeros", "dead", "nonfinite"]
   assert [line.split()[0] for line in text.splitlines()[2:]] == ["Dense_0", "(output)"]
@@ -110,13 +112,13 @@ def test_table_and_embedding_of_gpt():
                        dropout_rate=0.0)
   ids = np.arange(12, dtype=np.int32).reshape(2, 6) % 50
   variables = gpt.init(jax.random.PRNGKey(0), ids)
-  shapes = _paths(summary.activations(gpt, variables, ids))
+  shapes = _paths(activations.activations(gpt, variables, ids))
   assert shapes["wte"] == (2, 6, 8) and shapes["h_1/mlp/c_fc"] == (2, 6, 32)
   assert shapes["h_0"] == (2, 6, 8) and shapes["(output)"] == (2, 6, 50)
   vocab = [f"w{i}" for i in range(50)]
-  path, table = summary.embedding_table(variables, len(vocab))
+  path, table = embeddings.embedding_table(variables, len(vocab))
   assert path == "params/wte/embedding" and table.shape == (50, 8)  # Not wpe (8 rows).
-  (w,) = summary.embedding(variables, vocab, ["w7"])
+  (w,) = embeddings.embedding(variables, vocab, ["w7"])
   # model.init's params carry logical-axis boxes; the library unboxes, the test too.
   np.testing.assert_array_equal(w.vector,
                                 np.asarray(unbox(variables)["params"]["wte"]["embedding"])[7])
@@ -129,7 +131,7 @@ def test_embedding_reports_unknown_words_and_ranks_neighbours_by_cosine():
   variables = {"params": {"Embed_0": {"embedding": table},
                           "pos": {"embedding": np.zeros((16, 4), np.float32)}}}
   vocab = ["<s>", "<unk>"] + list("abcdefgh")
-  found = summary.embedding(variables, vocab, ["c", "zzz", "<unk>"], neighbors=4)
+  found = embeddings.embedding(variables, vocab, ["c", "zzz", "<unk>"], neighbors=4)
   assert [(w.word, w.index) for w in found] == [("c", 4), ("zzz", None), ("<unk>", 1)]
   assert found[1].vector is None and found[1].neighbors == ()  # Never the <unk> row.
   np.testing.assert_array_equal(found[0].vector, table[4])
@@ -140,23 +142,23 @@ def test_embedding_reports_unknown_words_and_ranks_neighbours_by_cosine():
   ranking = [int(i) for i in np.argsort(-cos, kind="stable") if i != 4][:4]
   assert [n for n, _ in found[0].neighbors] == [vocab[i] for i in ranking]
   np.testing.assert_allclose([c for _, c in found[0].neighbors], cos[ranking], rtol=1e-12)
-  assert summary.nearest(table, 9, 9) == [(i, 0.0) for i in range(9)]
+  assert embeddings.nearest(table, 9, 9) == [(i, 0.0) for i in range(9)]
 
-  as_dict = summary.embedding(variables, {w: i for i, w in enumerate(vocab)}, ["c"], neighbors=4)
+  as_dict = embeddings.embedding(variables, {w: i for i, w in enumerate(vocab)}, ["c"], neighbors=4)
   assert as_dict[0].neighbors == found[0].neighbors
   with pytest.raises(ValueError, match="pass its path"):
-    summary.embedding_table(variables)  # Two tables, no vocabulary size to tell them apart.
+    embeddings.embedding_table(variables)  # Two tables, no vocabulary size to tell them apart.
   with pytest.raises(ValueError, match="no leaf 'params/wte/embedding'"):
-    summary.embedding(variables, vocab, ["c"], path="params/wte/embedding")
+    embeddings.embedding(variables, vocab, ["c"], path="params/wte/embedding")
 
 
 def test_dataset_vocabulary_from_a_word_list_or_a_word_tokenizer():
   words = ["<s>", "<unk>", "the"]
-  assert summary.dataset_vocabulary({"vocab": words}) == words
-  assert summary.dataset_vocabulary({"tokenizer": {"type": "word", "vocab": words}}) == words
-  assert summary.dataset_vocabulary({"tokenizer": '{"type": "word", "vocab": ["<s>"]}'}) == ["<s>"]
-  assert summary.dataset_vocabulary({"tokenizer": {"type": "bpe"}}) is None
-  assert summary.dataset_vocabulary({"task": "classification"}) is None
+  assert dataset_vocabulary({"vocab": words}) == words
+  assert dataset_vocabulary({"tokenizer": {"type": "word", "vocab": words}}) == words
+  assert dataset_vocabulary({"tokenizer": '{"type": "word", "vocab": ["<s>"]}'}) == ["<s>"]
+  assert dataset_vocabulary({"tokenizer": {"type": "bpe"}}) is None
+  assert dataset_vocabulary({"task": "classification"}) is None
 
 
 def test_clis_on_a_trained_nnlm_run_and_a_config(tmp_path, capsys):
@@ -169,21 +171,21 @@ def test_clis_on_a_trained_nnlm_run_and_a_config(tmp_path, capsys):
   fjt.train_and_evaluate(config, run)
   capsys.readouterr()
 
-  embeddings = _script("embeddings")
+  embeddings_cli = _script("embeddings")
   out = str(tmp_path / "v.npy")
-  assert embeddings.main([run, "return", "Return", "xyzzy", "--neighbors", "3", "--out", out]) == 1
+  assert embeddings_cli.main([run, "return", "Return", "xyzzy", "--neighbors", "3", "--out", out]) == 1
   text = capsys.readouterr().out
   assert text.splitlines()[0] == "params/Embed_0/embedding: (300, 8) float32, vocabulary of 300 words"
   assert "Return  not in the vocabulary (did you mean 'return'?)" in text
   assert "xyzzy   not in the vocabulary" in text
-  vocab = summary.run_vocabulary(run)
+  vocab = runs.run_vocabulary(run)
   variables = fjt.checkpoint.load_variables(run)
-  (word,) = summary.embedding(variables, vocab, ["return"], neighbors=3)
+  (word,) = embeddings.embedding(variables, vocab, ["return"], neighbors=3)
   np.testing.assert_array_equal(np.load(out), word.vector[None])
   assert "nearest: " + ", ".join(f"{n} {c:.3f}" for n, c in word.neighbors) in text
-  assert embeddings.main([run, "return"]) == 0
+  assert embeddings_cli.main([run, "return"]) == 0
   capsys.readouterr()
-  assert embeddings.main([os.path.join(ROOT, "configs", "digits_mlp.py"), "one"]) == 2
+  assert embeddings_cli.main([os.path.join(ROOT, "configs", "digits_mlp.py"), "one"]) == 2
   assert "carries no word vocabulary" in capsys.readouterr().err
 
   summary_cli = _script("summary")

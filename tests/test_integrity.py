@@ -65,7 +65,8 @@ def test_a_bit_flip_is_named_by_every_load(tmp_path, monkeypatch):
   assert size == sum(os.path.getsize(p) for p in glob.glob(f"{path}/**/*", recursive=True)
                      if os.path.isfile(p))
   # What the checksums catch: without them the flipped bit loads without a word.
-  monkeypatch.setattr(checkpoint, "verify", functools.partial(checkpoint.verify, checksums=False))
+  monkeypatch.setattr(checkpoint.integrity, "verify",
+                      functools.partial(checkpoint.verify, checksums=False))
   loaded = checkpoint.load(path)
   differ = [p for p, a in fjt.tree.flatten(loaded).items()
             if not np.array_equal(a, fjt.tree.flatten(tree())[p])]
@@ -137,7 +138,7 @@ def test_a_step_killed_before_its_seal_is_set_aside(tmp_path, monkeypatch, capsy
   def killed(*args, **kwargs):  # As a run killed between Orbax's rename and the manifest.
     raise KeyboardInterrupt
 
-  monkeypatch.setattr(checkpoint, "write_manifest", killed)
+  monkeypatch.setattr(checkpoint.integrity, "write_manifest", killed)
   run = checkpoint.RunCheckpointer(str(tmp_path), max_to_keep=2)
   run.save(2, tree(2))
   with pytest.raises(KeyboardInterrupt):
@@ -194,7 +195,7 @@ def test_loading_a_run_onto_variables_takes_its_variables(tmp_path):
 @pytest.mark.parametrize("atomic_swap", [True, False], ids=["exchange", "two-renames"])
 def test_save_replaces_an_existing_checkpoint(tmp_path, monkeypatch, atomic_swap):
   if not atomic_swap:
-    monkeypatch.setattr(checkpoint, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(checkpoint.io, "_exchange", lambda a, b: False)
   path = tmp_path / "c"
   checkpoint.save(path, tree(1))
   checkpoint.save(path, {"params": tree(2)["params"]})

@@ -15,7 +15,8 @@ from fjt import config as fjt_config
 from fjt.config import ConfigError
 from fjt.data import arrays, digits, text, text_files, tokens
 from fjt.data.batching import batch_indices, eval_batches, get_batch, steps_per_epoch
-from fjt.data.dataset import Dataset, Sources, baseline_lines, data_baselines, num_examples
+from fjt.data.dataset import (Dataset, Sources, baseline_lines, data_baselines, dataset_vocabulary,
+                              num_examples)
 
 DATASETS: dict[str, Callable[..., Dataset]] = {
     "digits": digits.load,
@@ -69,5 +70,5 @@ def load_dataset(config: Mapping) -> Dataset:
 
 
 __all__ = ["DATASETS", "Dataset", "Sources", "baseline_lines", "batch_indices", "data_baselines",
-           "eval_batches", "get_batch",
-           "load_dataset", "num_examples", "register", "steps_per_epoch"]
+           "dataset_vocabulary", "eval_batches", "get_batch", "load_dataset", "num_examples",
+           "register", "steps_per_epoch"]

@@ -1,8 +1,10 @@
-"""The in-memory dataset every loader returns."""
+"""The in-memory dataset every loader returns, and the word vocabulary its ``info`` may carry."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -88,3 +90,20 @@ def data_baselines(dataset: Dataset) -> dict[str, float]:
 def baseline_lines(dataset: Dataset) -> dict[str, float]:
   """``data_baselines`` by plot label, the horizontal lines of ``metrics.png``."""
   return {_DATA_BASELINES[k]: v for k, v in data_baselines(dataset).items()}
+
+
+def dataset_vocabulary(info: Mapping[str, Any]) -> list[str] | None:
+  """The words, in id order, of a dataset's ``info``: ``info["vocab"]``, or the list of a word
+  tokenizer ``info["tokenizer"] = {"type": "word", "vocab": [...]}`` (a dict or its JSON);
+  None for data without a word vocabulary (a BPE tokenizer, images)."""
+  if info.get("vocab") is not None:
+    return list(info["vocab"])
+  tokenizer = info.get("tokenizer")
+  if isinstance(tokenizer, str):
+    try:
+      tokenizer = json.loads(tokenizer)
+    except json.JSONDecodeError:
+      return None
+  if isinstance(tokenizer, Mapping) and tokenizer.get("type") == "word":
+    return list(tokenizer["vocab"])
+  return None
