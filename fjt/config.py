@@ -93,6 +93,10 @@ REPLICA_DEFAULTS = {
     "communication_dtype": "float32",  # float32 | bfloat16: the pseudo-gradients as averaged.
     "aggregate": "mean",  # A rule of fjt.aggregate.RULES: mean | median | trimmed_mean | yours.
     "trim_fraction": 0.1,  # trimmed_mean: drops floor(trim_fraction * num) values at each end.
+    # A faulty replica, to measure robust rules: replica corrupt_replica (-1: none) sends
+    # w + corrupt_scale * (w_k - w) every round.
+    "corrupt_replica": -1,
+    "corrupt_scale": -10.0,
     "baselines": ("centralized",),  # Runs trained beside: centralized/sync (batch N*B), single (B).
 }
 

@@ -203,6 +203,8 @@ class ReplicaOptions(_FromConfig):
   baselines: tuple[str, ...]
   aggregate: str = "mean"
   trim_fraction: float = 0.1
+  corrupt_replica: int = -1
+  corrupt_scale: float = -10.0
 
   @property
   def inner_steps(self) -> int:
@@ -244,6 +246,11 @@ class ReplicaOptions(_FromConfig):
                           "the name of an aggregation rule (fjt.aggregate.RULES)"),
         trim_fraction=float(require(config, "replicas.trim_fraction",
                                     lambda v: number(v) and 0 <= v < 0.5, "a number in [0, 0.5)")),
+        corrupt_replica=require(
+            config, "replicas.corrupt_replica",
+            lambda v: _int(v) and -1 <= v < config.replicas.num,
+            f"-1 (none) or a replica index below replicas.num ({config.replicas.get('num')})"),
+        corrupt_scale=float(require(config, "replicas.corrupt_scale", number, "a number")),
     )
 
 

@@ -51,7 +51,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fjt import checkpoint, optim
 from fjt import data as fjt_data
-from fjt.aggregate import aggregate_stacked, get_rule, replica_batch_stats, replica_mean
+from fjt.aggregate import (aggregate_stacked, get_rule, per_row, replica_batch_stats,
+                           replica_mean)
 from fjt.checks import (NonFiniteLossError, check_finite, check_layout, check_model_fits_data,
                         metric_names, resolve_task)
 from fjt.config import ConfigError
@@ -262,7 +263,8 @@ def make_round(model: nn.Module, tx: optax.GradientTransformation,
                optimizer_state: str = "keep", task: TaskLike = "classification",
                rng_streams: Sequence[str] = ("dropout",), communication_dtype: str = "float32",
                layout: ReplicaState | None = None, aggregate: str = "mean",
-               aggregate_params: Mapping[str, Any] | None = None
+               aggregate_params: Mapping[str, Any] | None = None,
+               corrupt: tuple[int, float] | None = None
                ) -> Callable[[ReplicaState, Batch, jax.Array], tuple[ReplicaState, Metrics]]:
   """``run_round(state, batches, counts) -> (state, metrics)``, jit-compiled, ``state`` donated.
 
@@ -279,6 +281,10 @@ def make_round(model: nn.Module, tx: optax.GradientTransformation,
   values (float32 sums). Metrics: the train step's (``loss``, ...), each ``(N, L)``. With ``mesh``, inputs and outputs are split over its
   ``"replica"`` axis (the server's state replicated), the state as ``layout`` says if given
   (``replica_shardings``: each replica's state split over ``fsdp`` too).
+
+  ``corrupt=(k, scale)`` (config keys ``replicas.corrupt_replica``, ``corrupt_scale``) sends
+  replica ``k``'s params as ``w + scale * (w_k - w)`` every round: a faulty or malicious
+  replica, against which the robust rules (``median``, ``trimmed_mean``) are measured.
   """
   if optimizer_state not in OPTIMIZER_STATES:
     raise ConfigError(f"config key 'replicas.optimizer_state': expected one of "
@@ -299,6 +305,12 @@ def make_round(model: nn.Module, tx: optax.GradientTransformation,
     step = functools.partial(local_step, model, tx, task=task, rng_streams=rng_streams)
     train_replica = lambda s, b: jax.lax.scan(step, s, b)
     trained, metrics = jax.vmap(train_replica)(start, batches)
+    if corrupt is not None:
+      bad, scale = corrupt
+      hit = jnp.arange(num) == bad
+      trained = trained.replace(params=jax.tree.map(
+          lambda w, w_k: jnp.where(per_row(hit, w_k), w + scale * (w_k - w), w_k).astype(w_k.dtype),
+          start.params, trained.params))
     server_opt_state = state.server_opt_state
     if server_tx is None and wire == jnp.float32:
       params = _broadcast(combine(trained.params, n), num)
@@ -493,8 +505,9 @@ def program(options: RunOptions, workdir: str, model: nn.Module | None = None,
   data_mesh = Mesh(mesh.devices, ("data",))  # Evaluation splits test batches over the devices.
   eval_step = make_eval_step(model, task, mesh=data_mesh)
   eval_batch_size = -(-train.eval_batch_size // mesh.size) * mesh.size
+  corrupt = (opts.corrupt_replica, opts.corrupt_scale) if opts.corrupt_replica >= 0 else None
   run_round = make_round(model, tx, server_tx, mesh, opts.optimizer_state, task,
-                         train.rng_streams, opts.communication_dtype, layout, *rule)
+                         train.rng_streams, opts.communication_dtype, layout, *rule, corrupt)
   warm_step = make_warm_step(model, tx, mesh, task, train.rng_streams, layout)
   weights = shard_replicas(np.asarray(counts, np.float32), mesh)
   mine = local_replicas(num, mesh)
