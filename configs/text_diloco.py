@@ -5,8 +5,10 @@ The ``text_gpt`` model, vocabulary and token windows, trained by 4 replicas that
 synchronisations; the outer step is Nesterov SGD on the averaged pseudo-gradient (lr 0.7,
 momentum 0.5), after a warm start of 500 ordinary data-parallel steps (global batch 32), as the
 paper starts from a model trained synchronously. 500 + 12 rounds x 50 = 1,100 inner steps, as
-``text_gpt``. In the same run ``fjt.replicas.fit`` trains the baselines ``sync`` (data
-parallel with the global batch of 32, as many steps) and ``single`` (one worker, batch 8):
+``text_gpt``. The run is checkpointed every 50 steps (every 50 warm-start steps, then every
+round) and resumes like any run; after it ``fjt.fit`` trains the baselines ``sync`` (data
+parallel with the global batch of 32, as many steps) and ``single`` (one worker, batch 8), each
+its own resumable run in WORKDIR/sync and WORKDIR/single:
 summary.json has ``eval.perplexity``, ``eval.sync_perplexity``, ``eval.single_perplexity`` and
 ``communication``.
 
@@ -43,5 +45,5 @@ def get_config() -> ml_collections.ConfigDict:
   })
   config.train.batch_size = 8  # Per replica: the global batch of 32 is text_gpt's.
   config.train.eval_every = 50
-  config.checkpoint.every_steps = 0
+  config.checkpoint.every_steps = 50  # Steps: every 50 warm-start steps, then every round.
   return config
