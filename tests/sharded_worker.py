@@ -58,6 +58,8 @@ def config(mesh=None, steps=STEPS):
   c = tiny_digits_config("mlp", steps=steps)
   c.model = fjt.config.ml_collections.ConfigDict({"name": "tiny_stack", "width": 32, "layers": 2,
                                                   "num_classes": 10})
+  c.optimizer = fjt.config.ml_collections.ConfigDict(  # sgd's own momentum/nesterov go.
+      {k: v for k, v in c.optimizer.items() if k not in ("momentum", "nesterov")})
   c.optimizer.name, c.optimizer.learning_rate = "adamw", 3e-3
   c.train.eval_batch_size = 512
   c.checkpoint.every_steps = 25
