@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -150,8 +151,11 @@ def test_a_run_saved_on_4_devices_resumes_on_2_and_a_changed_config_is_refused(t
   _, err = finish(train(tmp_path / "run", *args, devices=2))
   assert f"fjt: resuming from step {stopped}" in err and "(resharded on restore)" in err
   finish(train(tmp_path / "uninterrupted", *args, devices=4))
-  assert_trees_equal(checkpoint.load_variables(tmp_path / "run" / "final"),
-                     checkpoint.load_variables(tmp_path / "uninterrupted" / "final"))
+  # The restore is exact, but the rounds after it sum the replicas over 2 devices instead of 4:
+  # another order of float additions (measured: at most 2.7e-7 apart after 30 rounds).
+  a, b = (checkpoint.load_variables(tmp_path / d / "final") for d in ("run", "uninterrupted"))
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-5)
   changed = train(tmp_path / "run", *args, "--config.replicas.local_steps=3")
   _, err = changed.communicate(timeout=300)
   assert changed.returncode == 2
