@@ -65,8 +65,7 @@ def _optax_factory(name: str) -> Factory | None:
 def get_optimizer(name: str, key: str = "optimizer.name") -> Factory:
   """The factory of optimizer ``name`` (``OPTIMIZERS``, else ``optax.<name>``); an unknown
   name is a ``ConfigError`` naming ``key``."""
-  factory = OPTIMIZERS.get(name) if isinstance(name, str) else None
-  factory = factory or (_optax_factory(name) if isinstance(name, str) else None)
+  factory = (OPTIMIZERS.get(name) or _optax_factory(name)) if isinstance(name, str) else None
   if factory is None:
     raise ConfigError(f"config key {key!r}: {name!r} is not an optimizer; expected one of "
                       f"{tuple(sorted(OPTIMIZERS))} or the name of an optax optimizer taking "
@@ -184,10 +183,11 @@ def create_optimizer(config, total_steps: int,
   lr = create_learning_rate_fn(options, total_steps)
   mask = functools.partial(decay_mask, kind=options.decay_mask)
   arguments = dict(options.arguments)
-  decoupled = takes_argument(options.name, "weight_decay")
+  takes = _parameters(get_optimizer(options.name))
+  decoupled = "weight_decay" in takes
   if decoupled:
     arguments["weight_decay"] = options.weight_decay
-    if takes_argument(options.name, "mask"):
+    if "mask" in takes:
       arguments["mask"] = mask
   chain = []
   if options.grad_clip_norm:

@@ -255,7 +255,7 @@ class ReplicaOptions(_FromConfig):
 
 
 @dataclasses.dataclass(frozen=True)
-class OptimizerOptions:
+class OptimizerOptions(_FromConfig):
   """``config.optimizer`` (``fjt.optim.create_optimizer``): the keys fjt reads itself, and
   ``arguments``, the other keys, for the optimizer's factory (sgd's ``momentum``, ...)."""
   name: str
@@ -267,10 +267,6 @@ class OptimizerOptions:
   grad_clip_norm: float
   decay_mask: str
   arguments: tuple[tuple[str, Any], ...] = ()
-
-  @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict) -> OptimizerOptions:
-    return cls._read(with_run_defaults(config))
 
   @classmethod
   def _read(cls, config: ml_collections.ConfigDict) -> OptimizerOptions:

@@ -45,7 +45,7 @@ class Program:
       "min"): the default of ``checkpoint.best_mode``.
     baselines: horizontal lines of ``metrics.png`` (``fjt.data.baseline_lines``).
     lockstep: block on each step's metrics (collectives across processes; ``fjt.sharding``).
-    desc, unit: the progress bar's label and unit.
+    desc: the progress bar's label.
   """
   state: PyTree
   ends: Sequence[int]
@@ -64,7 +64,6 @@ class Program:
   baselines: Mapping[str, float]
   lockstep: bool = False
   desc: str = "train"
-  unit: str = "step"
 
   @property
   def total(self) -> int:

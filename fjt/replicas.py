@@ -55,7 +55,7 @@ from fjt.aggregate import (aggregate_stacked, get_rule, per_row, replica_batch_s
                            replica_mean)
 from fjt.checks import (NonFiniteLossError, check_finite, check_layout, check_model_fits_data,
                         metric_names, resolve_task)
-from fjt.config import ConfigError
+from fjt.config import ConfigError, copy_config
 from fjt.data import Dataset, baseline_lines, data_baselines
 from fjt.data import splits as fjt_splits
 from fjt.models import create_model
@@ -346,7 +346,7 @@ def make_round(model: nn.Module, tx: optax.GradientTransformation,
 
 def with_steps(options: RunOptions, steps: int) -> RunOptions:
   """``options`` with ``train.steps = steps``, in its record (``config.json``) too."""
-  config = options.config.copy_and_resolve_references()
+  config = copy_config(options.config)
   config.train.steps = steps
   return dataclasses.replace(options, config=config,
                              train=dataclasses.replace(options.train, steps=steps))
@@ -566,4 +566,4 @@ def program(options: RunOptions, workdir: str, model: nn.Module | None = None,
       row=row, check=check, start=lambda state: state, finish=finish,
       task=task.name, metric_names=names, headline=task.headline, mode=task.mode,
       baselines=baseline_lines(dataset), lockstep=needs_lockstep(mesh),
-      desc="replicas", unit="step")
+      desc="replicas")

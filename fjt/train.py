@@ -287,7 +287,7 @@ def _run(options: RunOptions, workdir: str, changes: list[runs.Change], program:
   evaluated_at, eval_metrics, done, lost = -1, {}, start, None
   try:
     with StopSignals() as stop, tqdm(total=total, initial=start, disable=not (progress and main),
-                                     desc=program.desc, unit=program.unit, dynamic_ncols=True,
+                                     desc=program.desc, unit="step", dynamic_ncols=True,
                                      smoothing=0) as bar:
       for i in range(first, len(program.ends)):
         before, done = done, program.ends[i]

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import ROOT
 from fjt import checkpoint
-from test_checkpoint import assert_trees_equal, signal_when
+from test_checkpoint import assert_trees_equal, logged_past, signal_when
 from test_diloco import write_corpus
 
 # FedAvg on digits: 4 replicas, 30 rounds of 2 local steps (60 steps), no baseline.
@@ -64,18 +64,6 @@ def same_rows(a, b):
   assert strip(train_rows(a)) == strip(train_rows(b))
 
 
-def logged_round(workdir, step):
-  """Ready when a train row past ``step`` has each replica's loss (a round, not a warm step)."""
-  def ready(_):
-    try:
-      rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))
-              if line.endswith("\n")]
-    except (OSError, ValueError):
-      return False
-    return any(r["split"] == "train" and r["step"] > step for r in rows)
-  return ready
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
   return write_corpus(tmp_path_factory.mktemp("corpus"))
@@ -108,7 +96,7 @@ def test_sigterm_saves_and_the_same_command_ends_bitwise_equal(tmp_path, runs, c
   args = FEDAVG if name == "fedavg" else diloco(corpus)
   args = (*args, "--config.checkpoint.every_steps=10")
   process = train(tmp_path, *args)
-  _, err = signal_when(tmp_path, process, logged_round(tmp_path, past), signal.SIGTERM)
+  _, err = signal_when(tmp_path, process, logged_past(tmp_path, past), signal.SIGTERM)
   assert process.returncode == 4, err[-3000:]
   last = err.strip().splitlines()[-1]
   assert last.startswith("fjt: stopped at step ") and last.endswith(
@@ -127,7 +115,7 @@ def test_sigterm_saves_and_the_same_command_ends_bitwise_equal(tmp_path, runs, c
 def test_sigkill_at_a_random_moment_loses_at_most_the_rounds_since_the_last_save(tmp_path, runs):
   args = (*FEDAVG, "--config.checkpoint.every_steps=10")
   process = train(tmp_path, *args)
-  ready = logged_round(tmp_path, 10)
+  ready = logged_past(tmp_path, 10)
   deadline = time.time() + 300
   while time.time() < deadline and process.poll() is None and not ready(None):
     time.sleep(0.01)
@@ -144,7 +132,7 @@ def test_sigkill_at_a_random_moment_loses_at_most_the_rounds_since_the_last_save
 def test_a_run_saved_on_4_devices_resumes_on_2_and_a_changed_config_is_refused(tmp_path):
   args = (*FEDAVG, "--config.checkpoint.every_steps=10")
   process = train(tmp_path / "run", *args, devices=4)
-  _, err = signal_when(tmp_path / "run", process, logged_round(tmp_path / "run", 20),
+  _, err = signal_when(tmp_path / "run", process, logged_past(tmp_path / "run", 20),
                        signal.SIGTERM)
   assert process.returncode == 4, err[-3000:]
   stopped = int(err.strip().splitlines()[-1].split()[4])
