@@ -44,8 +44,12 @@ def kth_largest(a: jax.Array, k: int) -> jax.Array:
   """The ``k``-th largest value of the non-negative float vector ``a`` (``1 <= k <= a.size``).
 
   A radix select on the bit patterns (non-negative floats order as their unsigned integers):
-  two passes of 16-bit digit counts instead of a sort of the whole leaf.
+  two passes of 16-bit digit counts instead of a sort of the whole leaf (31 s -> 0.5 s for
+  GPT-2's 38.6M-entry embedding on a loaded 2-core CPU); vectors of at most 2^16 entries,
+  cheaper to sort than to count into 2^16 bins, are sorted.
   """
+  if a.size <= 1 << 16:
+    return jnp.sort(a)[a.size - k]
   bits = jax.lax.bitcast_convert_type(a, jnp.uint32 if a.dtype == jnp.float32 else jnp.uint64)
   width = bits.dtype.itemsize * 8
   prefix = jnp.zeros((), bits.dtype)
