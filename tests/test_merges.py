@@ -318,3 +318,24 @@ def test_text_sources_keep_the_vocabulary():
   assert part.info["train_tokens"] == 2 and part.sources.names == ("email",)
   with pytest.raises(ValueError, match="data.sources: no file has source 'ftp'"):
     text.window_dataset(files, 10, 2, 10, is_validation=val, sources=("ftp",))
+
+
+def test_a_replica_round_ties_merges_the_replicas_task_vectors():
+  import fjt.replicas
+  from test_replicas import assert_close, rows, setup, tiny_run
+  model, tx, state, batches, counts = setup(num=3, local_steps=2, rounds=1)
+  replicated = fjt.replicas.replicate(state, 3, None)
+  start, step = rows(replicated.replicas), tiny_run(2)[3]
+  trained = []
+  for k, s in enumerate(start):
+    for t in range(2):
+      s, _ = step(s, jax.tree.map(lambda x: x[k, t], batches[0]))
+    trained.append(s)
+  # The round's global params are the base; the replicas' params the fine-tunes.
+  want = aggregate.ties(start[0].params, [s.params for s in trained], density=0.5,
+                        weights=counts)
+  run_round = fjt.replicas.make_round(model, tx, aggregate="ties",
+                                      aggregate_params={"density": 0.5})
+  replicated, _ = run_round(replicated, batches[0], counts)
+  for got in rows(replicated.replicas):
+    assert_close(got.params, want)
