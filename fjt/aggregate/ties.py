@@ -74,13 +74,19 @@ def top_magnitude(x: jax.Array, k: int) -> jax.Array:
     return jnp.zeros(x.shape, bool)
   if k >= x.size:
     return jnp.ones(x.shape, bool)
-  a = jnp.abs(x).ravel()
-  threshold = kth_largest(a, k)
+  a = jnp.abs(x)
+  threshold = kth_largest(a.ravel(), k)
   greater, equal = a > threshold, a == threshold
-  need = k - jnp.sum(greater)
-  keep = jax.lax.cond(jnp.sum(equal) == need, lambda: greater | equal,
-                      lambda: greater | (equal & (jnp.cumsum(equal) <= need)))
-  return keep.reshape(x.shape)
+  need = k - jnp.sum(greater)  # >= 1 of the entries equal to the threshold are kept.
+
+  def cutoff_of_ties() -> jax.Array:  # Rare: the flat index after the need-th equal entry.
+    return jnp.argmax(jnp.cumsum(equal.ravel()) >= need).astype(jnp.int32) + 1
+
+  # A scalar from the branch, so the mask below stays one elementwise expression that XLA fuses
+  # with what uses it (no bool array of the leaf is written).
+  cutoff = jax.lax.cond(jnp.sum(equal) == need, lambda: jnp.int32(x.size), cutoff_of_ties)
+  index = jax.lax.broadcasted_iota(jnp.int32, (x.size,), 0).reshape(x.shape)
+  return greater | (equal & (index < cutoff))
 
 
 def sign_elected_mean(d: Sequence[jax.Array], w: jax.Array) -> jax.Array:
