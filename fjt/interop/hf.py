@@ -251,6 +251,9 @@ def gpt2_config(model: GPT) -> dict:
           "resid_pdrop": model.dropout_rate, "embd_pdrop": model.dropout_rate,
           "attn_pdrop": 0.0,  # fjt's GPT drops no attention probabilities.
           "initializer_range": 0.02, "scale_attn_weights": True, "tie_word_embeddings": True,
+          # GPT-2's <|endoftext|> is its last id (50256); transformers' default is out of range
+          # for a smaller vocabulary.
+          "bos_token_id": model.vocab_size - 1, "eos_token_id": model.vocab_size - 1,
           "dtype": np.dtype(model.param_dtype).name}
 
 
