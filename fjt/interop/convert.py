@@ -1,13 +1,15 @@
-"""Weight files <-> fjt checkpoints for the model of a config (``scripts/convert.py``)."""
+"""Weight files and Hugging Face folders <-> fjt checkpoints (``scripts/convert.py``)."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
 
 from fjt import checkpoint
 from fjt.config import load_config
+from fjt.interop import hf
 from fjt.interop import torch as interop
 from fjt.models import CNN, create_model
 
@@ -52,3 +54,31 @@ def export_weights(checkpoint_path: str, out_path: str, config_path: str | None 
 
 def is_weights_file(path: str) -> bool:
   return os.fspath(path).endswith(interop.FILE_TYPES)
+
+
+HF_CONFIG = "hf_config.json"  # Beside an imported folder's checkpoint: the model it belongs to.
+
+
+def import_pretrained(hf_path: str, out_dir: str) -> hf.PretrainedReport:
+  """A Hugging Face folder (``hf.from_pretrained``) -> an fjt checkpoint ``{"params", ...}`` in
+  ``out_dir``, with the model's ``config.json`` as ``out_dir/hf_config.json`` (for the way back)."""
+  model, variables, report = hf.from_pretrained(hf_path)
+  checkpoint.save(out_dir, variables)
+  with open(os.path.join(out_dir, HF_CONFIG), "w", encoding="utf-8") as f:
+    json.dump(hf.ARCHITECTURES[report.model_type].config_from_module(model), f, indent=2)
+  return report
+
+
+def export_pretrained(checkpoint_path: str, out_dir: str, config_path: str | None = None) -> list[str]:
+  """An fjt checkpoint -> a Hugging Face folder (``hf.save_pretrained``). The model: that of
+  ``config_path`` (a config file or run workdir), else the checkpoint's ``hf_config.json``
+  (written by ``import_pretrained``), else that of the run that wrote the checkpoint."""
+  from fjt import runs
+  variables = checkpoint.load_variables(checkpoint_path)
+  saved = os.path.join(checkpoint.resolve(checkpoint_path)[0], HF_CONFIG)
+  if config_path is None and os.path.isfile(saved):
+    with open(saved, encoding="utf-8") as f:
+      model = hf.module_from_config(json.load(f), saved)
+  else:
+    model = create_model(runs.run_config(config_path or checkpoint_path).model)
+  return hf.save_pretrained(model, variables, out_dir)
