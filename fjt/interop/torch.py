@@ -193,8 +193,10 @@ def from_state_dict(source: Any, variables: PyTree, key_map: KeyMap | None = Non
        order (PyTorch's registration order) fills the i-th remaining Flax module in the
        target's definition order: ``conv1``, ``layer1.0.conv1``, ... fill ``Conv_0``,
        ``BasicBlock_0/Conv_0``, ...;
-    3. a source without order: by shapes where exactly one torch module fits exactly one
-       Flax module; where two or more fit, an error that asks for a key_map.
+    3. a source without order: if every key is a name whose order is known (``NAME_ORDERS``:
+       torchvision's ResNet names), in that order as in 2.; else by shapes where exactly one
+       torch module fits exactly one Flax module; where two or more fit, an error that asks
+       for a key_map.
   A weight's layout comes from the rule, else its module's class, else its shape: rank >= 3 is
   "conv"; a 2-D (a, b) is "linear" if the kernel is (b, a) and "as_is" if it is (a, b), and a
   square one is an error asking for the module or a rule, never a guess.
@@ -212,6 +214,8 @@ def from_state_dict(source: Any, variables: PyTree, key_map: KeyMap | None = Non
       ``nchw_flatten`` not fitting the target.
   """
   values, ordered, torch_classes = _read_source(source)
+  if not ordered and (named := _order_from_names(values)) is not None:
+    values, ordered = named, True  # A sorted file whose names are a known twin's: names decide.
   variables = unbox(variables)  # model.init's logical-partitioning boxes, if any.
   tied = _ties(values)
   target = _ordered_flat(variables)
@@ -496,6 +500,37 @@ def _compile(key_map: KeyMap | None) -> list[_Rule]:
     layout = layouts.check(layout[0], f"key_map[{i}]") if layout and layout[0] else None
     rules.append(_Rule(compiled, templates, layout))
   return rules
+
+
+# Names that fix their modules' registration order, for sources that keep no order (a
+# .safetensors file): pattern on every key -> the sort key of a match. torchvision's ResNets:
+# conv1, bn1, layer{L}.{B}.(conv1, bn1, conv2, bn2, conv3, bn3, downsample.0, downsample.1), fc,
+# the order fjt.models.ResNet defines its modules in.
+_TORCHVISION_RESNET = re.compile(
+    r"(?:(conv1|bn1)|layer(\d+)\.(\d+)\.(conv1|bn1|conv2|bn2|conv3|bn3|downsample\.0|downsample\.1)"
+    r"|(fc))\.(weight|bias|running_mean|running_var|num_batches_tracked)")
+_RESNET_PARTS = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "downsample.0", "downsample.1")
+_LEAF_ORDER = (*_TORCH_LEAF_ORDER, _COUNTER)
+
+
+def _torchvision_resnet_order(match: re.Match) -> tuple:
+  stem, layer, block, part, fc, leaf = match.groups()
+  where = (0, 0, 0, _RESNET_PARTS.index(stem)) if stem else (2, 0, 0, 0) if fc else (
+      1, int(layer), int(block), _RESNET_PARTS.index(part))
+  return (*where, _LEAF_ORDER.index(leaf))
+
+
+NAME_ORDERS: list[tuple[re.Pattern, Any]] = [(_TORCHVISION_RESNET, _torchvision_resnet_order)]
+
+
+def _order_from_names(values: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+  """``values`` in its modules' registration order when every key matches one of
+  ``NAME_ORDERS``' patterns (a twin whose names fix the order); None otherwise."""
+  for pattern, order in NAME_ORDERS:
+    matches = {key: pattern.fullmatch(key) for key in values}
+    if values and all(matches.values()):
+      return {key: values[key] for key in sorted(values, key=lambda k: order(matches[k]))}
+  return None
 
 
 def _rule_layout(path: str, rules: list[_Rule]) -> str | None:
