@@ -156,3 +156,17 @@ def test_torchvision_named_resnet_safetensors_loads_by_its_names(tmp_path):
   renamed = interop.SortedStateDict((f"m{i}.{k}", v) for i, (k, v) in enumerate(source.items()))
   with pytest.raises(ValueError):
     interop.from_state_dict(renamed, interop.abstract_variables(model, x[:1]))
+
+
+def test_another_architecture_into_gpt_names_what_is_supported():
+  from fjt.models import GPT
+  config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                    num_hidden_layers=2, num_attention_heads=2,
+                                    num_key_value_heads=2, max_position_embeddings=16)
+  model = GPT(vocab_size=100, block_size=16, num_layers=2, num_heads=2, embed_dim=32)
+  target = interop.abstract_variables(model, np.zeros((1, 1), np.int32))
+  with pytest.raises(ValueError) as error:
+    interop.from_state_dict(transformers.LlamaForCausalLM(config), target)
+  message = str(error.value)
+  assert "another architecture than the target" in message and "model types: gpt2" in message
+  assert "abstract_variables" not in message

@@ -297,6 +297,14 @@ def from_state_dict(source: Any, variables: PyTree, key_map: KeyMap | None = Non
       except _ShapeMismatch as e:
         if by_name:
           raise
+        theirs = _kind_counts(m.kinds[0] for m in candidates.values() if m.kinds)
+        ours = _kind_counts(k for m in flax.values() if (k := matching.flax_kind(m, target)))
+        if theirs != ours:  # Not this model's twin: no remedy on the fjt side would help.
+          raise ValueError(
+              f"{e}. The source is another architecture than the target: its modules are "
+              f"{theirs}, the target's {ours}. Import a model's own torch twin, or a Hugging "
+              f"Face folder with fjt.interop.hf.from_pretrained (model types: "
+              f"{', '.join(sorted(_hf_types()))})") from e
         raise ValueError(
             f"{e}. Torch module {name!r} was paired with Flax module {module!r} by order "
             f"({kind} modules in source order against the target's dict order); a target "
@@ -531,6 +539,18 @@ def _order_from_names(values: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]
     if values and all(matches.values()):
       return {key: values[key] for key in sorted(values, key=lambda k: order(matches[k]))}
   return None
+
+
+def _kind_counts(kinds) -> dict[str, int]:
+  counts: dict[str, int] = {}
+  for kind in kinds:
+    counts[kind] = counts.get(kind, 0) + 1
+  return dict(sorted(counts.items()))
+
+
+def _hf_types() -> list[str]:
+  from fjt.interop import hf  # Local: hf imports this module.
+  return list(hf.ARCHITECTURES)
 
 
 def _rule_layout(path: str, rules: list[_Rule]) -> str | None:
