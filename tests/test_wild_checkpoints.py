@@ -113,7 +113,8 @@ def test_resnet_running_var_update_as_pytorch_when_asked(unbiased):
                  unbiased_running_var=unbiased)
   x = np.random.default_rng(0).normal(size=(3, 6, 6, 2)).astype(np.float32)
   module = torch_module(model, x.shape[1:])
-  variables, _ = interop.from_state_dict(module, interop.abstract_variables(model, x[:1]))
+  variables, report = interop.from_state_dict(module, interop.abstract_variables(model, x[:1]))
+  assert report.notes == (interop.BATCH_NORM_NOTE,) and "unbiased" in report.notes[0]
   module.train()
   module(torch.from_numpy(x).permute(0, 3, 1, 2))
   _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])

@@ -101,6 +101,13 @@ _TORCH_LEAF_ORDER = ("weight", "bias", "running_mean", "running_var")  # As torc
 _COUNTER = "num_batches_tracked"
 
 
+BATCH_NORM_NOTE = (
+    "BatchNorm: PyTorch updates running_var with the unbiased batch variance (n / (n - 1)), "
+    "Flax's nn.BatchNorm with the biased one, so continued training drifts from PyTorch's "
+    "unless the model updates as PyTorch (fjt.models.ResNet(unbiased_running_var=True)); "
+    "momentum: Flax's is 1 - PyTorch's")
+
+
 class StateDictMismatch(ValueError):
   """A strict import left Flax paths without a value or torch keys unused."""
 
@@ -121,6 +128,8 @@ class ImportReport:
     tied: torch key -> the earlier key whose tensor it shares (GPT-2's ``lm_head.weight`` ->
       ``transformer.wte.weight``), for the duplicates of a matched key.
     counters: ``num_batches_tracked`` key -> its value.
+    notes: what the weights do not carry and continued training depends on
+      (``BATCH_NORM_NOTE`` when running statistics were imported).
     tensors: every torch key of the source, in source order -> (shape, numpy dtype).
   """
   matched: Mapping[str, str | tuple[str, ...]]
@@ -131,6 +140,7 @@ class ImportReport:
   tied: Mapping[str, str] = dataclasses.field(default_factory=dict)
   counters: Mapping[str, int] = dataclasses.field(default_factory=dict)
   tensors: Mapping[str, tuple[tuple[int, ...], np.dtype]] = dataclasses.field(default_factory=dict)
+  notes: tuple[str, ...] = ()
 
 
 class _ShapeMismatch(ValueError):
@@ -324,7 +334,8 @@ def from_state_dict(source: Any, variables: PyTree, key_map: KeyMap | None = Non
       unmatched=tuple(p for p in target if p not in filled),
       unused=tuple(k for k in values if k not in matched and k not in tied),
       layouts=read_as, tied=tied, counters=counters,
-      tensors={key: (tuple(value.shape), value.dtype) for key, value in values.items()})
+      tensors={key: (tuple(value.shape), value.dtype) for key, value in values.items()},
+      notes=(BATCH_NORM_NOTE,) if any(p.startswith("batch_stats/") for p in filled) else ())
   unused = [k for k in report.unused if k not in counters and k not in dropped]
   if strict and (report.unmatched or unused):
     raise StateDictMismatch(
