@@ -91,17 +91,40 @@ def result_neutral(key: str) -> bool:
   return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESULT_NEUTRAL)
 
 
+def checkpoint_record(workdir: str) -> tuple[str, dict[str, Any]] | None:
+  """``(step directory, record)`` of the newest checkpoint of ``workdir`` whose manifest holds
+  the run's record (``fjt.checkpoint.RunCheckpointer``: config, data fingerprint), or None."""
+  from fjt.checkpoint import integrity, step_dirs
+  for _, directory in reversed(step_dirs(os.path.join(workdir, "checkpoints"))):
+    record = integrity.manifest_record(directory)
+    if record is not None and isinstance(record.get("config"), dict):
+      return directory, record
+  return None
+
+
 def read_record(workdir: str) -> dict[str, Any] | None:
-  """The config recorded in ``workdir``, or None if it has none (a new workdir)."""
+  """The config recorded in ``workdir``, or None if it has none (a new workdir).
+
+  A ``config.json`` that is missing or cannot be read while the workdir has checkpoints is
+  recovered from the newest checkpoint's own record of the config, said in one line."""
   path = os.path.join(workdir, RECORD)
-  if not os.path.isfile(path):
-    return None
-  try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
-  except (OSError, ValueError) as e:
-    raise ConfigError(f"{path}: cannot read the config this run was made with ({e}); move the "
-                      "workdir aside or use a new --workdir") from e
+  error = None
+  if os.path.isfile(path):
+    try:
+      with open(path, encoding="utf-8") as f:
+        return json.load(f)
+    except (OSError, ValueError) as e:
+      error = e
+  saved = checkpoint_record(workdir) if os.path.isdir(os.path.join(workdir, "checkpoints")) else None
+  if saved is not None:
+    say(f"{path} is {'unreadable (' + str(error) + ')' if error else 'missing'}; using the "
+        f"config recorded in checkpoint {saved[0]}")
+    return saved[1]["config"]
+  if error is not None:
+    raise ConfigError(f"{path}: cannot read the config this run was made with ({error}) and no "
+                      "checkpoint records it; move the workdir aside or use a new --workdir"
+                      ) from error
+  return None
 
 
 def find_record(path: str | os.PathLike) -> dict[str, Any] | None:

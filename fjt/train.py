@@ -271,7 +271,7 @@ def _run(options: RunOptions, workdir: str, changes: list[runs.Change], program:
     raise ConfigError(f"config key 'checkpoint.best_metric': {ckpt.best_metric!r} is not a "
                       f"metric of task {program.task!r}; known: {list(program.metric_names)}")
   checkpointer = checkpoint.RunCheckpointer(workdir, ckpt.max_to_keep, ckpt.best_metric,
-                                            best_mode)
+                                            best_mode, {"config": runs.as_record(options.config)})
   state, start = checkpointer.restore_latest(program.state, fallback=ckpt.fallback)
   total = program.total
   if start == 0:
