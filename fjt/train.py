@@ -22,8 +22,9 @@ from fjt import accelerators, checkpoint, distributed, runs, sharding
 from fjt import data as fjt_data
 from fjt.averaging import TemporalAveraging
 from fjt.checkpoint import CheckpointError, LoadReport
-from fjt.checks import (check_batch_size, check_finite, check_layout, check_model_fits_data,
-                        metric_names, prepare_workdir, resolve_task)
+from fjt.checks import (NonFiniteLossError, check_batch_size, check_finite, check_finite_eval,
+                        check_finite_state, check_layout, check_model_fits_data, metric_names,
+                        prepare_workdir, resolve_task)
 from fjt.config import ConfigError
 from fjt.data import Dataset, baseline_lines, data_baselines
 from fjt.logs import RunLog, say
@@ -135,7 +136,7 @@ def _saving(directory: str) -> Iterator[None]:
   line (``save_error_line``)."""
   try:
     yield
-  except (CheckpointError, ConfigError):
+  except (CheckpointError, ConfigError, NonFiniteLossError):
     raise
   except Exception as e:  # Orbax and the OS raise many kinds; the user needs one line.
     raise CheckpointError(save_error_line(directory, e)) from e
@@ -262,6 +263,14 @@ def _crossed(every: int, before: int, done: int) -> bool:
   return done // every > before // every
 
 
+def _check_eval(state: Any, metrics: dict[str, float], step: int) -> None:
+  """A non-finite eval metric is an error: naming the state's first non-finite array if the
+  state is the cause, else the split."""
+  if not all(np.isfinite(v) for v in metrics.values()):
+    check_finite_state(state, step)
+    check_finite_eval(metrics, step)
+
+
 def _run(options: RunOptions, workdir: str, changes: list[runs.Change], program: Program,
          progress: bool) -> tuple[Any, dict[str, Any]]:
   main = jax.process_index() == 0
@@ -312,11 +321,13 @@ def _run(options: RunOptions, workdir: str, changes: list[runs.Change], program:
         if program.eval_at(i, done) or done == total:
           eval_metrics, evaluated_at = program.evaluate(state), done
           log.write(done, "eval", eval_metrics)
+          _check_eval(state, eval_metrics, done)
           if main and progress:
             bar.write(f"step {done}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in eval_metrics.items()))
           tic = time.perf_counter()  # Eval time is not training throughput.
         with _saving(checkpointer.directory):
           if save_now:
+            check_finite_state(state, done)  # Never checkpoint a non-finite state.
             checkpointer.save(done, state, eval_metrics if evaluated_at == done else None)
           else:
             checkpointer.raise_if_failed()  # A failed save stops the run at the next step.
@@ -325,11 +336,13 @@ def _run(options: RunOptions, workdir: str, changes: list[runs.Change], program:
         if stop.requested(done) and done < total:  # At the last step the run just finishes.
           with _saving(checkpointer.directory):
             if not save_now:
+              check_finite_state(state, done)
               checkpointer.save(done, state)
             checkpointer.wait_until_finished()
           raise StoppedBySignal(done, stop.signal_name, checkpointer.directory)
     if evaluated_at != total:  # A finished run started again: report, do not retrain.
       eval_metrics = program.evaluate(state)
+      _check_eval(state, eval_metrics, done)
   except jax.errors.JaxRuntimeError as e:
     if jax.process_count() == 1:
       raise
