@@ -27,6 +27,7 @@ from fjt.checks import (NonFiniteLossError, check_batch_size, check_finite, chec
                         prepare_workdir, resolve_task)
 from fjt.config import ConfigError
 from fjt.data import Dataset, baseline_lines, data_baselines
+from fjt.files import write_atomic
 from fjt.logs import RunLog, say
 from fjt.models import create_model
 from fjt.options import RunOptions
@@ -77,9 +78,9 @@ def _fine_tune_start(options: RunOptions, workdir: str, state: TrainState, tx,
     return state
   state, report = init_from_checkpoint(state, init_from, options.init.init_skip)
   state = state.replace(averages=averaging.init(state.variables))
-  with open(os.path.join(workdir, "init_from.json"), "w", encoding="utf-8") as f:
-    json.dump({"path": init_from, "skipped": report.skipped, "missing": report.missing,
-               "mismatched": report.mismatched}, f, indent=2)
+  write_atomic(os.path.join(workdir, "init_from.json"),
+               json.dumps({"path": init_from, "skipped": report.skipped, "missing": report.missing,
+                           "mismatched": report.mismatched}, indent=2))
   return state.replace(opt_state=tx.init(state.params))
 
 
