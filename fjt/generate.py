@@ -92,6 +92,7 @@ def load_run(workdir: str) -> tuple[GPT, PyTree, Tokenizer]:
   if not isinstance(model, GPT):
     raise ValueError(f"run {workdir!r} trained model {config.model.name!r}; sampling needs a "
                      "GPT ('gpt')")
+  runs.check_run_data(workdir, config)
   info = load_dataset(config.data).info
   if "tokenizer" not in info:
     raise ValueError(f"run {workdir!r}: dataset {config.data.name!r} records no tokenizer "

@@ -248,12 +248,13 @@ class RunLog:
   ``metrics.jsonl`` and TensorBoard events (``MetricWriter``), ``summary.json`` and
   ``metrics.png``. Only process 0 of a multi-process run writes (``enabled``)."""
 
-  def __init__(self, workdir: str, config, start_step: int = 0, enabled: bool = True):
+  def __init__(self, workdir: str, record: str, start_step: int = 0, enabled: bool = True):
+    """``record``: the text of ``config.json`` (``fjt.runs.record_file``)."""
     self.workdir, self.enabled = workdir, enabled
     if enabled:  # Atomic: a kill while resuming leaves the old record, never a torn one.
       path = os.path.join(workdir, "config.json")
       try:
-        write_atomic(path, config.to_json_best_effort(indent=2))
+        write_atomic(path, record)
       except OSError as e:
         raise log_write_error(path, e) from e
     self.metrics = MetricWriter(workdir, start_step=start_step, enabled=enabled)

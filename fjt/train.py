@@ -27,6 +27,7 @@ from fjt.checks import (NonFiniteLossError, check_batch_size, check_finite, chec
                         prepare_workdir, resolve_task)
 from fjt.config import ConfigError
 from fjt.data import Dataset, baseline_lines, data_baselines
+from fjt.data.fingerprint import data_fingerprint
 from fjt.files import write_atomic
 from fjt.logs import RunLog, say
 from fjt.models import create_model
@@ -196,8 +197,9 @@ def run(options: RunOptions, workdir: str, build: Callable[[], Program],
   with runs.WorkdirLock(workdir, enabled=jax.process_index() == 0), \
       accelerators.precision(options.accelerator.matmul_precision):
     has_results = bool(checkpoint.step_dirs(os.path.join(workdir, "checkpoints")))
-    changes = runs.check_rerun(workdir, options.config, has_results)
-    return _run(options, workdir, changes, build(), progress)
+    fingerprint = data_fingerprint(options.data)
+    changes = runs.check_rerun(workdir, options.config, has_results, fingerprint)
+    return _run(options, workdir, changes, build(), progress, fingerprint)
 
 
 def single_model(options: RunOptions, workdir: str, model: nn.Module | None,
@@ -273,7 +275,7 @@ def _check_eval(state: Any, metrics: dict[str, float], step: int) -> None:
 
 
 def _run(options: RunOptions, workdir: str, changes: list[runs.Change], program: Program,
-         progress: bool) -> tuple[Any, dict[str, Any]]:
+         progress: bool, fingerprint: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
   main = jax.process_index() == 0
   ckpt = options.checkpoint
   best_mode = ckpt.best_mode or program.mode
@@ -281,7 +283,8 @@ def _run(options: RunOptions, workdir: str, changes: list[runs.Change], program:
     raise ConfigError(f"config key 'checkpoint.best_metric': {ckpt.best_metric!r} is not a "
                       f"metric of task {program.task!r}; known: {list(program.metric_names)}")
   checkpointer = checkpoint.RunCheckpointer(workdir, ckpt.max_to_keep, ckpt.best_metric,
-                                            best_mode, {"config": runs.as_record(options.config)})
+                                            best_mode, {"config": runs.as_record(options.config),
+                                                        "data": fingerprint})
   state, start = checkpointer.restore_latest(program.state, fallback=ckpt.fallback)
   total = program.total
   if start == 0:
@@ -291,7 +294,8 @@ def _run(options: RunOptions, workdir: str, changes: list[runs.Change], program:
   checkpoint_every = ckpt.every_steps or total
   watchdog = (distributed.Watchdog(options.distributed.timeout_s)
               if jax.process_count() > 1 else None)
-  log = RunLog(workdir, options.config, start_step=start, enabled=main)
+  log = RunLog(workdir, runs.record_file(options.config, fingerprint), start_step=start,
+               enabled=main)
   first = program.iteration_after(start)
   window, window_start, tic = [], start, time.perf_counter()
   evaluated_at, eval_metrics, done, lost = -1, {}, start, None

@@ -4,19 +4,26 @@ checkpoint across resumes, non-finite states and metrics, damaged logs, changed 
 import errno
 import json
 import os
+import sys
 
 import jax
 import numpy as np
 import pytest
 
 import fjt
-from conftest import tiny_digits_config
+from conftest import ROOT, tiny_digits_config
 from fjt import checkpoint, cli, preemption
 from fjt.checks import NonFiniteLossError
 from fjt.config import ConfigError
+from fjt.data import tokens
 from fjt.files import write_atomic
 from fjt.logs import LogWriteError
 from test_checkpoint import assert_trees_equal
+
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import embeddings as embeddings_cli  # noqa: E402
+import prepare_text  # noqa: E402
+import sample as sample_cli  # noqa: E402
 
 
 def full_disk(*args, **kwargs):
@@ -52,13 +59,14 @@ def stop_at(monkeypatch, step):
                       is None)
 
 
+def half_then_full(f):
+  f.write(b"new, half written")
+  full_disk()
+
+
 def test_write_atomic_leaves_the_old_file_on_a_full_disk(tmp_path):
   path = tmp_path / "summary.json"
   write_atomic(path, "old")
-
-  def half_then_full(f):
-    f.write(b"new, half written")
-    full_disk()
   with pytest.raises(OSError, match=rf"No space left on device \(writing {path}\)"):
     write_atomic(path, half_then_full)
   assert path.read_text() == "old" and os.listdir(tmp_path) == ["summary.json"]
@@ -168,3 +176,79 @@ def test_dropout_rate_outside_0_1_is_refused(tmp_path):
   with pytest.raises(ConfigError, match=r"^config key 'model.dropout_rate': expected a number in "
                                         r"\[0, 1\), got 2.0$"):
     fjt.fit(c, str(tmp_path), progress=False)
+
+
+def token_run(tmp_path, capsys):
+  """A tiny GPT trained 4 steps on a word-tokenizer token folder; returns (config, workdir)."""
+  from test_gpt import write_texts
+  write_texts(tmp_path / "texts")
+  assert prepare_text.main([str(tmp_path / "texts"), "--out", str(tmp_path / "tokens"),
+                            "--vocab_size", "20"]) == 0
+  c = fjt.apply_overrides(fjt.load_config(os.path.join(ROOT, "configs", "text_gpt.py")), [
+      "data.name=tokens", f"data.path={tmp_path / 'tokens'}", "data.block_size=16",
+      "data.eval_stride=0", "model.vocab_size=15", "model.block_size=16", "model.embed_dim=8",
+      "model.num_heads=2", "train.steps=4", "train.eval_every=4", "train.log_every=2",
+      "checkpoint.every_steps=4", "optimizer.warmup_steps=1", "train.batch_size=4"])
+  fjt.fit(c, str(tmp_path / "run"), progress=False)
+  capsys.readouterr()
+  return c, str(tmp_path / "run")
+
+
+def test_changed_data_is_named_by_resume_sample_and_embeddings(tmp_path, capsys):
+  c, workdir = token_run(tmp_path, capsys)
+  assert embeddings_cli.main([workdir, "cat", "--neighbors", "1"]) == 0  # A word vocabulary.
+  assert capsys.readouterr().out.startswith("params/wte/embedding: (15, 8) float32, vocabulary "
+                                            "of 15 words\ncat")
+  with open(tmp_path / "texts" / "doc0.txt", "a", encoding="utf-8") as f:
+    f.write("\nThe cat sat on the mat.")  # Re-prepared from changed text: train.bin grows.
+  assert prepare_text.main([str(tmp_path / "texts"), "--out", str(tmp_path / "tokens"),
+                            "--vocab_size", "20"]) == 0
+  capsys.readouterr()
+  with pytest.raises(ConfigError) as info:
+    fjt.fit(c, workdir, progress=False)  # A re-evaluation of the finished run.
+  line = str(info.value)
+  assert line.startswith(f"the data of the run in {workdir} changed since it was made: "
+                         "meta.json sha256 ") and cli.exit_code(info.value) == 2
+  assert "; train.bin bytes 8106 -> 8118. Restore" in line and line.endswith(
+      ". Restore the data, or pass --config.allow_changed_data=true to use it anyway")
+  assert sample_cli.main([workdir, "--prompt", "the cat", "--tokens", "3"]) == 2
+  assert embeddings_cli.main([workdir, "cat"]) == 2
+  err = capsys.readouterr().err.splitlines()
+  assert err == [f"error: {line}"] * 2
+  c.allow_changed_data = True  # Deliberately: said in one line, then evaluated again.
+  _, summary = fjt.fit(c, workdir, progress=False)
+  assert summary["step"] == 4
+  assert f"fjt: the data of the run in {workdir} changed since it was made" in \
+      capsys.readouterr().err
+
+
+def test_prepare_text_refuses_small_vocabularies_and_leaves_nothing_partial(tmp_path, capsys,
+                                                                            monkeypatch):
+  (tmp_path / "a.txt").write_text("hello world foo bar baz hello world again and again")
+  out = tmp_path / "tokens"
+  for size, kind, least in ((0, "word", 3), (2, "word", 3), (256, "bpe", 257)):
+    assert prepare_text.main([str(tmp_path / "a.txt"), "--out", str(out), "--tokenizer", kind,
+                              "--vocab_size", str(size)]) == 2
+    assert capsys.readouterr().err == (f"error: --vocab_size: a {kind} tokenizer needs at least "
+                                       f"{least} tokens (its special tokens and more), got {size}\n")
+  assert not out.exists()
+  meta = tokens.prepare_text([str(tmp_path / "a.txt")], str(out), vocab_size=10,
+                             validation_percent=20)
+  vocab = json.loads((out / "tokenizer.json").read_text())["vocab"]
+  assert vocab[2:] == ["hello", "world", "bar", "baz", "foo"]  # The cut falls between words.
+  before = {p.name: p.read_bytes() for p in out.iterdir()}
+  real = tokens.write_atomic  # The disk fills while train.bin is written.
+  monkeypatch.setattr(tokens, "write_atomic", lambda path, data: real(
+      path, half_then_full if path.endswith("train.bin") else data))
+  assert prepare_text.main([str(tmp_path / "a.txt"), "--out", str(out), "--vocab_size", "5"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: [Errno 28] No space left on device (writing ") and \
+      "train.bin" in err
+  assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # Nothing partial.
+  assert meta["train_tokens"] == len(before["train.bin"]) // 2
+
+
+def test_sample_refuses_a_non_finite_temperature(tmp_path, capsys):
+  assert sample_cli.main([str(tmp_path), "--temperature", "nan"]) == 2
+  assert capsys.readouterr().err == ("error: --temperature: expected a finite number >= 0 "
+                                     "(0: greedy), got nan\n")
