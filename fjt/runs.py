@@ -304,6 +304,25 @@ class WorkdirLock:
     self.release()
 
 
+def check_output(path: str | os.PathLike, overwrite: bool = False) -> None:
+  """Refuses to write a tool's output (``scripts/convert.py``) at ``path`` where something
+  exists, unless ``overwrite``; and always into a run: its workdir or anything under its
+  ``checkpoints/`` (a training state that a resume reads). One ``ConfigError`` line each."""
+  path = os.path.abspath(os.fspath(path))
+  above = path
+  for _ in range(4):  # workdir/checkpoints/<step>/default at most.
+    if os.path.isfile(os.path.join(above, RECORD)) or os.path.isdir(
+        os.path.join(above, "checkpoints")):
+      rel = os.path.relpath(path, above)
+      if rel == "." or rel.split(os.sep)[0] == "checkpoints":
+        raise ConfigError(f"{path} is {'the run' if rel == '.' else 'inside the checkpoints of the run'}"
+                          f" in {above}: its checkpoints are a training state that resuming reads; "
+                          "write the output elsewhere")
+    above = os.path.dirname(above)
+  if os.path.exists(path) and not overwrite:
+    raise ConfigError(f"{path} exists; pass --overwrite to replace it")
+
+
 # --- A run read back: its config, model and vocabulary ------------------------------------------
 
 

@@ -17,12 +17,15 @@ def main(argv=None) -> int:
   parser.add_argument("output")
   parser.add_argument("--config", help="the config whose model the weights belong to "
                       "(required to import; to export, needed for the CNN's layout)")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace OUTPUT if it exists (never a training run's checkpoints)")
   args = parser.parse_args(argv)
 
-  from fjt import cli  # After argument parsing, so --help is instant.
+  from fjt import cli, runs  # After argument parsing, so --help is instant.
   from fjt.interop import convert
 
   def run() -> None:
+    runs.check_output(args.output, args.overwrite)
     if convert.is_weights_file(args.input):
       if not args.config:
         parser.error("importing weights needs --config (the model they belong to)")

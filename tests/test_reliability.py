@@ -21,6 +21,7 @@ from fjt.logs import LogWriteError
 from test_checkpoint import assert_trees_equal
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import convert as convert_cli  # noqa: E402
 import embeddings as embeddings_cli  # noqa: E402
 import prepare_text  # noqa: E402
 import sample as sample_cli  # noqa: E402
@@ -252,3 +253,61 @@ def test_sample_refuses_a_non_finite_temperature(tmp_path, capsys):
   assert sample_cli.main([str(tmp_path), "--temperature", "nan"]) == 2
   assert capsys.readouterr().err == ("error: --temperature: expected a finite number >= 0 "
                                      "(0: greedy), got nan\n")
+
+
+def test_convert_never_writes_into_a_run_and_asks_before_replacing(tmp_path, capsys,
+                                                                   uninterrupted):
+  workdir = uninterrupted[0]
+  weights, cfg = str(tmp_path / "model.safetensors"), os.path.join(ROOT, "configs",
+                                                                  "digits_mlp.py")
+  step = os.path.join(workdir, "checkpoints", "30")
+  before = sorted(os.listdir(step))
+  for out in (step, os.path.join(workdir, "checkpoints", "40"), workdir):
+    assert convert_cli.main([weights, out, "--config", cfg, "--overwrite"]) == 2
+    what = "the run" if out == workdir else "inside the checkpoints of the run"
+    assert capsys.readouterr().err == (
+        f"error: {out} is {what} in {workdir}: its checkpoints are a training state that "
+        "resuming reads; write the output elsewhere\n")
+  assert sorted(os.listdir(step)) == before
+  (tmp_path / "out").mkdir()
+  assert convert_cli.main([weights, str(tmp_path / "out"), "--config", cfg]) == 2
+  assert capsys.readouterr().err == f"error: {tmp_path / 'out'} exists; pass --overwrite to replace it\n"
+
+
+def test_convert_names_a_truncated_weights_file(tmp_path, capsys):
+  torch = pytest.importorskip("torch", reason="reading .pt files needs torch (extra 'interop')")
+  path = tmp_path / "model.pt"
+  torch.save({"w": torch.zeros(100, 100)}, path)
+  data = path.read_bytes()
+  path.write_bytes(data[:len(data) // 2])  # torch: "[Errno 22] Invalid argument", no file named.
+  cfg = os.path.join(ROOT, "configs", "digits_mlp.py")
+  assert convert_cli.main([str(path), str(tmp_path / "out"), "--config", cfg]) == 2
+  assert capsys.readouterr().err == (f"error: {path}: cannot read the weights (Invalid argument); "
+                                     "the file is damaged or not a PyTorch/safetensors file\n")
+
+
+def test_sigterm_in_a_replica_configs_baseline_resumes_it_without_retraining(tmp_path, capsys,
+                                                                              monkeypatch):
+  """FedAvg, 3 rounds of 2 steps, then the centralized baseline (6 steps), stopped at its step 2:
+  the rerun says the replica run is finished (evaluated again) and resumes the baseline."""
+  c = fjt.apply_overrides(fjt.load_config(os.path.join(ROOT, "configs", "digits_fedavg.py")), [
+      "model.features=(16,)", "optimizer.warmup_steps=2", "replicas.num=2", "replicas.rounds=3",
+      "replicas.local_steps=2", "replicas.baselines=('centralized',)", "train.eval_every=1000"])
+  _, expected = fjt.fit(c, str(tmp_path / "uninterrupted"), progress=False)
+  calls = []
+  real = preemption.StopSignals.requested
+  monkeypatch.setattr(preemption.StopSignals, "requested", lambda self, done: calls.append(done)
+                      or (len(calls) == 5 and setattr(self, "signal_name", "SIGTERM") is None))
+  workdir = tmp_path / "run"
+  with pytest.raises(preemption.StoppedBySignal) as info:
+    fjt.fit(c, str(workdir), progress=False)
+  assert calls == [2, 4, 6, 1, 2] and cli.exit_code(info.value) == 4
+  assert info.value.checkpoint_dir == str(workdir / "centralized" / "checkpoints")
+  monkeypatch.setattr(preemption.StopSignals, "requested", real)
+  capsys.readouterr()
+  _, summary = fjt.fit(c, str(workdir), progress=False)
+  assert capsys.readouterr().err.splitlines()[-2:] == [
+      f"fjt: the run finished at step 6 (checkpoint {workdir}/checkpoints/6); evaluating it again "
+      "(raise --config.train.steps to train on)",
+      f"fjt: resuming from step 2 (checkpoint {workdir}/centralized/checkpoints/2)"]
+  assert summary["eval"] == expected["eval"]
