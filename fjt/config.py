@@ -29,6 +29,8 @@ class ConfigError(ValueError):
 # default.
 RUN_DEFAULTS = {
     "task": "",  # A name in fjt.TASKS; empty: the dataset's own (info["task"], else classification).
+    # Resume or evaluate a run although its data changed since (fjt.data.fingerprint).
+    "allow_changed_data": False,
     "train": {
         "log_every": 100,  # Steps between train-metric rows (and NaN checks).
         "eval_batch_size": 1024,

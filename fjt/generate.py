@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -77,8 +78,9 @@ def generate(model: GPT, params: PyTree, prompt_ids: jax.Array, num_tokens: int,
   if prompt_ids.shape[1] + num_tokens > model.block_size:
     raise ValueError(f"generate: a prompt of {prompt_ids.shape[1]} tokens plus {num_tokens} new "
                      f"tokens exceeds the model's block_size {model.block_size}")
-  if temperature < 0 or top_k < 0:
-    raise ValueError(f"generate: temperature and top_k must be >= 0, got {temperature} and {top_k}")
+  if not (math.isfinite(temperature) and temperature >= 0) or top_k < 0:
+    raise ValueError(f"generate: temperature must be a finite number >= 0 and top_k >= 0, got "
+                     f"{temperature} and {top_k}")
   return _generate(model, params, prompt_ids, int(num_tokens), rng, float(temperature), int(top_k))
 
 
@@ -90,6 +92,7 @@ def load_run(workdir: str) -> tuple[GPT, PyTree, Tokenizer]:
   if not isinstance(model, GPT):
     raise ValueError(f"run {workdir!r} trained model {config.model.name!r}; sampling needs a "
                      "GPT ('gpt')")
+  runs.check_run_data(workdir, config)
   info = load_dataset(config.data).info
   if "tokenizer" not in info:
     raise ValueError(f"run {workdir!r}: dataset {config.data.name!r} records no tokenizer "
@@ -110,6 +113,8 @@ def sample_text(workdir: str, prompt: str, num_tokens: int = 100, temperature: f
   has none, and an empty prompt is then "\\n", as nanoGPT's sample.py starts); only its
   last ``block_size - num_tokens`` tokens are kept. The same ``seed`` gives the same text.
   """
+  if not (math.isfinite(temperature) and temperature >= 0):  # Before the run is loaded.
+    raise ValueError(f"--temperature: expected a finite number >= 0 (0: greedy), got {temperature}")
   model, params, tokenizer = load_run(workdir)
   if not 0 < num_tokens < model.block_size:
     raise ValueError(f"--tokens: expected 1 .. {model.block_size - 1} (block_size - 1), got {num_tokens}")

@@ -102,6 +102,21 @@ def check_model_widths(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"config key 'model.{key}': expected positive ints (layer widths), "
                         f"got {value!r}")
 
+  rate = model.get("dropout_rate", 0.0)
+  if not (_number(rate) and 0 <= rate < 1):
+    raise ConfigError(f"config key 'model.dropout_rate': expected a number in [0, 1), got {rate!r}")
+
+
+def check_float32(config: Mapping | ml_collections.ConfigDict, prefix: str = "") -> None:
+  """Every finite float of ``config`` fits float32 (a value past its largest, 3.4e38, becomes
+  infinite on the device and every update with it)."""
+  for key, value in config.items():
+    if isinstance(value, (Mapping, ml_collections.ConfigDict)):
+      check_float32(value, f"{prefix}{key}.")
+    elif isinstance(value, float) and math.isfinite(value) and abs(value) > FLOAT32_MAX:
+      raise ConfigError(f"config key '{prefix}{key}': {value!r} overflows float32 (largest "
+                        f"{FLOAT32_MAX:.4g})")
+
 
 @dataclasses.dataclass(frozen=True)
 class AcceleratorOptions(_FromConfig):
@@ -382,6 +397,7 @@ class RunOptions:
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> RunOptions:
     config = with_run_defaults(config)
+    check_float32(config)
     check_model_widths(config)
     return cls(
         config=config,

@@ -29,7 +29,13 @@ def import_weights(weights_path: str, out_dir: str, config_path: str) -> interop
   "batch_stats"}``) for the model of ``config_path``, written to ``out_dir``. Strict: every
   variable of the model must get a value and every tensor (but ``num_batches_tracked``) a
   place, or ``interop.StateDictMismatch`` names them all."""
-  state_dict = interop.load_file(weights_path)
+  try:
+    state_dict = interop.load_file(weights_path)
+  except OSError as e:  # A truncated file: torch says "[Errno 22] Invalid argument", no name.
+    if e.filename is not None:
+      raise
+    raise ValueError(f"{weights_path}: cannot read the weights ({e.strerror or e}); the file is "
+                     "damaged or not a PyTorch/safetensors file") from e
   config = load_config(config_path)
   model, example = create_model(config.model), _example(config)
   variables, report = interop.from_state_dict(state_dict, interop.abstract_variables(model, example),
