@@ -7,17 +7,19 @@ The manifest also lists the arrays a checkpoint holds (``array_specs``: its shap
 file) and the mesh it was saved from.
 
 CRC-32s are computed over ranges of a file on all CPUs and combined (``crc32_combine``, zlib's
-``crc32_combine`` in GF(2) arithmetic), so checking a checkpoint costs about one read of it.
+``crc32_combine`` in GF(2) arithmetic), so checking a checkpoint costs about one read of it; a
+restore runs that check in threads beside Orbax's read (``verifying``), not before it.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import json
 import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -186,6 +188,28 @@ def verify_or_say(checkpoint_dir: str) -> None:
   would vouch for whatever happens to be on disk)."""
   if not verify(checkpoint_dir):
     say(f"checkpoint {checkpoint_dir} has no {MANIFEST}: its files are not verified")
+
+
+@contextlib.contextmanager
+def verifying(checkpoint_dir: str) -> Iterator[None]:
+  """``verify_or_say`` in a background thread while the body reads the checkpoint.
+
+  Sizes are checked first (a stat per file: a truncated file is named before anything is read);
+  the CRC-32s then run beside the body, so a restore reads the files about once in wall time,
+  not twice in a row. On leaving, the check is waited for: a damaged file raises its
+  ``CheckpointError`` whatever the body returned or raised (the restored values are dropped),
+  so every restore is still verified and a damaged file still named.
+  """
+  if not verify(checkpoint_dir, checksums=False):  # No manifest: said once, by verify_or_say.
+    verify_or_say(checkpoint_dir)
+    yield
+    return
+  with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fjt-verify") as pool:
+    check = pool.submit(verify_or_say, checkpoint_dir)
+    try:
+      yield
+    finally:
+      check.result()  # Its error, if any, replaces the body's: the damaged file is the cause.
 
 
 def manifest_shapes(checkpoint_dir: str) -> dict[str, jax.ShapeDtypeStruct] | None:

@@ -22,7 +22,8 @@ ROW_NAMES = ("train_step_mlp_vs_torch", "train_step_mlp_vs_peak", "train_step_cn
              "aggregate_vs_memcpy", "aggregate_vs_torch_loop", "merge_ties_vs_memcpy",
              "stream_average_peak_rss_models",
              "ckpt_save_blocking_vs_torch_save", "ckpt_save_total_vs_torch_save",
-             "ckpt_restore_vs_torch_load", "ckpt_verify_vs_restore",
+             "ckpt_save_total_vs_orbax_save", "ckpt_restore_vs_torch_load",
+             "ckpt_restore_vs_orbax_restore", "ckpt_orbax_restore_vs_bytes", "ckpt_verify_vs_restore",
              "sharded_state_bytes_per_device_vs_ideal")
 # On a GPU, after the train steps' rows (``gpt2_124m_rows``).
 GPU_ROW_NAMES = ("train_step_gpt2_124m_vs_torch", "train_step_gpt2_124m_mfu")
