@@ -83,6 +83,11 @@ def test_hugging_face_llama_both_ways_with_grouped_query_attention(hf_model):
   with torch.no_grad():
     np.testing.assert_array_equal(fresh(torch.tensor(ids)).logits.numpy(), expected)
 
+  # Keys without the base model's prefix (LlamaModel's), and a stale rotary buffer, load too.
+  bare = {k.removeprefix("model."): v for k, v in state_dict.items()}
+  bare["layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(4, np.float32)
+  jax.tree.map(np.testing.assert_array_equal,
+               hf_llama.variables_from_state_dict(bare, model), variables)
   with pytest.raises(ValueError, match=r"missing keys \['model.norm.weight'\]"):
     hf_llama.variables_from_state_dict({k: v for k, v in state_dict.items()
                                         if k != "model.norm.weight"}, model)
@@ -180,3 +185,20 @@ def test_llama_is_registered_and_exported():
   assert fjt.Llama is Llama and fjt.MODELS["llama"] is Llama and GPT is fjt.GPT
   with pytest.raises(ValueError, match="num_kv_heads 3"):
     tiny_llama(num_kv_heads=3)
+
+
+def test_logical_axes_split_llama_as_megatron_and_zero3():
+  from jax.sharding import PartitionSpec as P
+
+  from fjt import config, sharding
+  model = create_model(TINY)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32)))
+  mesh = sharding.abstract_mesh({"fsdp": 2, "model": 2}, 4)
+  specs = sharding.logical_shardings(boxed["params"], mesh, config.RUN_DEFAULTS["sharding_rules"])
+  layer = specs["model"]["layers_0"]
+  assert layer["self_attn"]["q_proj"]["kernel"].spec == P("fsdp", "model")  # Column split.
+  assert layer["self_attn"]["k_proj"]["kernel"].spec == P("fsdp", "model")
+  assert layer["self_attn"]["o_proj"]["kernel"].spec == P("model", "fsdp")  # Row split.
+  assert layer["mlp"]["down_proj"]["kernel"].spec == P("model", "fsdp")
+  assert specs["lm_head"]["kernel"].spec == P("fsdp")  # 61 rows: the vocab does not split.
+  assert layer["input_layernorm"]["scale"].spec == P("fsdp")

@@ -27,8 +27,8 @@ PyTree = Any
 MODEL_TYPE = "llama"
 BASE_PREFIX = "model."
 # Non-persistent buffers some checkpoints carry (older transformers saved the rotary inverse
-# frequencies); recomputed from rope_theta, so never read.
-BUFFERS = (r"(^|\.)rotary_emb\.inv_freq$",)
+# frequencies); recomputed from rope_theta, so never read. ``re.fullmatch`` on a key.
+BUFFERS = (r"(.*\.)?rotary_emb\.inv_freq",)
 
 # HF key inside one decoder layer -> (Linen path inside ``model/layers_{i}``, transposed).
 _LAYER_KEYS = (
@@ -130,15 +130,20 @@ def _param_shapes(module: Llama) -> PyTree:
 
 def variables_from_state_dict(state_dict: Mapping[str, Any], module: Llama) -> dict[str, PyTree]:
   """``{"params": ...}`` of ``module`` from a ``LlamaForCausalLM`` state_dict (numpy arrays or
-  anything ``np.asarray`` reads), in ``module.param_dtype``.
+  anything ``np.asarray`` reads), in ``module.param_dtype``. Keys carry the base model's
+  ``model.`` prefix (``model.layers.0.mlp.up_proj.weight``, as ``LlamaForCausalLM`` saves) or,
+  all of them, not (``layers.0.mlp.up_proj.weight``, as ``LlamaModel`` saves);
+  ``lm_head.weight`` never does.
 
   Strict: every key of ``module`` must be there with its shape, and no other key (but the
   ``BUFFERS``). A tied module takes no ``lm_head.weight``, unless it equals the embedding (as
   ``LlamaForCausalLM.state_dict()`` of a tied model lists it)."""
+  if not any(k.startswith(BASE_PREFIX) for k in state_dict):
+    state_dict = {(k if k == "lm_head.weight" else BASE_PREFIX + k): v for k, v in state_dict.items()}
   shapes = _param_shapes(module)
   dtype = jnp.dtype(module.param_dtype)
   params: dict[str, Any] = {}
-  left = {k for k in state_dict if not any(re.search(b, k) for b in BUFFERS)}
+  left = {k for k in state_dict if not any(re.fullmatch(b, k) for b in BUFFERS)}
   missing = []
   for key, path, transposed in _names(module):
     if key not in state_dict:
