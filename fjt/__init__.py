@@ -21,7 +21,7 @@ from fjt.data import Dataset, get_batch, load_dataset
 from fjt.data import register as register_dataset
 from fjt.experiment import fit, train_and_evaluate
 from fjt.interop.torch import StateDictMismatch
-from fjt.models import CNN, GPT, MLP, MODELS, NNLM, ResNet, create_model
+from fjt.models import CNN, GPT, Llama, MLP, MODELS, NNLM, ResNet, create_model
 from fjt.models import register as register_model
 from fjt.optim import create_learning_rate_fn, create_optimizer
 from fjt.optim import register as register_optimizer
@@ -36,7 +36,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     # Models and data.
-    "CNN", "GPT", "MLP", "MODELS", "NNLM", "ResNet", "create_model", "register_model",
+    "CNN", "GPT", "Llama", "MLP", "MODELS", "NNLM", "ResNet", "create_model", "register_model",
     "Dataset", "get_batch", "load_dataset", "register_dataset",
     # Configs, options, training.
     "ConfigError", "apply_overrides", "load_config", "AcceleratorOptions", "RunOptions",

@@ -1,4 +1,5 @@
-"""Sampling from a GPT with its key/value cache, in one jitted loop; text from a trained run."""
+"""Sampling from a decoder (``GPT``, ``Llama``) with its key/value cache, in one jitted loop;
+text from a trained run."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import functools
 import math
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -13,7 +15,7 @@ from fjt import checkpoint, runs
 from fjt.data import load_dataset
 from fjt.data.tokenizer import Tokenizer, load_tokenizer
 from fjt.models import create_model
-from fjt.models.gpt import GPT, init_cache
+from fjt.models.transformer import init_cache
 
 PyTree = Any
 
@@ -35,7 +37,7 @@ def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float, top_k: 
 
 
 @functools.partial(jax.jit, static_argnames=("model", "num_tokens", "temperature", "top_k"))
-def _generate(model: GPT, params: PyTree, prompt_ids: jax.Array, num_tokens: int,
+def _generate(model: nn.Module, params: PyTree, prompt_ids: jax.Array, num_tokens: int,
               rng: jax.Array, temperature: float, top_k: int) -> jax.Array:
   decoder = model.clone(decode=True)
   cache = init_cache(model, prompt_ids.shape[0])
@@ -58,9 +60,13 @@ def _generate(model: GPT, params: PyTree, prompt_ids: jax.Array, num_tokens: int
   return jnp.concatenate([prompt_ids, first[:, None], rest.T], axis=1)
 
 
-def generate(model: GPT, params: PyTree, prompt_ids: jax.Array, num_tokens: int,
+def generate(model: nn.Module, params: PyTree, prompt_ids: jax.Array, num_tokens: int,
              rng: jax.Array, temperature: float = 1.0, top_k: int = 0) -> jax.Array:
   """The prompt followed by ``num_tokens`` sampled tokens: int32 ``(B, P + num_tokens)``.
+
+  ``model`` is a decoder with a key/value cache: its ``clone(decode=True)`` keeps one in the
+  ``"cache"`` collection (``GPT``, ``Llama``, or a user's model that does the same), and
+  ``model.block_size`` is the longest sequence.
 
   ``prompt_ids`` is int ``(B, P)`` (or ``(P,)``, giving ``(1, P + num_tokens)``), ``P >= 1``.
   The prompt fills the key/value cache in one forward pass; then each token is drawn by
@@ -84,14 +90,15 @@ def generate(model: GPT, params: PyTree, prompt_ids: jax.Array, num_tokens: int,
   return _generate(model, params, prompt_ids, int(num_tokens), rng, float(temperature), int(top_k))
 
 
-def load_run(workdir: str) -> tuple[GPT, PyTree, Tokenizer]:
+def load_run(workdir: str) -> tuple[nn.Module, PyTree, Tokenizer]:
   """The model of run ``workdir`` (its ``config.json``, ``fjt.runs.run_config``), the params of
   its newest checkpoint and the tokenizer of its data (``dataset.info["tokenizer"]``)."""
   config = runs.run_config(workdir)
   model = create_model(config.model)
-  if not isinstance(model, GPT):
+  if not (hasattr(model, "decode") and hasattr(model, "block_size")):
     raise ValueError(f"run {workdir!r} trained model {config.model.name!r}; sampling needs a "
-                     "GPT ('gpt')")
+                     "decoder with a key/value cache (a 'decode' and a 'block_size' attribute: "
+                     "'gpt', 'llama')")
   runs.check_run_data(workdir, config)
   info = load_dataset(config.data).info
   if "tokenizer" not in info:

@@ -11,6 +11,7 @@ from benchmarks.checkpoints import checkpoint_rows
 from benchmarks.gpt import gpt2_124m_rows, gpt_train_step_row
 from benchmarks.machine import full_float32, require_torch
 from benchmarks.merges import merge_rows
+from benchmarks.remat import remat_rows
 from benchmarks.rows import FULL, Row, Sizes
 from benchmarks.sharded import sharded_state_rows
 from benchmarks.stream import stream_average_rows
@@ -18,7 +19,8 @@ from benchmarks.train_steps import train_step_rows
 
 
 ROW_NAMES = ("train_step_mlp_vs_torch", "train_step_mlp_vs_peak", "train_step_cnn_vs_torch",
-             "train_step_gpt_vs_torch",
+             "train_step_gpt_vs_torch", "gpt_remat_temp_bytes_vs_plain",
+             "gpt_remat_residual_bytes_vs_plain",
              "aggregate_vs_memcpy", "aggregate_vs_torch_loop", "merge_ties_vs_memcpy",
              "stream_average_peak_rss_models",
              "ckpt_save_blocking_vs_torch_save", "ckpt_save_total_vs_torch_save",
@@ -27,7 +29,7 @@ ROW_NAMES = ("train_step_mlp_vs_torch", "train_step_mlp_vs_peak", "train_step_cn
              "sharded_state_bytes_per_device_vs_ideal")
 # On a GPU, after the train steps' rows (``gpt2_124m_rows``).
 GPU_ROW_NAMES = ("train_step_gpt2_124m_vs_torch", "train_step_gpt2_124m_mfu")
-GROUPS = ("train", "gpt2", "aggregate", "stream", "checkpoint", "sharded")
+GROUPS = ("train", "gpt2", "remat", "aggregate", "stream", "checkpoint", "sharded")
 
 
 def run(sizes: Sizes = FULL, cnn_config=None, progress: Callable[[str], None] = print,
@@ -44,6 +46,7 @@ def run(sizes: Sizes = FULL, cnn_config=None, progress: Callable[[str], None] = 
   rows = []
   groups = {"train": ("train steps", lambda: train_step_rows(sizes, cnn_config, progress)
                                       + gpt_train_step_row(sizes, progress)),
+            "remat": ("rematerialisation", lambda: remat_rows(sizes, progress)),
             "gpt2": ("GPT-2 124M", lambda: gpt2_124m_rows(sizes, progress) if sizes.gpt2 else []),
             "aggregate": ("aggregation", lambda: aggregate_rows(sizes, progress)
                           + merge_rows(sizes, progress)),
