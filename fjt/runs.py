@@ -262,6 +262,7 @@ def load_model(source: str | os.PathLike
   import jax
 
   from fjt import checkpoint
+  from fjt import lora as fjt_lora
   from fjt.data import load_dataset
   from fjt.models import create_model
   from fjt.state import create_from_config
@@ -271,6 +272,11 @@ def load_model(source: str | os.PathLike
     example = jax.tree.map(lambda v: v[:1], load_dataset(config.data).train["x"])
     model, _, state = create_from_config(config, example)
     return model, state.variables, config
+  if config.lora.rank:  # A LoRA run: its frozen base with the trained adapters merged.
+    base, adapters, batch_stats = fjt_lora.load(source)
+    return (create_model(config.model),
+            {"params": fjt_lora.merge(base, adapters, config.lora.alpha), "batch_stats": batch_stats},
+            config)
   return create_model(config.model), checkpoint.load_variables(source), config
 
 

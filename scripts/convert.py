@@ -5,6 +5,11 @@
 
 IN is a .safetensors / .pt / .pth file (read weights-only) or an fjt checkpoint (a run
 workdir, step or saved directory); OUT is the other kind.
+
+A LoRA run (config key lora.rank > 0) with --lora: the merged model or the adapters alone as an
+fjt checkpoint, or the adapters as a PEFT folder (GPT: for Hugging Face's GPT-2):
+
+  python scripts/convert.py runs/text_gpt_lora OUT_DIR --lora merged   # or adapters, peft
 """
 
 import argparse
@@ -17,13 +22,19 @@ def main(argv=None) -> int:
   parser.add_argument("output")
   parser.add_argument("--config", help="the config whose model the weights belong to "
                       "(required to import; to export, needed for the CNN's layout)")
+  parser.add_argument("--lora", choices=("merged", "adapters", "peft"),
+                      help="write a LoRA run's merged model, its adapters, or a PEFT adapter folder")
   args = parser.parse_args(argv)
 
   from fjt import cli  # After argument parsing, so --help is instant.
   from fjt.interop import convert
 
   def run() -> None:
-    if convert.is_weights_file(args.input):
+    if args.lora:
+      from fjt import lora
+      written = lora.export(args.input, args.output, args.lora)
+      print(f"{args.output}: {len(written)} LoRA {args.lora} tensors")
+    elif convert.is_weights_file(args.input):
       if not args.config:
         parser.error("importing weights needs --config (the model they belong to)")
       report = convert.import_weights(args.input, args.output, args.config)
