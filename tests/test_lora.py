@@ -179,3 +179,15 @@ def test_peft_loads_the_exported_adapters_onto_hf_gpt2_with_the_same_logits(tmp_
   with torch.no_grad():
     hf_logits = peft_model(torch.from_numpy(ids).long()).logits.numpy()
   np.testing.assert_allclose(hf_logits, logits, rtol=0, atol=1e-4)
+
+
+def test_new_text_is_read_with_a_runs_vocabulary(tmp_path):
+  from fjt.data import tokens
+
+  (tmp_path / "text").mkdir()
+  (tmp_path / "text" / "a.txt").write_text("the cat sat on the mat\nthe dog sat\n" * 5)
+  vocab = ["<s>", "<unk>", "the", "sat", "cat"]  # A run's words in id order.
+  meta = tokens.prepare_text([str(tmp_path / "text")], str(tmp_path / "tok"), vocab=vocab)
+  assert meta["vocab_size"] == 5 and meta["tokenizer_kind"] == "word"
+  train = np.fromfile(tmp_path / "tok" / "train.bin", np.uint16)
+  assert train[:8].tolist() == [0, 2, 4, 3, 1, 2, 1, 2]  # <s> the cat sat on the mat the
