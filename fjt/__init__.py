@@ -28,7 +28,7 @@ from fjt.optim import register as register_optimizer
 from fjt.options import AcceleratorOptions, RunOptions
 from fjt.preemption import StoppedBySignal
 from fjt.distributed import PeerLostError
-from fjt.state import TrainState, create_from_config, create_train_state, init_variables
+from fjt.state import TrainState, create_from_config, create_train_state, fork, init_variables
 from fjt.steps import evaluate, make_eval_step, make_train_step, train_step_fn
 from fjt.tasks import TASKS, Task, register_task
 
@@ -41,7 +41,7 @@ __all__ = [
     # Configs, options, training.
     "ConfigError", "apply_overrides", "load_config", "AcceleratorOptions", "RunOptions",
     "TASKS", "Task", "register_task", "create_learning_rate_fn", "create_optimizer",
-    "register_optimizer", "TrainState", "create_from_config", "create_train_state",
+    "register_optimizer", "TrainState", "create_from_config", "create_train_state", "fork",
     "init_variables", "evaluate", "make_eval_step", "make_train_step", "train_step_fn", "fit",
     "train_and_evaluate",
     # Errors a user catches.

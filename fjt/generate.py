@@ -106,14 +106,20 @@ def sample_text(workdir: str, prompt: str, num_tokens: int = 100, temperature: f
   """The prompt and ``num_tokens`` tokens sampled from run ``workdir``, decoded to text.
 
   The prompt is encoded with the run's tokenizer and preceded by its document separator (as
-  every document of the training stream is); only its last ``block_size - num_tokens`` tokens
-  are kept. The same ``seed`` gives the same text.
+  every document of the training stream is; nanoGPT's character vocabulary of ``meta.pkl``
+  has none, and an empty prompt is then "\\n", as nanoGPT's sample.py starts); only its
+  last ``block_size - num_tokens`` tokens are kept. The same ``seed`` gives the same text.
   """
   model, params, tokenizer = load_run(workdir)
   if not 0 < num_tokens < model.block_size:
     raise ValueError(f"--tokens: expected 1 .. {model.block_size - 1} (block_size - 1), got {num_tokens}")
-  ids = [tokenizer.separator_id, *tokenizer.encode(prompt)][-(model.block_size - num_tokens):]
+  separator = tokenizer.separator_id
+  if separator is None:  # nanoGPT's characters: no separator; an empty prompt starts at "\n".
+    ids = tokenizer.encode(prompt or "\n")
+  else:
+    ids = [separator, *tokenizer.encode(prompt)]
+  ids = ids[-(model.block_size - num_tokens):]
   out = generate(model, params, jnp.asarray(ids), num_tokens, jax.random.PRNGKey(seed),
                  temperature, top_k)
   tokens = [int(i) for i in out[0]]
-  return tokenizer.decode(tokens[1:] if ids[0] == tokenizer.separator_id else tokens)
+  return tokenizer.decode(tokens[1:] if separator is not None and ids[0] == separator else tokens)

@@ -107,8 +107,9 @@ def _at(tree: PyTree, path: str) -> PyTree:
 def load(path: str) -> tuple[PyTree, PyTree, PyTree]:
   """``(base, adapters, batch_stats)`` of a LoRA run's checkpoint (a run workdir, its
   ``checkpoints/`` or a step): its ``base``, ``params`` and ``batch_stats`` sub-trees. A checkpoint
-  without ``base`` is a ``CheckpointError`` saying so."""
-  from fjt import checkpoint  # Local: fjt.checkpoint sits above the train state.
+  without ``base`` is a ``CheckpointError`` saying so. ``fjt.runs.load_variables`` merges them;
+  ``fjt.interop.convert.export_lora`` writes them out."""
+  from fjt import checkpoint
 
   tree = checkpoint.load(path)
   if not tree.get("base"):
@@ -117,38 +118,9 @@ def load(path: str) -> tuple[PyTree, PyTree, PyTree]:
   return tree["base"], tree["params"], tree.get("batch_stats", {})
 
 
-EXPORTS = ("merged", "adapters", "peft")
-
-
-def export(run: str, out: str, what: str = "merged") -> list[str]:
-  """Writes a LoRA run's model (``run``: its workdir, ``checkpoints/`` or a step) to ``out``:
-  ``merged``, an fjt checkpoint of ``{"params": merge(base, adapters, alpha), "batch_stats"}``
-  (what a full fine-tune would have saved); ``adapters``, an fjt checkpoint of the adapter tree
-  alone; ``peft``, a PEFT adapter folder for the model's Hugging Face twin
-  (``fjt.interop.peft``: GPT's is GPT-2). Returns the paths (or tensor keys) written."""
-  from fjt import checkpoint
-  from fjt.runs import run_config
-
-  if what not in EXPORTS:
-    raise ConfigError(f"LoRA export: expected one of {EXPORTS}, got {what!r}")
-  config = run_config(run)
-  base, adapters, batch_stats = load(run)
-  if what == "merged":
-    tree = {"params": merge(base, adapters, config.lora.alpha), "batch_stats": batch_stats}
-  elif what == "adapters":
-    tree = adapters
-  else:
-    from fjt.interop import peft
-    from fjt.models import create_model
-    return peft.save_adapters(out, adapters, config.lora.alpha,
-                              peft.peft_modules(create_model(config.model), "config key 'model'"))
-  checkpoint.save(out, tree)
-  return list(flatten(tree))
-
-
 def count(adapters: PyTree) -> int:
   """The number of trained values in ``adapters`` (``sum r * (in + out)``)."""
   return sum(math.prod(x.shape) for x in jax.tree.leaves(adapters))
 
 
-__all__ = ["EXPORTS", "count", "export", "init", "load", "merge", "targeted"]
+__all__ = ["count", "init", "load", "merge", "targeted"]

@@ -210,3 +210,44 @@ def abstract_from_config(config, mesh: Mesh | AbstractMesh | None = None
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, shardings)
   return model, abstract
+
+
+def _copy(tree: PyTree) -> PyTree:
+  """Every array of ``tree`` in a new buffer (same dtype and sharding)."""
+  return jax.tree.map(lambda a: a.copy() if hasattr(a, "copy") else a, tree)
+
+
+def fork(state_or_variables: TrainState | PyTree, tx: optax.GradientTransformation | None = None,
+         seed: int | None = None) -> TrainState | PyTree:
+  """A branch of a train state (or of variables) that shares no buffer with it.
+
+  The train step donates its state (``make_train_step``): after a step the arrays it was given
+  are deleted, so two fine-tunes stepping the same base state would crash ("Array has been
+  deleted"). A fork copies every array, so branches of one base (soups, seeds, sweeps) never
+  touch each other's buffers or the base's.
+
+  Args:
+    state_or_variables: a ``TrainState``, or variables (``{"params", "batch_stats"}``).
+    tx: the branch's optimizer: its fresh state ``tx.init(params)`` and step 0 (a new
+      schedule). None: a state keeps a copy of its optimizer state and step; variables stay
+      variables.
+    seed: the branch's rng, ``PRNGKey(seed)``; None keeps (a copy of) the state's rng
+      (variables with a ``tx``: ``PRNGKey(0)``).
+
+  Returns:
+    A ``TrainState`` (variables given with a ``tx`` included), or copied variables.
+  """
+  if not isinstance(state_or_variables, TrainState):
+    variables = _copy(state_or_variables)
+    if tx is None:
+      return variables
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                       batch_stats=variables.get("batch_stats", {}), opt_state=None,
+                       rng=jax.random.PRNGKey(0 if seed is None else seed))
+    return state.replace(opt_state=tx.init(state.params))
+  state = _copy(state_or_variables)
+  if tx is not None:
+    state = state.replace(step=jnp.zeros_like(state.step), opt_state=tx.init(state.params))
+  if seed is not None:
+    state = state.replace(rng=jax.random.PRNGKey(seed))
+  return state

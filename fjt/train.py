@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -33,6 +34,7 @@ from fjt.preemption import StopSignals, StoppedBySignal
 from fjt.program import Program, mean_row
 from fjt.state import TrainState, create_state
 from fjt.steps import TaskLike, evaluate, make_eval_step, make_train_step
+from fjt.tree import flatten
 
 
 def _say_resuming(start: int, steps: int, directory: str, changes: list[runs.Change]) -> None:
@@ -66,6 +68,12 @@ def init_from_checkpoint(state: TrainState, path: str, skip=()) -> tuple[TrainSt
     params, report = checkpoint.load(path, target["params"], strict=False,
                                      skip=[re.sub(r"^\^?params/", "", s) for s in skip])
     variables = {"params": params, "batch_stats": state.batch_stats}
+    prefixed = lambda paths: [f"params/{p}" for p in paths]
+    stats = [f"batch_stats/{p}" for p in flatten(state.batch_stats)]  # Not in the file: missing.
+    report = dataclasses.replace(
+        report, missing=prefixed(report.missing) + stats, skipped=prefixed(report.skipped),
+        mismatched=prefixed(report.mismatched), loaded=prefixed(report.loaded),
+        details={f"params/{p}": d for p, d in report.details.items()})
   return state.replace(**{trained: variables["params"]},
                        batch_stats=variables["batch_stats"]), report
 
@@ -78,11 +86,15 @@ def _fine_tune_start(options: RunOptions, workdir: str, state: TrainState, tx,
   init_from = options.init.init_from
   if not init_from:
     return state
-  state, report = init_from_checkpoint(state, init_from, options.init.init_skip)
+  try:
+    state, report = init_from_checkpoint(state, init_from, options.init.init_skip)
+  except checkpoint.CheckpointMismatchError as e:  # Bad input: exit 2, before any step.
+    raise ConfigError(f"config key 'init_from': {e}") from e
+  say(f"init_from {init_from}: {report.counts()}")
   state = state.replace(averages=averaging.init(state.variables))
   with open(os.path.join(workdir, "init_from.json"), "w", encoding="utf-8") as f:
-    json.dump({"path": init_from, "skipped": report.skipped, "missing": report.missing,
-               "mismatched": report.mismatched}, f, indent=2)
+    json.dump({"path": init_from, "loaded": len(report.loaded), "skipped": report.skipped,
+               "missing": report.missing, "mismatched": report.mismatched}, f, indent=2)
   return state.replace(opt_state=tx.init(state.params))
 
 

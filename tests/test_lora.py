@@ -14,6 +14,7 @@ from conftest import tiny_digits_config
 import fjt
 from fjt import checkpoint
 from fjt.config import ConfigError
+from fjt.interop import convert
 from fjt.models import GPT
 from fjt.tree import flatten, to_nested_dict
 
@@ -128,8 +129,8 @@ def test_a_lora_run_trains_adapters_only_keeps_the_base_and_resumes_bitwise(base
 
   # scripts/convert.py --lora: the merged model and the adapters alone, as fjt checkpoints.
   merged_dir, adapters_dir = str(tmp_path / "merged"), str(tmp_path / "adapters")
-  fjt.lora.export(str(tmp_path / "straight"), merged_dir, "merged")
-  fjt.lora.export(str(tmp_path / "straight"), adapters_dir, "adapters")
+  convert.export_lora(str(tmp_path / "straight"), merged_dir, "merged")
+  convert.export_lora(str(tmp_path / "straight"), adapters_dir, "adapters")
   merged = checkpoint.load_variables(merged_dir)
   expected = fjt.lora.merge(straight.base, straight.params, 4.0)
   for path, leaf in flatten(expected).items():
@@ -140,7 +141,7 @@ def test_a_lora_run_trains_adapters_only_keeps_the_base_and_resumes_bitwise(base
   np.testing.assert_array_equal(np.asarray(variables["params"]["Dense_0"]["kernel"]),
                                 np.asarray(expected["Dense_0"]["kernel"]))
   with pytest.raises(ValueError, match="MLP has no Hugging Face twin"):
-    fjt.lora.export(str(tmp_path / "straight"), str(tmp_path / "peft"), "peft")
+    convert.export_lora(str(tmp_path / "straight"), str(tmp_path / "peft"), "peft")
 
 
 def test_peft_loads_the_exported_adapters_onto_hf_gpt2_with_the_same_logits(tmp_path):
