@@ -12,8 +12,8 @@ merges), ``fjt.merge`` does that to checkpoints on disk (``scripts/average.py``)
 """
 
 from fjt import (accelerators, activations, aggregate, averaging, checkpoint, checks, cli, data,
-                 distributed, embeddings, merge, models, optim, options, preemption, replicas, runs,
-                 sharding, steps, summary, tasks)
+                 distributed, embeddings, lora, merge, models, optim, options, preemption,
+                 replicas, runs, sharding, steps, summary, tasks)
 from fjt.checkpoint import CheckpointError
 from fjt.checks import NonFiniteLossError
 from fjt.config import ConfigError, apply_overrides, load_config
@@ -49,6 +49,6 @@ __all__ = [
     "StoppedBySignal",
     # Modules.
     "accelerators", "activations", "aggregate", "averaging", "checkpoint", "checks", "cli", "data",
-    "distributed", "embeddings", "merge", "models", "optim", "options", "preemption", "replicas",
+    "distributed", "embeddings", "lora", "merge", "models", "optim", "options", "preemption", "replicas",
     "runs", "sharding", "steps", "summary", "tasks",
 ]

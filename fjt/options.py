@@ -362,6 +362,36 @@ class InitOptions(_FromConfig):
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraOptions(_FromConfig):
+  """LoRA adapters (``fjt.lora``): ``rank`` (0: off; the whole model trains), ``alpha`` (the
+  update is ``alpha / rank * a @ b``) and ``targets`` (regexes on params paths, each matching
+  2-D kernels only)."""
+  rank: int
+  alpha: float
+  targets: tuple[str, ...]
+
+  @classmethod
+  def _read(cls, config: ml_collections.ConfigDict) -> LoraOptions:
+    options = cls(
+        rank=require(config, "lora.rank", lambda v: _int(v) and v >= 0, "an int >= 0 (0: off)"),
+        alpha=float(require(config, "lora.alpha", lambda v: _number(v) and v > 0,
+                            "a number > 0")),
+        targets=tuple(require(config, "lora.targets", lambda v: isinstance(v, (tuple, list))
+                              and all(isinstance(p, str) and p for p in v),
+                              "a tuple of regex patterns on params paths")))
+    if options.rank and not options.targets:
+      raise ConfigError("config key 'lora.targets': lora.rank > 0 needs the kernels to adapt, "
+                        "e.g. (r'attn/c_attn/kernel$',)")
+    if options.rank and config.get("replicas"):
+      raise ConfigError("config key 'lora.rank': LoRA trains one model; replica runs "
+                        "(config group 'replicas') do not take it")
+    if options.rank and (config.ema.decay or config.swa.every):
+      raise ConfigError("config key 'lora.rank': EMA/SWA averages of LoRA runs are not "
+                        "supported; set ema.decay=0 and swa.every=0")
+    return options
+
+
+@dataclasses.dataclass(frozen=True)
 class DistributedOptions(_FromConfig):
   """Multi-process runs (``fjt.distributed``): a peer silent ``timeout_s`` seconds is lost."""
   timeout_s: float
@@ -393,6 +423,7 @@ class RunOptions:
   init: InitOptions
   distributed: DistributedOptions
   replicas: ReplicaOptions | None
+  lora: LoraOptions = LoraOptions(rank=0, alpha=16.0, targets=())
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> RunOptions:
@@ -411,7 +442,8 @@ class RunOptions:
         averaging=AveragingOptions._read(config),
         init=InitOptions._read(config),
         distributed=DistributedOptions._read(config),
-        replicas=ReplicaOptions._read(config) if config.get("replicas") else None)
+        replicas=ReplicaOptions._read(config) if config.get("replicas") else None,
+        lora=LoraOptions._read(config))
 
   @property
   def data(self) -> ml_collections.ConfigDict:

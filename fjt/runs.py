@@ -358,7 +358,6 @@ def load_model(source: str | os.PathLike
   ``batch_stats``) or of a config file (its fresh variables, initialised as the run would)."""
   import jax
 
-  from fjt import checkpoint
   from fjt.data import load_dataset
   from fjt.models import create_model
   from fjt.state import create_from_config
@@ -368,7 +367,21 @@ def load_model(source: str | os.PathLike
     example = jax.tree.map(lambda v: v[:1], load_dataset(config.data).train["x"])
     model, _, state = create_from_config(config, example)
     return model, state.variables, config
-  return create_model(config.model), checkpoint.load_variables(source), config
+  return create_model(config.model), load_variables(source), config  # LoRA: merged.
+
+
+def load_variables(source: str | os.PathLike) -> dict[str, Any]:
+  """``{"params", "batch_stats"}`` that the model of a checkpoint applies
+  (``fjt.checkpoint.load_variables``); for a LoRA run's checkpoint (it holds ``base``), the base
+  merged with the adapters by the run's ``lora.alpha`` (``fjt.lora.merge``)."""
+  from fjt import checkpoint
+  from fjt import lora as fjt_lora
+
+  if not any(p.startswith("base/") for p in checkpoint.saved_shapes(source)):
+    return checkpoint.load_variables(source)
+  base, adapters, batch_stats = fjt_lora.load(source)
+  return {"params": fjt_lora.merge(base, adapters, run_config(source).lora.alpha),
+          "batch_stats": batch_stats}
 
 
 def run_vocabulary(source: str | os.PathLike) -> list[str]:

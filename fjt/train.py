@@ -59,13 +59,16 @@ def init_from_checkpoint(state: TrainState, path: str, skip=()) -> tuple[TrainSt
 
   Paths matching ``skip`` and paths missing from the checkpoint keep ``state``'s
   values; a shape difference outside ``skip`` is an error. Returns the state
-  (step, optimizer state and rng untouched) and the load report.
+  (step, optimizer state and rng untouched) and the load report. A LoRA state (``fjt.lora``)
+  loads the checkpoint's params into its frozen ``base``.
   """
   saved = checkpoint.saved_shapes(path)
+  trained = "base" if state.base else "params"
+  target = {"params": getattr(state, trained), "batch_stats": state.batch_stats}
   if any(p.startswith("params/") for p in saved):
-    variables, report = checkpoint.load(path, state.variables, strict=False, skip=skip)
+    variables, report = checkpoint.load(path, target, strict=False, skip=skip)
   else:  # A params tree on its own, like torch.save(model.state_dict()).
-    params, report = checkpoint.load(path, state.params, strict=False,
+    params, report = checkpoint.load(path, target["params"], strict=False,
                                      skip=[re.sub(r"^\^?params/", "", s) for s in skip])
     variables = {"params": params, "batch_stats": state.batch_stats}
     prefixed = lambda paths: [f"params/{p}" for p in paths]
@@ -74,7 +77,8 @@ def init_from_checkpoint(state: TrainState, path: str, skip=()) -> tuple[TrainSt
         report, missing=prefixed(report.missing) + stats, skipped=prefixed(report.skipped),
         mismatched=prefixed(report.mismatched), loaded=prefixed(report.loaded),
         details={f"params/{p}": d for p, d in report.details.items()})
-  return state.replace(params=variables["params"], batch_stats=variables["batch_stats"]), report
+  return state.replace(**{trained: variables["params"]},
+                       batch_stats=variables["batch_stats"]), report
 
 
 def _fine_tune_start(options: RunOptions, workdir: str, state: TrainState, tx,
@@ -240,7 +244,9 @@ def single_model(options: RunOptions, workdir: str, model: nn.Module | None,
   train_step = make_train_step(model, tx, task, averaging=averaging, mesh=mesh,
                                state_sharding=state_sharding, rng_streams=train.rng_streams,
                                grad_accum_steps=train.grad_accum_steps)
-  eval_step = make_eval_step(model, task, mesh=mesh, variables_sharding=state_sharding.variables)
+  eval_step = make_eval_step(model, task, mesh=mesh, variables_sharding={
+      "params": state_sharding.base or state_sharding.params,  # LoRA: merged onto the base.
+      "batch_stats": state_sharding.batch_stats})
   names = metric_names(model, state, dataset, task)
   rows = sharding.process_rows(train.batch_size, mesh)
 

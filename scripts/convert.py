@@ -10,6 +10,12 @@ Hugging Face folders (config.json + model.safetensors, its sharded index or pyto
 
   python scripts/convert.py --from HF_DIR OUT_DIR                # -> an fjt checkpoint
   python scripts/convert.py runs/gpt --to hf HF_DIR              # -> a folder transformers loads
+
+A LoRA run (config key lora.rank > 0) exports merged (--to hf, weight files); with --lora: the
+merged model or the adapters alone as an fjt checkpoint, or the adapters as a PEFT folder (GPT:
+for Hugging Face's GPT-2):
+
+  python scripts/convert.py runs/text_gpt_lora OUT_DIR --lora merged   # or adapters, peft
 """
 
 import argparse
@@ -27,13 +33,21 @@ def main(argv=None) -> int:
                       "(required to import; to export, needed for the CNN's layout)")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace OUTPUT if it exists (never a training run's checkpoints)")
+  parser.add_argument("--lora", choices=("merged", "adapters", "peft"),  # convert.LORA_EXPORTS
+                      help="write a LoRA run's merged model, its adapters, or a PEFT adapter folder")
   args = parser.parse_intermixed_args(argv)  # IN --to hf OUT: positionals around options.
 
   from fjt import cli, runs  # After argument parsing, so --help is instant.
   from fjt.interop import convert
 
   def run() -> None:
-    if args.from_hf:
+    if args.lora:
+      if not (args.input and args.output):
+        parser.error("--lora needs INPUT (a LoRA run) and OUTPUT")
+      runs.check_output(args.output, args.overwrite)
+      written = convert.export_lora(args.input, args.output, args.lora)
+      print(f"{args.output}: {len(written)} LoRA {args.lora} tensors")
+    elif args.from_hf:
       out = args.output or args.input
       if not out:
         parser.error("--from HF_DIR needs the output checkpoint directory")

@@ -104,13 +104,18 @@ def build_tokenizer(kind: str, texts: Sequence[str], vocab_size: int) -> Tokeniz
 
 
 def prepare_text(sources: Sequence[str], out_dir: str, tokenizer: str = "word",
-                 vocab_size: int = 5000, validation_percent: int = 10) -> dict:
+                 vocab_size: int = 5000, validation_percent: int = 10,
+                 vocab: Sequence[str] | None = None) -> dict:
   """Writes the token directory ``out_dir`` from the text files of ``sources`` (files or
   folders; none: the standard-library docstring corpus). The tokenizer is built on the
-  training texts only. Returns the ``meta.json`` it wrote."""
+  training texts only, unless ``vocab`` (words in id order, e.g. another run's:
+  ``fjt.runs.run_vocabulary``) gives a word tokenizer, so a trained model reads the new text
+  with the ids it knows. Returns the ``meta.json`` it wrote."""
   check_vocab_size(tokenizer, vocab_size)  # Before the corpus is read.
   train_texts, val_texts = _split_documents(sources, validation_percent)
-  tok = build_tokenizer(tokenizer, train_texts, vocab_size)
+  tok = (WordTokenizer(list(vocab)) if vocab is not None else
+         build_tokenizer(tokenizer, train_texts, vocab_size))
+  tokenizer = "word" if vocab is not None else tokenizer
   dtype = np.uint16 if tok.vocab_size <= 2 ** 16 else np.uint32
   streams = {split: token_stream((tok.encode(t) for t in texts), tok.separator_id, dtype)
              for split, texts in (("train", train_texts), ("validation", val_texts))}
