@@ -4,6 +4,8 @@ checkpoint across resumes, non-finite states and metrics, damaged logs, changed 
 import errno
 import json
 import os
+import signal
+import subprocess
 import sys
 
 import jax
@@ -311,3 +313,16 @@ def test_sigterm_in_a_replica_configs_baseline_resumes_it_without_retraining(tmp
       "(raise --config.train.steps to train on)",
       f"fjt: resuming from step 2 (checkpoint {workdir}/centralized/checkpoints/2)"]
   assert summary["eval"] == expected["eval"]
+
+
+def test_sigkill_while_config_json_is_rewritten_leaves_the_old_one(tmp_path):
+  """What a kill right after ``fjt: resuming from step N`` used to tear: the rewrite of
+  config.json, killed after the new text is synced and before its rename."""
+  (tmp_path / "config.json").write_text('{"old": 1}')
+  script = ("import os, signal, sys\nfrom fjt import logs\n"
+            "os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
+            "logs.RunLog(sys.argv[1], '{\"new\": 1}')\n")
+  process = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True,
+                           text=True, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
+  assert process.returncode == -signal.SIGKILL, process.stderr
+  assert (tmp_path / "config.json").read_text() == '{"old": 1}'
