@@ -76,9 +76,10 @@ def test_write_atomic_leaves_the_old_file_on_a_full_disk(tmp_path):
 
 
 def test_a_failing_log_sink_stops_cleanly_and_the_rerun_ends_bitwise_equal(
-    tmp_path, monkeypatch, uninterrupted):
-  """The TensorBoard writer's disk fills at step 20: one line, exit 1, checkpoint 10 intact; the
-  rerun resumes from it and ends as the uninterrupted run did."""
+    tmp_path, monkeypatch, uninterrupted, capsys):
+  """The TensorBoard writer's disk fills at step 20: one line, exit 1, step 20 saved (the
+  checkpoints' disk still takes it; a full one leaves checkpoint 10 as it was); the rerun resumes
+  and ends as the uninterrupted run did."""
   real = fjt.logs._EventFile.add_scalars
   monkeypatch.setattr(fjt.logs._EventFile, "add_scalars", lambda self, prefix, metrics, step:
                       full_disk() if step == 20 else real(self, prefix, metrics, step))
@@ -89,7 +90,8 @@ def test_a_failing_log_sink_stops_cleanly_and_the_rerun_ends_bitwise_equal(
       f"writing {tmp_path}/events.out.tfevents.* failed: No space left on device (OSError); the "
       "checkpoints already saved are complete: free disk space, then run the same command to "
       "resume from the last saved step")
-  assert [s for s, _ in checkpoint.step_dirs(str(tmp_path / "checkpoints"))] == [10]
+  assert [s for s, _ in checkpoint.step_dirs(str(tmp_path / "checkpoints"))] == [10, 20]
+  assert capsys.readouterr().err.endswith("fjt: saved step 20 before stopping\n")
   monkeypatch.undo()
   state, summary = fjt.fit(best_config(), str(tmp_path), progress=False)
   assert_trees_equal(state, uninterrupted[1])
@@ -132,8 +134,8 @@ def test_a_torn_config_json_is_recovered_from_the_newest_checkpoint(tmp_path, ca
 
 
 @pytest.mark.parametrize("key, value, line", [
-    ("optimizer.learning_rate", 1e39, "config key 'optimizer.learning_rate': 1e+39 overflows "
-     "float32 (largest 3.403e+38)"),
+    ("optimizer.learning_rate", 1e39, "config key 'optimizer.learning_rate': expected a finite "
+     "number > 0 that fits float32, got 1e+39"),
     ("optimizer.weight_decay", 1e39, "config key 'optimizer.weight_decay': 1e+39 overflows "
      "float32 (largest 3.403e+38)"),
 ])
