@@ -237,6 +237,10 @@ def test_prepare_text_refuses_small_vocabularies_and_leaves_nothing_partial(tmp_
     assert capsys.readouterr().err == (f"error: --vocab_size: a {kind} tokenizer needs at least "
                                        f"{least} tokens (its special tokens and more), got {size}\n")
   assert not out.exists()
+  (tmp_path / "nul.txt").write_bytes(b"\0" * 100)
+  assert prepare_text.main([str(tmp_path / "nul.txt"), "--out", str(out)]) == 2
+  assert capsys.readouterr().err == (f"error: source file {str(tmp_path / 'nul.txt')!r} holds NUL "
+                                     "bytes: not a text file\n")
   meta = tokens.prepare_text([str(tmp_path / "a.txt")], str(out), vocab_size=10,
                              validation_percent=20)
   vocab = json.loads((out / "tokenizer.json").read_text())["vocab"]
