@@ -123,10 +123,12 @@ def array_specs(tree: PyTree) -> dict[str, list] | None:
 
 
 def write_manifest(checkpoint_dir: str, arrays: dict[str, list] | None = None,
-                   mesh: dict[str, int] | None = None) -> None:
+                   mesh: dict[str, int] | None = None, record: dict[str, Any] | None = None
+                   ) -> None:
   """Records size and CRC-32 of every file of a finished checkpoint (atomically), the
-  ``array_specs`` of what it holds if given (so reading its shapes takes one small file), and
-  the ``{axis: size}`` of the mesh it was saved from if given."""
+  ``array_specs`` of what it holds if given (so reading its shapes takes one small file), the
+  ``{axis: size}`` of the mesh it was saved from if given, and the run's ``record`` of the step
+  if given (``fjt.checkpoint.run``: its config, data fingerprint and eval metrics)."""
   rels = _files(checkpoint_dir)
   paths = [os.path.join(checkpoint_dir, rel) for rel in rels]
   files = {rel: {"size": os.path.getsize(path), "crc32": crc}
@@ -136,9 +138,13 @@ def write_manifest(checkpoint_dir: str, arrays: dict[str, list] | None = None,
     manifest["arrays"] = arrays
   if mesh is not None:
     manifest["mesh"] = mesh
+  if record is not None:
+    manifest["record"] = record
   tmp = os.path.join(checkpoint_dir, MANIFEST + ".tmp")
   with open(tmp, "w", encoding="utf-8") as f:
     json.dump(manifest, f)
+    f.flush()
+    os.fsync(f.fileno())
   os.replace(tmp, os.path.join(checkpoint_dir, MANIFEST))
 
 
@@ -219,6 +225,17 @@ def manifest_shapes(checkpoint_dir: str) -> dict[str, jax.ShapeDtypeStruct] | No
             for p, (shape, dtype) in arrays.items()}
   except (OSError, ValueError, TypeError):  # Absent, damaged or older: Orbax's metadata says.
     return None
+
+
+def manifest_record(checkpoint_dir: str) -> dict[str, Any] | None:
+  """The run's record of a checkpoint (``write_manifest``'s ``record``), or None if its manifest
+  has none or cannot be read."""
+  try:
+    with open(os.path.join(checkpoint_dir, MANIFEST), encoding="utf-8") as f:
+      record = json.load(f).get("record")
+  except (OSError, ValueError, AttributeError):
+    return None
+  return record if isinstance(record, dict) else None
 
 
 def manifest_mesh(checkpoint_dir: str) -> dict[str, int] | None:
