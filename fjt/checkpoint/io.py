@@ -4,7 +4,7 @@
 ``load(path, target, strict=False)`` is ``load_state_dict(strict=False)``, but the
 key differences are computed from Orbax metadata before any array is read, and
 a shape mismatch is always an error unless the path is explicitly skipped.
-Every restore checks the checkpoint's manifest first (``fjt.checkpoint.integrity``).
+Every restore checks the checkpoint's manifest (``fjt.checkpoint.integrity.verifying``).
 """
 
 from __future__ import annotations
