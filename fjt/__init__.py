@@ -12,8 +12,8 @@ merges), ``fjt.merge`` does that to checkpoints on disk (``scripts/average.py``)
 """
 
 from fjt import (accelerators, activations, aggregate, averaging, checkpoint, checks, cli, data,
-                 distributed, embeddings, merge, models, optim, options, preemption, replicas, runs,
-                 sharding, steps, summary, tasks)
+                 distributed, embeddings, lora, merge, models, optim, options, preemption,
+                 replicas, runs, sharding, steps, summary, tasks)
 from fjt.checkpoint import CheckpointError
 from fjt.checks import NonFiniteLossError
 from fjt.config import ConfigError, apply_overrides, load_config
@@ -28,7 +28,7 @@ from fjt.optim import register as register_optimizer
 from fjt.options import AcceleratorOptions, RunOptions
 from fjt.preemption import StoppedBySignal
 from fjt.distributed import PeerLostError
-from fjt.state import TrainState, create_from_config, create_train_state, init_variables
+from fjt.state import TrainState, create_from_config, create_train_state, fork, init_variables
 from fjt.steps import evaluate, make_eval_step, make_train_step, train_step_fn
 from fjt.tasks import TASKS, Task, register_task
 
@@ -41,7 +41,7 @@ __all__ = [
     # Configs, options, training.
     "ConfigError", "apply_overrides", "load_config", "AcceleratorOptions", "RunOptions",
     "TASKS", "Task", "register_task", "create_learning_rate_fn", "create_optimizer",
-    "register_optimizer", "TrainState", "create_from_config", "create_train_state",
+    "register_optimizer", "TrainState", "create_from_config", "create_train_state", "fork",
     "init_variables", "evaluate", "make_eval_step", "make_train_step", "train_step_fn", "fit",
     "train_and_evaluate",
     # Errors a user catches.
@@ -49,6 +49,6 @@ __all__ = [
     "StoppedBySignal",
     # Modules.
     "accelerators", "activations", "aggregate", "averaging", "checkpoint", "checks", "cli", "data",
-    "distributed", "embeddings", "merge", "models", "optim", "options", "preemption", "replicas",
+    "distributed", "embeddings", "lora", "merge", "models", "optim", "options", "preemption", "replicas",
     "runs", "sharding", "steps", "summary", "tasks",
 ]

@@ -4,6 +4,7 @@ text from a trained run."""
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -83,8 +84,9 @@ def generate(model: nn.Module, params: PyTree, prompt_ids: jax.Array, num_tokens
   if prompt_ids.shape[1] + num_tokens > model.block_size:
     raise ValueError(f"generate: a prompt of {prompt_ids.shape[1]} tokens plus {num_tokens} new "
                      f"tokens exceeds the model's block_size {model.block_size}")
-  if temperature < 0 or top_k < 0:
-    raise ValueError(f"generate: temperature and top_k must be >= 0, got {temperature} and {top_k}")
+  if not (math.isfinite(temperature) and temperature >= 0) or top_k < 0:
+    raise ValueError(f"generate: temperature must be a finite number >= 0 and top_k >= 0, got "
+                     f"{temperature} and {top_k}")
   return _generate(model, params, prompt_ids, int(num_tokens), rng, float(temperature), int(top_k))
 
 
@@ -97,6 +99,7 @@ def load_run(workdir: str) -> tuple[nn.Module, PyTree, Tokenizer]:
     raise ValueError(f"run {workdir!r} trained model {config.model.name!r}; sampling needs a "
                      "decoder with a key/value cache (a 'decode' and a 'block_size' attribute: "
                      "'gpt', 'llama')")
+  runs.check_run_data(workdir, config)
   info = load_dataset(config.data).info
   if "tokenizer" not in info:
     raise ValueError(f"run {workdir!r}: dataset {config.data.name!r} records no tokenizer "
@@ -113,14 +116,22 @@ def sample_text(workdir: str, prompt: str, num_tokens: int = 100, temperature: f
   """The prompt and ``num_tokens`` tokens sampled from run ``workdir``, decoded to text.
 
   The prompt is encoded with the run's tokenizer and preceded by its document separator (as
-  every document of the training stream is); only its last ``block_size - num_tokens`` tokens
-  are kept. The same ``seed`` gives the same text.
+  every document of the training stream is; nanoGPT's character vocabulary of ``meta.pkl``
+  has none, and an empty prompt is then "\\n", as nanoGPT's sample.py starts); only its
+  last ``block_size - num_tokens`` tokens are kept. The same ``seed`` gives the same text.
   """
+  if not (math.isfinite(temperature) and temperature >= 0):  # Before the run is loaded.
+    raise ValueError(f"--temperature: expected a finite number >= 0 (0: greedy), got {temperature}")
   model, params, tokenizer = load_run(workdir)
   if not 0 < num_tokens < model.block_size:
     raise ValueError(f"--tokens: expected 1 .. {model.block_size - 1} (block_size - 1), got {num_tokens}")
-  ids = [tokenizer.separator_id, *tokenizer.encode(prompt)][-(model.block_size - num_tokens):]
+  separator = tokenizer.separator_id
+  if separator is None:  # nanoGPT's characters: no separator; an empty prompt starts at "\n".
+    ids = tokenizer.encode(prompt or "\n")
+  else:
+    ids = [separator, *tokenizer.encode(prompt)]
+  ids = ids[-(model.block_size - num_tokens):]
   out = generate(model, params, jnp.asarray(ids), num_tokens, jax.random.PRNGKey(seed),
                  temperature, top_k)
   tokens = [int(i) for i in out[0]]
-  return tokenizer.decode(tokens[1:] if ids[0] == tokenizer.separator_id else tokens)
+  return tokenizer.decode(tokens[1:] if separator is not None and ids[0] == separator else tokens)

@@ -202,3 +202,22 @@ def test_logical_axes_split_llama_as_megatron_and_zero3():
   assert layer["mlp"]["down_proj"]["kernel"].spec == P("model", "fsdp")
   assert specs["lm_head"]["kernel"].spec == P("fsdp")  # 61 rows: the vocab does not split.
   assert layer["input_layernorm"]["scale"].spec == P("fsdp")
+
+
+def test_from_pretrained_and_save_pretrained_cover_llama(hf_model, tmp_path):
+  torch, transformers, module = hf_model
+  from fjt.interop import hf
+  module.save_pretrained(tmp_path / "hf", safe_serialization=True)
+  model, variables, report = hf.from_pretrained(tmp_path / "hf")
+  assert isinstance(model, Llama) and report.model_type == "llama"
+  ids = np.random.default_rng(1).integers(0, 61, (2, 16))
+  with torch.no_grad():
+    expected = module(torch.tensor(ids)).logits.numpy()
+  np.testing.assert_allclose(model.apply(variables, jnp.asarray(ids, jnp.int32)), expected,
+                             rtol=0, atol=1e-4)
+  hf.save_pretrained(model, variables, tmp_path / "back")
+  again, info = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "back",
+                                                               output_loading_info=True)
+  assert all(not v for v in info.values()), info
+  with torch.no_grad():
+    np.testing.assert_array_equal(again.eval()(torch.tensor(ids)).logits.numpy(), expected)

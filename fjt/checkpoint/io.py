@@ -23,7 +23,7 @@ from etils import epath
 
 from fjt.checkpoint import integrity
 from fjt.checkpoint.errors import CheckpointError, CheckpointMismatchError
-from fjt.checkpoint.report import compare, shape_dtype
+from fjt.checkpoint.report import LoadReport, compare, nesting_hint, shape_dtype
 from fjt.tree import flatten, path_str, to_nested_dict, unflatten
 
 PyTree = Any
@@ -62,6 +62,12 @@ def resolve(path: str | os.PathLike) -> tuple[str, str]:
     return path, path
   if os.path.isdir(os.path.join(path, ITEM)):
     return path, os.path.join(path, ITEM)
+  items = _items(path)
+  if len(items) == 1:  # A CheckpointManager step of one composite item, e.g. 300/state.
+    return path, os.path.join(path, items[0])
+  if len(items) > 1:
+    raise CheckpointError(f"checkpoint {path!r} holds the items {items}; name one, e.g. "
+                          f"{os.path.join(path, items[0])!r}")
   checkpoints = os.path.join(path, "checkpoints")
   steps = step_dirs(checkpoints if os.path.isdir(checkpoints) else path)
   if steps:
@@ -69,6 +75,12 @@ def resolve(path: str | os.PathLike) -> tuple[str, str]:
   raise CheckpointError(
       f"no checkpoint at {path!r}: expected a run workdir, its checkpoints/ directory, a step "
       "directory or a directory written by fjt.checkpoint.save")
+
+
+def _items(step_dir: str) -> list[str]:
+  """The Orbax items of a ``CheckpointManager`` step (sub-directories with a ``_METADATA``)."""
+  return sorted(name for name in os.listdir(step_dir)
+                if os.path.isfile(os.path.join(step_dir, name, "_METADATA")))
 
 
 # --- Metadata -----------------------------------------------------------------------------------
@@ -193,9 +205,11 @@ def _sharding(leaf) -> jax.sharding.Sharding:
   return sharding if sharding is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
 
-def _restore(checkpoint_dir: str, item_dir: str, abstract: dict[str, jax.ShapeDtypeStruct]) -> dict:
-  """Reads the leaves ``abstract`` (``{path: ShapeDtypeStruct with sharding}``) as jax arrays."""
-  item = unflatten(abstract)
+def _restore(checkpoint_dir: str, item_dir: str, abstract: dict[str, jax.ShapeDtypeStruct],
+             item: PyTree | None = None) -> dict:
+  """Reads the leaves ``abstract`` (``{path: ShapeDtypeStruct with sharding}``) as jax arrays;
+  ``item``: the same leaves in the saved tree's own structure (lists stay lists), if known."""
+  item = unflatten(abstract) if item is None else item
   try:
     handler = ocp.PyTreeCheckpointHandler()
     try:
@@ -230,18 +244,38 @@ def load(path: str | os.PathLike, target: PyTree | None = None, strict: bool = T
       load; those keep the target's value even if their shape differs.
 
   Returns:
-    Without a target, the saved tree as nested dicts of arrays. With a target and
+    Without a target, the saved tree as nested dicts of arrays (lists where the saved
+    tree had them, e.g. another program's optax state). With a target and
     ``strict=True``, the restored tree. With ``strict=False``, ``(tree, report)``:
-    paths in both are loaded, missing ones keep the target's values.
+    paths in both are loaded, missing ones keep the target's values;
+    ``report.counts()`` is one line of how many were loaded, skipped and missing.
+
+  The checkpoint's CRC-32s are checked in threads beside the read; a damaged file raises
+  ``CheckpointError`` naming it, and nothing read is returned.
+
+  Raises:
+    CheckpointMismatchError: also with ``strict=False``, a load that fills none of the
+      target's ``params`` leaves (none of its leaves for a target without params): one line
+      with a few paths of each side, and the prefix when one tree nests the other's
+      paths one level deeper (``params/params/...``).
+
+  ``path`` may also be a plain Orbax ``CheckpointManager`` directory or step (its one item,
+  standard or composite, e.g. ``300/state``), holding e.g. a flax ``TrainState``.
   """
   checkpoint_dir, item_dir = resolve(path)
-  integrity.verify_or_say(checkpoint_dir)
+  with integrity.verifying(checkpoint_dir):
+    return _load(checkpoint_dir, item_dir, target, strict, skip)
+
+
+def _load(checkpoint_dir: str, item_dir: str, target: PyTree | None, strict: bool,
+          skip: Sequence[str]):
   saved = saved_shapes(checkpoint_dir)
   if target is None:
     abstract = {p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=_sharding(None))
                 for p, s in saved.items()}
-    restored = _restore(checkpoint_dir, item_dir, abstract)
-    tree = _tree_metadata(item_dir)
+    tree = _tree_metadata(item_dir)  # Another program's tree may hold lists (optax states).
+    item = jax.tree_util.tree_map_with_path(lambda kp, _: abstract[path_str(kp)], tree)
+    restored = _restore(checkpoint_dir, item_dir, abstract, item)
     return jax.tree_util.tree_map_with_path(lambda kp, _: restored[path_str(kp)], tree)
 
   saved = _onto(saved, target)
@@ -252,6 +286,7 @@ def load(path: str | os.PathLike, target: PyTree | None = None, strict: bool = T
     if bad:
       raise CheckpointMismatchError(
           f"checkpoint {checkpoint_dir} does not match the target at {len(bad)} paths:\n{report}", report)
+  _check_fills_some(checkpoint_dir, saved, report)
   nested_target = to_nested_dict(target)
   target_flat = flatten(nested_target)
   shape_bad = [p for p in report.mismatched if p not in skipped
@@ -277,6 +312,21 @@ def load(path: str | os.PathLike, target: PyTree | None = None, strict: bool = T
       lambda kp, leaf: restored.get(path_str(kp), leaf), nested_target)
   tree = flax.serialization.from_state_dict(target, merged)
   return tree if strict else (tree, report)
+
+
+def _check_fills_some(checkpoint_dir: str, saved: dict[str, Any], report: LoadReport) -> None:
+  """A load that would fill none of the target's ``params`` (or, for a target without params,
+  none of its leaves) is an error: one line with a few paths of each side."""
+  target = report.loaded + [p for p in report.missing if p not in report.loaded]
+  wanted = [p for p in target if p.startswith("params/")] or target
+  if not wanted or set(wanted) & set(report.loaded) or set(wanted) <= set(report.skipped):
+    return
+  few = lambda paths: ", ".join(list(paths)[:3]) + (", ..." if len(paths) > 3 else "")
+  hint = nesting_hint(list(saved), wanted)
+  raise CheckpointMismatchError(
+      f"checkpoint {checkpoint_dir} fills none of the target's {len(wanted)} leaves: it has "
+      f"{few(list(saved))} where the target has {few(wanted)}" + (f"; {hint}" if hint else ""),
+      report)
 
 
 def _onto(saved: dict[str, jax.ShapeDtypeStruct], target: PyTree) -> dict[str, jax.ShapeDtypeStruct]:
@@ -310,10 +360,8 @@ def iter_variables(path: str | os.PathLike, groups: Sequence[Sequence[str]] | No
   code streaming over many checkpoints holds one group, not one model, of each input.
   """
   checkpoint_dir, item_dir = resolve(path)
-  integrity.verify_or_say(checkpoint_dir)
-  saved = saved_shapes(checkpoint_dir)
-  names = _variables_paths(saved)
-  for group in [list(names)] if groups is None else groups:
+
+  def read(group: Sequence[str]) -> dict[str, jax.Array]:
     unknown = [p for p in group if p not in names]
     if unknown:
       raise CheckpointError(f"checkpoint {checkpoint_dir} has no variable {unknown[0]}; it has: "
@@ -321,7 +369,15 @@ def iter_variables(path: str | os.PathLike, groups: Sequence[Sequence[str]] | No
     abstract = {names[p]: jax.ShapeDtypeStruct(saved[names[p]].shape, saved[names[p]].dtype,
                                                sharding=_sharding(None)) for p in group}
     restored = _restore(checkpoint_dir, item_dir, abstract) if abstract else {}
-    yield {p: restored[names[p]] for p in group}
+    return {p: restored[names[p]] for p in group}
+
+  with integrity.verifying(checkpoint_dir):  # The whole checkpoint, beside the first group.
+    saved = saved_shapes(checkpoint_dir)
+    names = _variables_paths(saved)
+    groups = [list(names)] if groups is None else list(groups)
+    first = read(groups[0]) if groups else None
+  for i, group in enumerate(groups):
+    yield first if i == 0 else read(group)
 
 
 def load_variables(path: str | os.PathLike) -> dict[str, PyTree]:

@@ -7,8 +7,10 @@ parsed object), so a run can decode with the tokenizer its data was made with.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 
@@ -90,8 +92,64 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> BPETokenizer:
   return BPETokenizer(tok)
 
 
+class CharTokenizer:
+  """nanoGPT's character vocabulary (``meta.pkl``'s ``stoi`` / ``itos``): one id per character.
+  It has no document separator (``separator_id`` is None)."""
+
+  def __init__(self, itos: Mapping[int, str], source: str = "meta.pkl"):
+    self.itos = {int(i): str(c) for i, c in itos.items()}
+    self.stoi = {c: i for i, c in self.itos.items()}
+    self.vocab_size = max(self.itos, default=-1) + 1
+    self.separator_id = None
+    self.source = source
+
+  def encode(self, text: str) -> list[int]:
+    unknown = next((c for c in text if c not in self.stoi), None)
+    if unknown is not None:
+      raise ValueError(f"{self.source}: character {unknown!r} is not in the vocabulary of "
+                       f"{len(self.stoi)} characters")
+    return [self.stoi[c] for c in text]
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return "".join(self.itos.get(int(i), "") for i in ids)
+
+  def to_json(self) -> str:
+    return json.dumps({"type": "char", "itos": {str(i): c for i, c in self.itos.items()}})
+
+
+class _PlainUnpickler(pickle.Unpickler):
+  """Unpickles plain data only (dicts, lists, strings, numbers): any class or function a
+  pickle names is refused, so a ``meta.pkl`` cannot run code."""
+  ALLOWED = {("builtins", name) for name in ("dict", "list", "str", "int", "float", "tuple")}
+
+  def find_class(self, module: str, name: str):
+    if (module, name) in self.ALLOWED:
+      return super().find_class(module, name)
+    raise pickle.UnpicklingError(f"it names {module}.{name}; only plain dicts, lists, strings "
+                                 f"and numbers are read (unpickling objects can run code)")
+
+
+def read_pickle_meta(path: str | os.PathLike) -> dict:
+  """nanoGPT's ``meta.pkl`` (``{"vocab_size", "itos", "stoi"}``), read as plain data only."""
+  try:
+    with open(path, "rb") as f:
+      meta = _PlainUnpickler(io.BytesIO(f.read())).load()
+  except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+    raise ValueError(f"{os.fspath(path)!r} cannot be read as nanoGPT's meta.pkl: {e}") from e
+  if not isinstance(meta, dict) or not isinstance(meta.get("vocab_size"), int):
+    raise ValueError(f"{os.fspath(path)!r}: expected nanoGPT's meta.pkl, a dict with an int "
+                     f"'vocab_size' (and 'itos' / 'stoi')")
+  return meta
+
+
 def load_tokenizer(spec: str | os.PathLike | Mapping) -> Tokenizer:
-  """The tokenizer saved by ``to_json``: a path to that file, or its parsed JSON object."""
+  """The tokenizer saved by ``to_json`` (a path to that file, or its parsed JSON object), or
+  the character vocabulary of nanoGPT's ``meta.pkl`` (a path ending in ``.pkl``)."""
+  if not isinstance(spec, Mapping) and os.fspath(spec).endswith(".pkl"):
+    meta = read_pickle_meta(spec)
+    if not isinstance(meta.get("itos"), dict):
+      raise ValueError(f"{os.fspath(spec)!r}: meta.pkl has no 'itos' (id -> character) to decode with")
+    return CharTokenizer(meta["itos"], os.fspath(spec))
   if not isinstance(spec, Mapping):
     try:
       with open(spec, encoding="utf-8") as f:
@@ -100,6 +158,8 @@ def load_tokenizer(spec: str | os.PathLike | Mapping) -> Tokenizer:
       raise ValueError(f"tokenizer file {os.fspath(spec)!r} cannot be read: {e}") from e
   if spec.get("type") == "word":
     return WordTokenizer(spec["vocab"])
+  if spec.get("type") == "char":
+    return CharTokenizer(spec["itos"])
   if "model" in spec:  # The tokenizers library's own format.
     return BPETokenizer(tokenizers.Tokenizer.from_str(json.dumps(spec)))
   raise ValueError(f"not a tokenizer: expected a word vocabulary ({{'type': 'word', ...}}) or a "

@@ -1,4 +1,5 @@
-"""Weight files: ``.safetensors`` and weights-only ``.pt`` / ``.pth``, numpy <-> torch tensors.
+"""Weight files: ``.safetensors`` and weights-only ``.pt`` / ``.pth`` / ``.bin`` (PyTorch's
+``torch.save`` under Hugging Face's name ``pytorch_model.bin``), numpy <-> torch tensors.
 
 PyTorch is imported only by the functions that make or read torch tensors.
 """
@@ -20,7 +21,7 @@ from fjt.tree import flatten
 
 PyTree = Any
 
-FILE_TYPES = (".safetensors", ".pt", ".pth")
+FILE_TYPES = (".safetensors", ".pt", ".pth", ".bin")
 
 # Torch dtypes numpy lacks: (torch dtype name, ml_dtypes type, integer type of the same width).
 _BIT_CAST = (("bfloat16", ml_dtypes.bfloat16, np.int16),
@@ -65,7 +66,7 @@ def load_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
   ``safetensors.numpy``. A tree saved by ``save_file`` has '/'-joined keys:
   ``fjt.tree.unflatten(load_file(path))`` rebuilds it.
 
-  ``.pt`` / ``.pth``: ``torch.load(path, weights_only=True, map_location="cpu")`` and nothing
+  ``.pt`` / ``.pth`` / ``.bin``: ``torch.load(path, weights_only=True, map_location="cpu")`` and nothing
   else: never a full unpickle, which can run arbitrary code. The file must hold a flat
   mapping of name -> tensor, e.g. ``torch.save(module.state_dict(), path)``; its order is kept.
 

@@ -49,7 +49,7 @@ PyTree = Any
 KeyMap = Sequence[tuple]
 NchwFlatten = Mapping[str, Sequence[int]]
 
-__all__ = ["DEFAULT_KEY_MAPS", "FILE_TYPES", "GPT2_KEY_MAP", "ImportReport", "SortedStateDict", "StateDictMismatch", "WeightFileError",
+__all__ = ["DEFAULT_EXPORT_KEY_MAPS", "DEFAULT_KEY_MAPS", "FILE_TYPES", "GPT2_EXPORT_KEY_MAP", "GPT2_KEY_MAP", "ImportReport", "SortedStateDict", "StateDictMismatch", "WeightFileError",
            "abstract_variables", "cnn_nchw_flatten", "from_state_dict", "import_torch", "load_file",
            "register_key_map", "save_file", "to_state_dict", "to_torch"]
 
@@ -64,16 +64,36 @@ GPT2_KEY_MAP: KeyMap = (
     (_HF + r"ln_f\.(weight|bias)", "ln_f"),
 )
 
+# The reverse: fjt.models.GPT's Flax paths -> GPT2LMHeadModel's keys, Conv1D weights as they are
+# (the tied lm_head.weight is not written: transformers ties it, as its own files do).
+GPT2_EXPORT_KEY_MAP: KeyMap = (
+    (r"params/(wte|wpe)/embedding", r"transformer.\1.weight"),
+    (r"params/h_(\d+)/(attn|mlp)/(c_attn|c_proj|c_fc)/kernel", r"transformer.h.\1.\2.\3.weight",
+     "as_is"),
+    (r"params/h_(\d+)/(attn|mlp)/(c_attn|c_proj|c_fc)/bias", r"transformer.h.\1.\2.\3.bias"),
+    (r"params/h_(\d+)/(ln_1|ln_2)/scale", r"transformer.h.\1.\2.weight"),
+    (r"params/h_(\d+)/(ln_1|ln_2)/bias", r"transformer.h.\1.\2.bias"),
+    (r"params/ln_f/scale", "transformer.ln_f.weight"),
+    (r"params/ln_f/bias", "transformer.ln_f.bias"),
+)
+
 # Target model class -> the key map ``from_state_dict`` uses when given none and the map covers
-# every key of the source (``register_key_map`` adds one).
+# every key of the source (``register_key_map`` adds one); and the reverse map
+# ``to_state_dict`` uses when given none and the map names every leaf of the variables.
 DEFAULT_KEY_MAPS: dict[type, KeyMap] = {GPT: GPT2_KEY_MAP}
+DEFAULT_EXPORT_KEY_MAPS: dict[type, KeyMap] = {GPT: GPT2_EXPORT_KEY_MAP}
 
 
-def register_key_map(model: type, key_map: KeyMap) -> None:
+def register_key_map(model: type, key_map: KeyMap, export_key_map: KeyMap | None = None) -> None:
   """Makes ``key_map`` the default of ``from_state_dict`` for the targets of ``model`` (an fjt
-  model class): used when no ``key_map`` is given and it covers every key of the source."""
+  model class): used when no ``key_map`` is given and it covers every key of the source.
+  ``export_key_map`` (Flax path -> torch key rules): the default of ``to_state_dict`` for
+  variables whose every leaf it names, so the model exports with its twin's names."""
   _compile(key_map)  # Fails now, not at import time.
   DEFAULT_KEY_MAPS[model] = tuple(key_map)
+  if export_key_map is not None:
+    _compile(export_key_map)
+    DEFAULT_EXPORT_KEY_MAPS[model] = tuple(export_key_map)
 
 
 _TORCH_LEAF = {flax: name for table in matching.LEAVES.values() for name, flax in table.items()}
@@ -331,7 +351,10 @@ def to_state_dict(variables: PyTree, key_map: KeyMap | None = None,
   gets back bit for bit what it had wherever fjt did not change the values. Keys the import
   left unused are not written (a strict import has none but counters and tied keys).
 
-  Without ``like``, default names keep the Flax module path: ``params/Dense_0/kernel`` ->
+  Without ``like`` and ``key_map``, a model with a known torch twin exports with the twin's
+  names and layouts: the first of ``DEFAULT_EXPORT_KEY_MAPS`` whose rules name every leaf
+  (``fjt.models.GPT`` -> Hugging Face ``GPT2LMHeadModel``'s keys, Conv1D weights (in, out)).
+  Otherwise default names keep the Flax module path: ``params/Dense_0/kernel`` ->
   ``Dense_0.weight`` (Dense kernels as ``nn.Linear`` weights), ``params/BatchNorm_0/scale`` ->
   ``BatchNorm_0.weight``, ``batch_stats/BatchNorm_0/mean`` -> ``BatchNorm_0.running_mean``,
   ``params/Embed_0/embedding`` -> ``Embed_0.weight``, nested modules dotted
@@ -339,7 +362,8 @@ def to_state_dict(variables: PyTree, key_map: KeyMap | None = None,
   Flax names, which ``from_state_dict`` matches back by name. For other names give
   ``key_map``: ``(pattern, template)`` rules ``re.fullmatch``-ed on the '/'-joined Flax path,
   the first match naming the torch key ``match.expand(template)``; a template of ``None``
-  leaves the leaf out. Every BatchNorm also gets ``<module>.num_batches_tracked =
+  leaves the leaf out; a rule's layout (``(pattern, template, layout)``) is how the leaf is
+  written (``"as_is"``: unchanged, ``"linear"``: transposed), whatever its rank. Every BatchNorm also gets ``<module>.num_batches_tracked =
   np.int64(0)`` after its ``running_var``; PyTorch reads that count only for
   ``momentum=None``, which fjt does not track.
 
@@ -364,7 +388,7 @@ def to_state_dict(variables: PyTree, key_map: KeyMap | None = None,
     if key_map:
       raise ValueError("to_state_dict: pass key_map or like, not both (like has the names)")
     return _like(flat, like, rows)
-  rules = _compile(key_map)
+  rules = _compile(_default_export_map(flat) if key_map is None else key_map)
   out: dict[str, np.ndarray] = {}
   sources: dict[str, str] = {}
 
@@ -381,7 +405,11 @@ def to_state_dict(variables: PyTree, key_map: KeyMap | None = None,
           p for p in (module.replace("/", "."), _TORCH_LEAF.get((collection, leaf), leaf)) if p))
       if key is not None:
         value = np.asarray(jax.device_get(flat[path]))
-        if leaf == "kernel" and value.ndim >= 2:
+        layout = _rule_layout(path, rules)
+        if layout is not None:  # The rule's layout, never ignored.
+          value = layouts.to_torch(value, layout, layouts.torch_shape(layout, value.shape),
+                                   rows.get(path))
+        elif leaf == "kernel" and value.ndim >= 2:
           layout = "linear" if value.ndim == 2 else "conv"
           value = layouts.to_torch(value, layout, layouts.torch_shape(layout, value.shape),
                                    rows.get(path))
@@ -468,6 +496,22 @@ def _compile(key_map: KeyMap | None) -> list[_Rule]:
     layout = layouts.check(layout[0], f"key_map[{i}]") if layout and layout[0] else None
     rules.append(_Rule(compiled, templates, layout))
   return rules
+
+
+def _rule_layout(path: str, rules: list[_Rule]) -> str | None:
+  """The layout of the first rule matching ``path`` (None: no rule, or a rule without one)."""
+  rule = next((r for r in rules if r.pattern.fullmatch(path)), None)
+  return None if rule is None else rule.layout
+
+
+def _default_export_map(flat: Mapping[str, Any]) -> KeyMap:
+  """The first of ``DEFAULT_EXPORT_KEY_MAPS`` whose rules name every leaf of ``flat``: a model
+  with a known torch twin exports with the twin's names and layouts; else none."""
+  for key_map in DEFAULT_EXPORT_KEY_MAPS.values():
+    rules = _compile(key_map)
+    if flat and all(any(r.pattern.fullmatch(path) for r in rules) for path in flat):
+      return key_map
+  return ()
 
 
 def _rename(path: str, rules: list[_Rule], default: str) -> str | None:
