@@ -70,7 +70,7 @@ def test_hugging_face_llama_both_ways_with_grouped_query_attention(hf_model):
   ids = np.random.default_rng(0).integers(0, 61, (2, 16))
   with torch.no_grad():
     expected = module(torch.tensor(ids)).logits.numpy()
-  logits = np.asarray(model.apply(variables, jnp.asarray(ids, jnp.int32)))
+  logits = np.asarray(jax.jit(model.apply)(variables, jnp.asarray(ids, jnp.int32)))
   np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-4)
 
   back = hf_llama.state_dict_from_variables(variables, model)
@@ -113,7 +113,7 @@ def test_a_tied_llama_exports_without_lm_head_and_matches_hugging_face(hf_model)
   ids = np.arange(24).reshape(2, 12) % 61
   with torch.no_grad():
     expected = module(torch.tensor(ids)).logits.numpy()
-  np.testing.assert_allclose(model.apply({"params": params}, jnp.asarray(ids, jnp.int32)),
+  np.testing.assert_allclose(jax.jit(model.apply)({"params": params}, jnp.asarray(ids, jnp.int32)),
                              expected, rtol=0, atol=1e-4)
   full = {k: v.numpy() for k, v in module.state_dict().items()}  # Lists the tied lm_head.
   again = hf_llama.variables_from_state_dict(full, model)
@@ -123,23 +123,24 @@ def test_a_tied_llama_exports_without_lm_head_and_matches_hugging_face(hf_model)
 def test_cached_decode_gives_the_logits_of_the_full_model_on_the_growing_sequence():
   model, params = tiny_llama()
   x = jax.random.randint(jax.random.PRNGKey(3), (2, 16), 0, 61)
-  full = model.apply({"params": params}, x)
-  decoder = model.clone(decode=True)
+  forward = jax.jit(lambda seq: model.apply({"params": params}, seq))
+  full = forward(x)
+  decode = jax.jit(lambda cache, tokens: model.clone(decode=True).apply(
+      {"params": params, "cache": cache}, tokens, mutable=["cache"]))
   cache = init_cache(model, 2)
   assert cache["model"]["layers_0"]["self_attn"]["cached_key"].shape == (2, 16, 2, 8)  # Grouped.
-  logits, upd = decoder.apply({"params": params, "cache": cache}, x[:, :5], mutable=["cache"])
+  logits, upd = decode(cache, x[:, :5])  # The prompt at once, then one token per call.
   pieces = [logits]
   for t in range(5, 16):
-    logits, upd = decoder.apply({"params": params, "cache": upd["cache"]}, x[:, t:t + 1],
-                                mutable=["cache"])
+    logits, upd = decode(upd["cache"], x[:, t:t + 1])
     pieces.append(logits)
   np.testing.assert_allclose(np.concatenate(pieces, 1), full, rtol=0, atol=5e-6)
-  # generate: greedy tokens are the argmax of the full model on the growing sequence.
+  # generate: greedy tokens are the argmax of the full model on the growing sequence (causal:
+  # the logits at t of the zero-padded sequence are those of the sequence up to t).
   out = generate(model, params, x[:, :3], 5, jax.random.PRNGKey(0), temperature=0.0)
-  seq = out[:, :3]
-  for _ in range(5):
-    nxt = jnp.argmax(model.apply({"params": params}, seq)[:, -1], -1).astype(jnp.int32)
-    seq = jnp.concatenate([seq, nxt[:, None]], 1)
+  seq = jnp.zeros((2, 8), jnp.int32).at[:, :3].set(x[:, :3])
+  for t in range(3, 8):
+    seq = seq.at[:, t].set(jnp.argmax(forward(seq)[:, t - 1], -1).astype(jnp.int32))
   np.testing.assert_array_equal(out, seq)
 
 
@@ -172,9 +173,10 @@ def test_bf16_compute_keeps_param_dtype_and_float32_logits():
   model, params = tiny_llama(dtype="bfloat16")
   assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
   x = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, 61)
-  logits = model.apply({"params": params}, x)
+  apply = jax.jit(lambda m, p: m.apply({"params": p}, x), static_argnums=0)
+  logits = apply(model, params)
   assert logits.dtype == jnp.float32
-  exact = model.clone(dtype="float32").apply({"params": params}, x)
+  exact = apply(model.clone(dtype="float32"), params)
   assert float(jnp.abs(logits - exact).max()) < 0.1 * float(jnp.abs(exact).max())
   _, bf16_params = tiny_llama(param_dtype="bfloat16")
   assert {leaf.dtype for leaf in jax.tree.leaves(bf16_params)} == {jnp.dtype(jnp.bfloat16)}

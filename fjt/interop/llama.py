@@ -119,7 +119,7 @@ def config_from_module(module: Llama) -> dict[str, Any]:
       "rope_theta": theta, "rope_parameters": {"rope_type": "default", "rope_theta": theta},
       "rope_scaling": None, "tie_word_embeddings": module.tie_embeddings,
       "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
-      "initializer_range": 0.02, "torch_dtype": jnp.dtype(module.param_dtype).name,
+      "initializer_range": 0.02, "dtype": jnp.dtype(module.param_dtype).name,
   }
 
 
