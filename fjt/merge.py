@@ -4,10 +4,12 @@ Params are aggregated by ``method``: a rule of the registry ``fjt.aggregate.RULE
 (``mean``, ``median``, ``trimmed_mean`` and any registered with ``fjt.aggregate.register``)
 or ``"greedy"``, the greedy soup, which is a method of its own here because it needs an
 evaluator (the test split of a config), not a per-leaf reduction. BatchNorm statistics are
-merged exactly (``fjt.aggregate.merge_batch_stats``, the input weights as counts). For
-``method="mean"`` the inputs are read one at a time, each in a few groups of
-leaves, into float32 running means, so peak memory is about that of one model
-and a group of leaves, however many inputs; other rules load every input.
+merged exactly (``fjt.aggregate.merge_batch_stats``, the input weights as counts), whatever
+the method (TIES, DARE and SLERP apply to params only). For ``method="mean"`` the inputs are
+read one at a time, each in a few groups of leaves, into float32 running means, so peak
+memory is about that of one model and a group of leaves, however many inputs; other rules
+read the same groups of leaves from every input (and the base) in lockstep, so memory is
+about N + 1 groups, not N models; the greedy soup loads every input.
 With a config, every input and the result are evaluated on its test split.
 """
 
@@ -163,10 +165,45 @@ def _streaming_mean(paths, weights, on_input):
   return {"params": unflatten(params)["params"], "batch_stats": stats or {}}
 
 
+def _streaming_rule(paths, weights, rule, params, base, on_input):
+  """The rule on params read in lockstep, group of leaves by group, from every input and the
+  base (memory: one group of each, not every model); BatchNorm statistics by the exact pooled
+  rule. The rule sees the params subtree, so its leaf paths (``leaf_id``) are those of
+  ``fjt.aggregate``'s in-memory forms on ``variables["params"]``."""
+  shapes = checkpoint.variables_shapes(paths[0])
+  groups = _leaf_groups({p: s for p, s in shapes.items() if not p.startswith("batch_stats/")},
+                        PIECES)
+  stats_paths = [p for p in shapes if p.startswith("batch_stats/")]
+  readers = [checkpoint.iter_variables(p, groups + [stats_paths]) for p in paths]
+  base_reader = checkpoint.iter_variables(base, groups) if base is not None else None
+  merged = {}
+  for _ in groups:
+    pieces = [next(reader) for reader in readers]
+    for piece, path in zip(pieces, paths):
+      aggregate.check_finite([piece], [path])
+    base_params = None
+    if base_reader is not None:
+      base_piece = next(base_reader)
+      aggregate.check_finite([base_piece], [base])
+      base_params = unflatten(base_piece).get("params", {})
+    out = aggregate.aggregate_trees(rule, [unflatten(p).get("params", {}) for p in pieces],
+                                    weights, params=params, base=base_params)
+    merged.update(flatten({"params": out}))
+    del pieces, base_params, out
+    _release_freed_memory()
+  stats = [unflatten(next(reader)).get("batch_stats", {}) for reader in readers]
+  for i, path in enumerate(paths):
+    aggregate.check_finite([stats[i]], [path])
+    on_input(i, lambda: checkpoint.load_variables(path))
+  return {"params": unflatten(merged).get("params", {}),
+          "batch_stats": aggregate.merge_batch_stats(stats, weights) if stats[0] else {}}
+
+
 def average_checkpoints(paths: Sequence[str], out: str, weights: Sequence[float] | None = None,
                         method: str = "mean", trim: float = 0.2, config=None,
                         recompute_batch_stats: bool = False, progress: bool = True,
-                        params: Mapping[str, Any] | None = None) -> MergeResult:
+                        params: Mapping[str, Any] | None = None,
+                        base: str | None = None) -> MergeResult:
   """Aggregates the variables of checkpoints ``paths`` (run workdirs or checkpoint
   directories) and saves ``{"params", "batch_stats"}`` to the new directory ``out``.
 
@@ -180,7 +217,11 @@ def average_checkpoints(paths: Sequence[str], out: str, weights: Sequence[float]
       registered (all inputs in memory, the weights passed to the rule); or "greedy" (a
       greedy soup selected on the test split of ``config``; all inputs in memory).
     trim: the rule's parameter ``trim``, for rules that declare one.
-    params: other parameters of the rule, over its defaults.
+    params: other parameters of the rule, over its defaults (``density``, ``t``, ``seed`` ...).
+    base: the checkpoint the inputs were fine-tuned from, for the rules that merge task
+      vectors (``ties``, ``dare``, ``dare_ties``: required). For another rule it is the first
+      model, before ``paths`` (mergekit's ``base_model``: ``slerp``'s ``t = 0`` end); its
+      weight is 1 unless ``weights`` has one more entry than ``paths``.
     config: an experiment config; evaluates every input and the result.
     recompute_batch_stats: re-estimate the result's BatchNorm statistics with
       forward passes over the training split of ``config`` (for inputs whose
@@ -191,6 +232,13 @@ def average_checkpoints(paths: Sequence[str], out: str, weights: Sequence[float]
     params = rule.bind({**({"trim": trim} if "trim" in rule.params else {}), **(params or {})})
   if len(paths) < 1:
     raise ValueError("give at least one checkpoint to average")
+  if rule is not None and rule.needs_base and base is None:
+    raise ValueError(f"method {method!r} merges task vectors: give the base checkpoint the "
+                     "inputs were fine-tuned from (--base)")
+  if base is not None and (rule is None or not rule.needs_base):
+    if weights is not None and len(weights) == len(paths):
+      weights = [1.0] + list(weights)
+    paths, base = [base] + list(paths), None
   weights = [1.0] * len(paths) if weights is None else [float(w) for w in weights]
   if len(weights) != len(paths):
     raise ValueError(f"got {len(weights)} weights for {len(paths)} inputs")
@@ -198,7 +246,7 @@ def average_checkpoints(paths: Sequence[str], out: str, weights: Sequence[float]
     raise ValueError("a greedy soup and recomputed batch statistics need a config (its data)")
   if os.path.exists(out):
     raise ValueError(f"output {out!r} exists; choose a new directory")
-  check_inputs(paths)
+  check_inputs(paths + ([base] if base is not None else []))
 
   evaluate, task = make_evaluator(config) if config is not None else (None, None)
   rows = [{"path": p, "weight": w} for p, w in zip(paths, weights)]
@@ -213,20 +261,18 @@ def average_checkpoints(paths: Sequence[str], out: str, weights: Sequence[float]
     chosen = list(range(len(paths)))
     if rule is not None and rule.name == "mean":
       merged = _streaming_mean(paths, weights, on_input)
+    elif rule is not None:
+      merged = _streaming_rule(paths, weights, rule, params, base, on_input)
     else:
       inputs = []
       for i, path in enumerate(paths):
         inputs.append(checkpoint.load_variables(path))
         aggregate.check_finite([inputs[-1]], [path])
         on_input(i, lambda: inputs[-1])
-      if rule is None:
-        sign = 1.0 if task.mode == "max" else -1.0  # greedy_soup keeps higher scores.
-        _, chosen, _ = aggregate.greedy_soup(inputs, lambda v: sign * evaluate(v)[task.headline])
-        inputs, weights = [inputs[i] for i in chosen], [weights[i] for i in chosen]
-        merged_params = aggregate.mean([v["params"] for v in inputs], weights)
-      else:
-        merged_params = aggregate.aggregate_trees(rule, [v["params"] for v in inputs], weights,
-                                                  params=params)
+      sign = 1.0 if task.mode == "max" else -1.0  # greedy_soup keeps higher scores.
+      _, chosen, _ = aggregate.greedy_soup(inputs, lambda v: sign * evaluate(v)[task.headline])
+      inputs, weights = [inputs[i] for i in chosen], [weights[i] for i in chosen]
+      merged_params = aggregate.mean([v["params"] for v in inputs], weights)
       stats = [v["batch_stats"] for v in inputs]
       merged = {"params": merged_params,
                 "batch_stats": aggregate.merge_batch_stats(stats, weights) if stats[0] else {}}

@@ -58,6 +58,7 @@ from fjt.checks import (NonFiniteLossError, check_finite, check_layout, check_mo
 from fjt.config import ConfigError, copy_config
 from fjt.data import Dataset, baseline_lines, data_baselines
 from fjt.data import splits as fjt_splits
+from fjt.files import write_atomic
 from fjt.models import create_model
 from fjt.options import ReplicaOptions, RunOptions, check_learning_rate
 from fjt.program import Program, mean_row
@@ -274,7 +275,9 @@ def make_round(model: nn.Module, tx: optax.GradientTransformation,
   communication ``w <- w + server_tx.update(g)`` (``w - g`` when ``server_tx`` is None) for the
   pseudo-gradient ``g = agg_k(w - w_k)``; ``agg`` is the registered rule ``aggregate`` over the
   replica axis (``fjt.aggregate.register``; ``aggregate_params`` over its defaults), by default
-  the weighted mean (for which both forms agree). ``batch_stats`` merged by
+  the weighted mean (for which both forms agree); rules that merge task vectors relative to a
+  base (``ties``, ``dare``, ``dare_ties``) take the round's global params as the base, through
+  the pseudo-gradient form. ``batch_stats`` merged by
   ``replica_batch_stats``, optimizer states kept per replica (``"keep"``) or replaced by their
   ``replica_mean`` (``"average"``); the aggregate is broadcast to every replica. With
   ``communication_dtype="bfloat16"`` the pseudo-gradients ``w - w_k`` are averaged as bfloat16
@@ -295,7 +298,11 @@ def make_round(model: nn.Module, tx: optax.GradientTransformation,
   wire = jnp.dtype(communication_dtype)
   rule = get_rule(aggregate, key="replicas.aggregate")
   rule_params = rule.bind(aggregate_params)
-  combine = lambda tree, n: aggregate_stacked(rule, tree, n, rule_params)
+  # Rules that merge task vectors (ties, dare) see the pseudo-gradients w - w_k with a zero
+  # base: they are odd in the task vectors, so agg(w - w_k) = -(merge of the w_k - w).
+  zero_base = lambda tree: jax.tree.map(lambda g: jnp.zeros(g.shape[1:], g.dtype), tree)
+  combine = lambda tree, n: aggregate_stacked(rule, tree, n, rule_params,
+                                              base=zero_base(tree) if rule.needs_base else None)
 
   def run_round(state: ReplicaState, batches: Batch, counts: jax.Array
                 ) -> tuple[ReplicaState, Metrics]:
@@ -312,7 +319,7 @@ def make_round(model: nn.Module, tx: optax.GradientTransformation,
           lambda w, w_k: jnp.where(per_row(hit, w_k), w + scale * (w_k - w), w_k).astype(w_k.dtype),
           start.params, trained.params))
     server_opt_state = state.server_opt_state
-    if server_tx is None and wire == jnp.float32:
+    if server_tx is None and wire == jnp.float32 and not rule.needs_base:
       params = _broadcast(combine(trained.params, n), num)
     else:
       # Rows of start.params are all the global params w, so w - agg_k(w_k) = agg_k(w - w_k)
@@ -485,8 +492,7 @@ def program(options: RunOptions, workdir: str, model: nn.Module | None = None,
   counts = [len(s) for s in shards]
   report = split_report(dataset, shards, opts)
   if main:
-    with open(os.path.join(workdir, "splits.json"), "w", encoding="utf-8") as f:
-      json.dump(report, f, indent=2)
+    write_atomic(os.path.join(workdir, "splits.json"), json.dumps(report, indent=2))
 
   mesh = replica_mesh(num, fsdp=options.sharding.mesh.get(FSDP, 1))
   model = create_model(options.model) if model is None else model

@@ -72,7 +72,7 @@ def test_registry_lists_rules_their_parameters_and_errors():
   assert aggregate.get_rule("trimmed") is aggregate.get_rule("trimmed_mean")
   assert aggregate.get_rule("max_abs").params == {"scale": 1.0}
   assert "max_abs (scale=1.0): scale times the value" in aggregate.describe()
-  with pytest.raises(ValueError, match=r"unknown aggregation rule 'nope'; known: \['max_abs', "):
+  with pytest.raises(ValueError, match=r"unknown aggregation rule 'nope'; known: \[.*'max_abs', "):
     aggregate.get_rule("nope")
   with pytest.raises(ValueError, match="rule 'max_abs' has no parameter 'trim'; its parameters: "
                                        r"\['scale'\]"):

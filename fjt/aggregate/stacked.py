@@ -16,34 +16,40 @@ import jax.numpy as jnp
 
 from fjt.aggregate.batch_norm import pooled_moments
 from fjt.aggregate.checks import _acc_dtype, _is_floating
-from fjt.aggregate.registry import Rule, get_rule
+from fjt.aggregate.registry import Rule, get_rule, leaf_id
 from fjt.state import PyTree
+from fjt.tree import path_str
 
 STACKED_INTEGER_POLICIES = ("max", "first")  # "error" needs a host check, not a traced one.
 
 
 def aggregate_stacked(name: str | Rule, tree: PyTree, weights: jax.Array,
-                      params: Mapping[str, Any] | None = None, integer_policy: str = "max"
-                      ) -> PyTree:
+                      params: Mapping[str, Any] | None = None, integer_policy: str = "max",
+                      base: PyTree | None = None) -> PyTree:
   """The rule ``name`` over the leading axis of every leaf of ``tree``.
 
   ``tree``'s leaves are ``(N, ...)``; ``weights`` is ``(N,)`` (e.g. example counts); ``params``
   go over the rule's defaults. Floating leaves are reduced in at least float32 and cast back;
   integer and bool leaves (step counters) take the maximum over N (``"max"``) or row 0's
-  (``"first"``). The result has no leading axis. Traceable.
+  (``"first"``). The result has no leading axis. Traceable. ``base`` (leaves without the
+  leading axis) is the base model of a rule that merges task vectors (``ties``, ``dare``).
   """
   rule = get_rule(name)
   params = rule.bind(params)
+  if rule.needs_base and base is None:
+    raise ValueError(f"aggregation rule {rule.name!r} merges task vectors: pass base=")
   if integer_policy not in STACKED_INTEGER_POLICIES:
     raise ValueError(f"integer_policy is {integer_policy!r}; over a stacked axis expected one of "
                      f"{STACKED_INTEGER_POLICIES}")
 
-  def leaf(x: jax.Array) -> jax.Array:
+  def leaf(path, x: jax.Array, b: jax.Array | None) -> jax.Array:
     if _is_floating(x.dtype):
-      return rule.leaf(x, weights, params)
+      return rule.leaf(x, weights, params, b, leaf_id(path_str(path)))
     return jnp.max(x, axis=0) if integer_policy == "max" else x[0]
 
-  return jax.tree.map(leaf, tree)
+  if base is None:
+    return jax.tree_util.tree_map_with_path(lambda p, x: leaf(p, x, None), tree)
+  return jax.tree_util.tree_map_with_path(leaf, tree, base)
 
 
 def replica_mean(tree: PyTree, counts: jax.Array) -> PyTree:

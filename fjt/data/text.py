@@ -124,16 +124,17 @@ def unigram_perplexity(train_y: np.ndarray, test_y: np.ndarray, vocab_size: int)
 
 
 def load(vocab_size: int = 5000, context: int = 4, validation_percent: int = 10,
-         block_size: int = 0, eval_stride: int = 0) -> Dataset:
+         block_size: int = 0, eval_stride: int = 0, sources: tuple[str, ...] = ()) -> Dataset:
   """Windows of ``context`` words -> next word, split by source file; with ``block_size``,
-  blocks of a token stream for a GPT (see ``window_dataset``)."""
+  blocks of a token stream for a GPT (see ``window_dataset``); ``sources``: only these
+  packages' files (``source_name``), in both splits, with the vocabulary of all of them."""
   return window_dataset(stdlib_docstrings(), vocab_size, context, validation_percent,
-                        block_size=block_size, eval_stride=eval_stride)
+                        block_size=block_size, eval_stride=eval_stride, sources=sources)
 
 
 def window_dataset(files, vocab_size: int, context: int, validation_percent: int,
                    is_validation=None, block_size: int = 0, source_of=source_name,
-                   eval_stride: int = 0) -> Dataset:
+                   eval_stride: int = 0, sources: tuple[str, ...] = ()) -> Dataset:
   """The next-word dataset of ``files`` = ``((relative_path, (doc_tokens, ...)), ...)``: a file
   is in validation by ``is_validation(path)`` (default ``is_validation_file``); the vocabulary
   is ``build_vocab`` of the training documents; examples are ``windows``.
@@ -148,17 +149,30 @@ def window_dataset(files, vocab_size: int, context: int, validation_percent: int
   ``info["tokenizer"]`` is the word vocabulary, so a run can decode samples.
 
   ``sources``: each training example's source, ``source_of(path)`` of its file (default
-  ``source_name``, the top-level package); a block's source is that of its first target."""
+  ``source_name``, the top-level package); a block's source is that of its first target.
+
+  ``sources`` (config key ``data.sources``): when given, both splits hold only the files of
+  these sources, and the vocabulary is still that of all training files, so a model trained on
+  every source and one fine-tuned on a few share their embedding rows (task vectors and merges
+  compare). A name no file has is an error."""
   if is_validation is None:
     is_validation = lambda path: is_validation_file(path, validation_percent)
   train_files = [(path, docs) for path, docs in files if not is_validation(path)]
+  vocab = build_vocab([d for _, docs in train_files for d in docs], vocab_size)
+  if sources:
+    known = {source_of(path) for path, _ in files}
+    unknown = [s for s in sources if s not in known]
+    if unknown:
+      raise ValueError(f"data.sources: no file has source {unknown[0]!r}; known: "
+                       f"{sorted(known)}")
+    files = [(path, docs) for path, docs in files if source_of(path) in sources]
+    train_files = [(path, docs) for path, docs in files if not is_validation(path)]
   train_docs = [d for _, docs in train_files for d in docs]
   names = sorted({source_of(path) for path, _ in train_files})
   index = {name: i for i, name in enumerate(names)}
   doc_sources = np.asarray([index[source_of(path)] for path, docs in train_files for _ in docs],
                            np.int32)
   test_docs = [d for path, docs in files if is_validation(path) for d in docs]
-  vocab = build_vocab(train_docs, vocab_size)
   if block_size:
     # Validation scores the docstrings' own words, as the NNLM's windows do: predicting a
     # separator <s> (where the next docstring starts) is left out of its metrics.
