@@ -12,8 +12,8 @@ merges), ``fjt.merge`` does that to checkpoints on disk (``scripts/average.py``)
 """
 
 from fjt import (accelerators, activations, aggregate, averaging, checkpoint, checks, cli, data,
-                 distributed, embeddings, merge, models, optim, options, preemption, replicas, runs,
-                 sharding, steps, summary, tasks)
+                 distributed, embeddings, lora, merge, models, optim, options, preemption,
+                 replicas, runs, sharding, steps, summary, tasks)
 from fjt.checkpoint import CheckpointError
 from fjt.checks import NonFiniteLossError
 from fjt.config import ConfigError, apply_overrides, load_config
@@ -21,7 +21,7 @@ from fjt.data import Dataset, get_batch, load_dataset
 from fjt.data import register as register_dataset
 from fjt.experiment import fit, train_and_evaluate
 from fjt.interop.torch import StateDictMismatch
-from fjt.models import CNN, GPT, MLP, MODELS, NNLM, ResNet, create_model
+from fjt.models import CNN, GPT, Llama, MLP, MODELS, NNLM, ResNet, create_model
 from fjt.models import register as register_model
 from fjt.optim import create_learning_rate_fn, create_optimizer
 from fjt.optim import register as register_optimizer
@@ -36,7 +36,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     # Models and data.
-    "CNN", "GPT", "MLP", "MODELS", "NNLM", "ResNet", "create_model", "register_model",
+    "CNN", "GPT", "Llama", "MLP", "MODELS", "NNLM", "ResNet", "create_model", "register_model",
     "Dataset", "get_batch", "load_dataset", "register_dataset",
     # Configs, options, training.
     "ConfigError", "apply_overrides", "load_config", "AcceleratorOptions", "RunOptions",
@@ -49,6 +49,6 @@ __all__ = [
     "StoppedBySignal",
     # Modules.
     "accelerators", "activations", "aggregate", "averaging", "checkpoint", "checks", "cli", "data",
-    "distributed", "embeddings", "merge", "models", "optim", "options", "preemption", "replicas",
+    "distributed", "embeddings", "lora", "merge", "models", "optim", "options", "preemption", "replicas",
     "runs", "sharding", "steps", "summary", "tasks",
 ]

@@ -12,6 +12,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from fjt.files import write_atomic
 from fjt.summary import finite_stats, grid
 from fjt.tree import path_str
 
@@ -123,8 +124,10 @@ def plot_activations(captured: Mapping[str, np.ndarray], png_path: str, bins: in
     ax.hist(values[np.isfinite(values)], bins=bins, log=True)
     ax.set_title(f"{path} {tuple(array.shape)}", fontsize=9)
   fig.tight_layout()
-  fig.savefig(png_path, dpi=100)
-  plt.close(fig)
+  try:
+    write_atomic(png_path, lambda f: fig.savefig(f, dpi=100, format="png"))
+  finally:
+    plt.close(fig)
 
 
 def validation_batch(config: ml_collections.ConfigDict, size: int) -> PyTree:

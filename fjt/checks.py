@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fjt import data as fjt_data
@@ -22,7 +23,44 @@ from fjt.tasks import Task, get_task
 
 
 class NonFiniteLossError(FloatingPointError):
-  """The training loss became NaN or infinite."""
+  """The training loss, a parameter of the state or an eval metric became NaN or infinite."""
+
+_HINT = "lower optimizer.learning_rate or set optimizer.grad_clip_norm"
+
+
+@jax.jit
+def _finite_flags(leaves: list[jax.Array]) -> jax.Array:
+  """One bool per leaf: all its elements finite. One device computation, one small transfer."""
+  return jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves])
+
+
+def check_finite_state(state, step: int) -> None:
+  """Raises ``NonFiniteLossError`` naming ``step`` and the first array of ``state`` (any
+  pytree) that holds a NaN or an infinity: the loop calls it before every save and at the end,
+  so a non-finite state is never checkpointed and never ends a run that exits 0."""
+  paths, leaves = [], []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    if isinstance(leaf, (jax.Array, np.ndarray)) and jnp.issubdtype(leaf.dtype, jnp.inexact):
+      paths.append(jax.tree_util.keystr(path, simple=True, separator="/"))
+      leaves.append(leaf)
+  if not leaves:
+    return
+  flags = np.asarray(jax.device_get(_finite_flags(leaves)))
+  if not flags.all():
+    raise NonFiniteLossError(
+        f"the state is not finite at step {step}: {int((~flags).sum())} of {len(flags)} arrays "
+        f"hold NaN or inf (first: {paths[int(np.argmin(flags))]}); {_HINT}")
+
+
+def check_finite_eval(metrics: dict[str, float], step: int, split: str = "validation") -> None:
+  """Raises ``NonFiniteLossError`` naming the split and ``step`` if an eval metric is NaN or
+  infinite (a result that is not a number is not reported as one)."""
+  bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
+  if bad:
+    raise NonFiniteLossError(
+        f"evaluation on the {split} split at step {step} is not finite: "
+        + ", ".join(f"{k} {v}" for k, v in bad.items())
+        + "; check the split's data (token ids below the vocabulary size, labels in range)")
 
 
 def check_finite(window: list[dict[str, np.ndarray]], first_step: int) -> None:
@@ -32,8 +70,7 @@ def check_finite(window: list[dict[str, np.ndarray]], first_step: int) -> None:
     loss = float(metrics["loss"])
     if not np.isfinite(loss):
       raise NonFiniteLossError(
-          f"training loss is {loss} at step {first_step + offset + 1}; lower optimizer.learning_rate "
-          "or set optimizer.grad_clip_norm")
+          f"training loss is {loss} at step {first_step + offset + 1}; {_HINT}")
 
 
 def prepare_workdir(workdir: str, subdirs: Sequence[str] = ()) -> str:

@@ -2,7 +2,8 @@
 
 ===  =======================================================================================
 0    done (a finished run evaluated again included)
-1    the work failed: a NaN or infinite loss, a damaged checkpoint, a failed save
+1    the work failed: a NaN or infinite loss or parameter, a non-finite eval metric, a damaged
+     checkpoint, a failed save, a log file that could not be written (a full disk)
 2    bad input or usage: a config key, a file, a path, a changed config in a workdir, a
      workdir in use, a missing optional package
 3    a peer process of a multi-process run stopped answering (``fjt.distributed``)
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from fjt.checkpoint import CheckpointError, CheckpointMismatchError
 from fjt.checks import NonFiniteLossError
 from fjt.config import ConfigError
+from fjt.logs import LogWriteError
 from fjt.preemption import EXIT_STOPPED, StoppedBySignal
 from fjt.distributed import EXIT_PEER_LOST, PeerLostError
 
@@ -31,6 +33,7 @@ EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (NonFiniteLossError, EXIT_FAILED),
     (CheckpointError, EXIT_FAILED),
     (CheckpointMismatchError, EXIT_FAILED),
+    (LogWriteError, EXIT_FAILED),
     (StoppedBySignal, EXIT_STOPPED),
     (PeerLostError, EXIT_PEER_LOST),
     (ValueError, EXIT_USAGE),

@@ -29,6 +29,8 @@ class ConfigError(ValueError):
 # default.
 RUN_DEFAULTS = {
     "task": "",  # A name in fjt.TASKS; empty: the dataset's own (info["task"], else classification).
+    # Resume or evaluate a run although its data changed since (fjt.data.fingerprint).
+    "allow_changed_data": False,
     "train": {
         "log_every": 100,  # Steps between train-metric rows (and NaN checks).
         "eval_batch_size": 1024,
@@ -77,6 +79,9 @@ RUN_DEFAULTS = {
     "init_from": "",  # A checkpoint to start from (run workdir, step or saved directory).
     "init_skip": (),  # Path patterns (regex) not to load from init_from, e.g. a new head.
     "freeze": (),  # Path patterns (regex) of parameters that get no updates.
+    # LoRA (fjt.lora): rank > 0 trains adapters W + alpha/rank * a @ b on the 2-D kernels whose
+    # params paths match a pattern of targets; the base params stay frozen, as loaded.
+    "lora": {"rank": 0, "alpha": 16.0, "targets": ()},
 }
 
 # The defaults of a ``replicas`` group (added only where a config has one).

@@ -102,6 +102,21 @@ def check_model_widths(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"config key 'model.{key}': expected positive ints (layer widths), "
                         f"got {value!r}")
 
+  rate = model.get("dropout_rate", 0.0)
+  if not (_number(rate) and 0 <= rate < 1):
+    raise ConfigError(f"config key 'model.dropout_rate': expected a number in [0, 1), got {rate!r}")
+
+
+def check_float32(config: Mapping | ml_collections.ConfigDict, prefix: str = "") -> None:
+  """Every finite float of ``config`` fits float32 (a value past its largest, 3.4e38, becomes
+  infinite on the device and every update with it)."""
+  for key, value in config.items():
+    if isinstance(value, (Mapping, ml_collections.ConfigDict)):
+      check_float32(value, f"{prefix}{key}.")
+    elif isinstance(value, float) and math.isfinite(value) and abs(value) > FLOAT32_MAX:
+      raise ConfigError(f"config key '{prefix}{key}': {value!r} overflows float32 (largest "
+                        f"{FLOAT32_MAX:.4g})")
+
 
 @dataclasses.dataclass(frozen=True)
 class AcceleratorOptions(_FromConfig):
@@ -347,6 +362,36 @@ class InitOptions(_FromConfig):
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraOptions(_FromConfig):
+  """LoRA adapters (``fjt.lora``): ``rank`` (0: off; the whole model trains), ``alpha`` (the
+  update is ``alpha / rank * a @ b``) and ``targets`` (regexes on params paths, each matching
+  2-D kernels only)."""
+  rank: int
+  alpha: float
+  targets: tuple[str, ...]
+
+  @classmethod
+  def _read(cls, config: ml_collections.ConfigDict) -> LoraOptions:
+    options = cls(
+        rank=require(config, "lora.rank", lambda v: _int(v) and v >= 0, "an int >= 0 (0: off)"),
+        alpha=float(require(config, "lora.alpha", lambda v: _number(v) and v > 0,
+                            "a number > 0")),
+        targets=tuple(require(config, "lora.targets", lambda v: isinstance(v, (tuple, list))
+                              and all(isinstance(p, str) and p for p in v),
+                              "a tuple of regex patterns on params paths")))
+    if options.rank and not options.targets:
+      raise ConfigError("config key 'lora.targets': lora.rank > 0 needs the kernels to adapt, "
+                        "e.g. (r'attn/c_attn/kernel$',)")
+    if options.rank and config.get("replicas"):
+      raise ConfigError("config key 'lora.rank': LoRA trains one model; replica runs "
+                        "(config group 'replicas') do not take it")
+    if options.rank and (config.ema.decay or config.swa.every):
+      raise ConfigError("config key 'lora.rank': EMA/SWA averages of LoRA runs are not "
+                        "supported; set ema.decay=0 and swa.every=0")
+    return options
+
+
+@dataclasses.dataclass(frozen=True)
 class DistributedOptions(_FromConfig):
   """Multi-process runs (``fjt.distributed``): a peer silent ``timeout_s`` seconds is lost."""
   timeout_s: float
@@ -378,12 +423,13 @@ class RunOptions:
   init: InitOptions
   distributed: DistributedOptions
   replicas: ReplicaOptions | None
+  lora: LoraOptions = LoraOptions(rank=0, alpha=16.0, targets=())
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> RunOptions:
     config = with_run_defaults(config)
     check_model_widths(config)
-    return cls(
+    options = cls(
         config=config,
         seed=require(config, "seed", _int, "an int"),
         task=require(config, "task", lambda v: isinstance(v, str), "a task name, or empty"),
@@ -395,7 +441,10 @@ class RunOptions:
         averaging=AveragingOptions._read(config),
         init=InitOptions._read(config),
         distributed=DistributedOptions._read(config),
-        replicas=ReplicaOptions._read(config) if config.get("replicas") else None)
+        replicas=ReplicaOptions._read(config) if config.get("replicas") else None,
+        lora=LoraOptions._read(config))
+    check_float32(config)  # After the groups: their own checks name their keys first.
+    return options
 
   @property
   def data(self) -> ml_collections.ConfigDict:

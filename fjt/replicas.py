@@ -58,6 +58,7 @@ from fjt.checks import (NonFiniteLossError, check_finite, check_layout, check_mo
 from fjt.config import ConfigError, copy_config
 from fjt.data import Dataset, baseline_lines, data_baselines
 from fjt.data import splits as fjt_splits
+from fjt.files import write_atomic
 from fjt.models import create_model
 from fjt.options import ReplicaOptions, RunOptions, check_learning_rate
 from fjt.program import Program, mean_row
@@ -491,8 +492,7 @@ def program(options: RunOptions, workdir: str, model: nn.Module | None = None,
   counts = [len(s) for s in shards]
   report = split_report(dataset, shards, opts)
   if main:
-    with open(os.path.join(workdir, "splits.json"), "w", encoding="utf-8") as f:
-      json.dump(report, f, indent=2)
+    write_atomic(os.path.join(workdir, "splits.json"), json.dumps(report, indent=2))
 
   mesh = replica_mesh(num, fsdp=options.sharding.mesh.get(FSDP, 1))
   model = create_model(options.model) if model is None else model

@@ -38,7 +38,8 @@ LOCK = ".fjt-lock"
 # metrics: a rerun may change them freely. The mesh and the sharding rules only lay the same
 # state out differently (a run resumes on another mesh, to float reordering).
 RESULT_NEUTRAL = ("train.log_every", "train.eval_every", "train.eval_batch_size", "checkpoint.",
-                  "distributed.", "mesh.", "sharding_rules")
+                  "distributed.", "mesh.", "sharding_rules", "allow_changed_data")
+DATA_KEY = "data_fingerprint"  # config.json's entry for the data (fjt.data.fingerprint).
 
 
 class WorkdirInUseError(ConfigError):
@@ -47,6 +48,10 @@ class WorkdirInUseError(ConfigError):
 
 class RunConfigChangedError(ConfigError):
   """A rerun's config differs from the workdir's record in a key that changes the result."""
+
+
+class DataChangedError(ConfigError):
+  """The data a run was trained on changed since (``fjt.data.fingerprint``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,34 +96,104 @@ def result_neutral(key: str) -> bool:
   return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESULT_NEUTRAL)
 
 
-def read_record(workdir: str) -> dict[str, Any] | None:
-  """The config recorded in ``workdir``, or None if it has none (a new workdir)."""
+def checkpoint_record(workdir: str) -> tuple[str, dict[str, Any]] | None:
+  """``(step directory, record)`` of the newest checkpoint of ``workdir`` whose manifest holds
+  the run's record (``fjt.checkpoint.RunCheckpointer``: config, data fingerprint), or None."""
+  from fjt.checkpoint import integrity, step_dirs
+  for _, directory in reversed(step_dirs(os.path.join(workdir, "checkpoints"))):
+    record = integrity.manifest_record(directory)
+    if record is not None and isinstance(record.get("config"), dict):
+      return directory, record
+  return None
+
+
+def _read_saved(workdir: str) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
+  """``(config, data fingerprint or None)`` recorded in ``workdir``, or None (a new workdir).
+
+  A ``config.json`` that is missing or cannot be read while the workdir has checkpoints is
+  recovered from the newest checkpoint's own record of the config, said in one line."""
   path = os.path.join(workdir, RECORD)
-  if not os.path.isfile(path):
-    return None
-  try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
-  except (OSError, ValueError) as e:
-    raise ConfigError(f"{path}: cannot read the config this run was made with ({e}); move the "
-                      "workdir aside or use a new --workdir") from e
+  error = None
+  if os.path.isfile(path):
+    try:
+      with open(path, encoding="utf-8") as f:
+        record = json.load(f)
+      return record, record.pop(DATA_KEY, None)
+    except (OSError, ValueError) as e:
+      error = e
+  saved = checkpoint_record(workdir) if os.path.isdir(os.path.join(workdir, "checkpoints")) else None
+  if saved is not None:
+    say(f"{path} is {'unreadable (' + str(error) + ')' if error else 'missing'}; using the "
+        f"config recorded in checkpoint {saved[0]}")
+    return saved[1]["config"], saved[1].get("data")
+  if error is not None:
+    raise ConfigError(f"{path}: cannot read the config this run was made with ({error}) and no "
+                      "checkpoint records it; move the workdir aside or use a new --workdir"
+                      ) from error
+  return None
+
+
+def read_record(workdir: str) -> dict[str, Any] | None:
+  """The config recorded in ``workdir``, or None if it has none (a new workdir); see
+  ``_read_saved`` for a lost ``config.json``."""
+  saved = _read_saved(workdir)
+  return None if saved is None else saved[0]
+
+
+def record_file(config: ml_collections.ConfigDict, fingerprint: Mapping[str, Any] | None) -> str:
+  """The text of ``config.json``: the config and the fingerprint of its data."""
+  return json.dumps({**as_record(config), DATA_KEY: dict(fingerprint or {})}, indent=2)
+
+
+def check_data(where: str, recorded: Mapping[str, Any] | None, now: Mapping[str, Any],
+               allow: bool) -> None:
+  """Raises ``DataChangedError`` (one line naming each change) if the data's fingerprint ``now``
+  differs from the one ``recorded`` for the run in ``where``, unless ``allow`` (then says so).
+  A run recorded without a fingerprint (older fjt, a loader of your own) is not compared."""
+  from fjt.data.fingerprint import changes
+  found = changes(recorded, now) if recorded else []
+  if not found:
+    return
+  if allow:
+    say(f"the data of the run in {where} changed since it was made ({'; '.join(found)}); "
+        "going on as allow_changed_data says")
+    return
+  raise DataChangedError(
+      f"the data of the run in {where} changed since it was made: {'; '.join(found)}. Restore "
+      "the data, or pass --config.allow_changed_data=true to use it anyway")
+
+
+def _find_saved(path: str | os.PathLike) -> tuple[str, dict, dict | None] | None:
+  """``(workdir, config, fingerprint)`` of the run around ``path`` (see ``find_record``)."""
+  path = os.path.abspath(os.fspath(path))
+  for _ in range(4):  # workdir/checkpoints/<step>/default at most.
+    saved = _read_saved(path)
+    if saved is not None:
+      return (path, *saved)
+    path = os.path.dirname(path)
+  return None
 
 
 def find_record(path: str | os.PathLike) -> dict[str, Any] | None:
   """The config recorded by the run that wrote the checkpoint at ``path`` (a run workdir, its
   ``checkpoints/``, a step directory or its item): the ``config.json`` in ``path`` or in the 3
   directories above it; None if there is none."""
-  path = os.path.abspath(os.fspath(path))
-  for _ in range(4):  # workdir/checkpoints/<step>/default at most.
-    record = read_record(path)
-    if record is not None:
-      return record
-    path = os.path.dirname(path)
-  return None
+  saved = _find_saved(path)
+  return None if saved is None else saved[1]
+
+
+def check_run_data(source: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
+  """``check_data`` for a tool reading a run (``sample.py``, ``embeddings.py``): the data of
+  ``config.data`` against the fingerprint the run around ``source`` recorded."""
+  from fjt.data.fingerprint import data_fingerprint
+  saved = None if is_config_path(source) else _find_saved(source)
+  if saved is not None and saved[2]:
+    check_data(saved[0], saved[2], data_fingerprint(config.data),
+               bool(config.get("allow_changed_data", False)))
 
 
 def check_rerun(workdir: str, config: ml_collections.ConfigDict,
-                has_results: bool) -> list[Change]:
+                has_results: bool, fingerprint: Mapping[str, Any] | None = None) -> list[Change]:
   """Compares ``config`` with the record of the run in ``workdir``; returns the changes that
   are allowed (result-neutral keys, a larger ``train.steps``).
 
@@ -127,9 +202,10 @@ def check_rerun(workdir: str, config: ml_collections.ConfigDict,
   ``RunConfigChangedError`` naming every other changed key with both values, before anything
   is written.
   """
-  record = read_record(workdir)
-  if record is None or not has_results:
+  saved = _read_saved(workdir)
+  if saved is None or not has_results:
     return []
+  record = saved[0]
   changes = [c for c in config_changes(record, as_record(config)) if not _new_default(c)]
   refused = [c for c in changes if not result_neutral(c.key)
              and not (c.key == "train.steps" and _raised(c))]
@@ -138,6 +214,8 @@ def check_rerun(workdir: str, config: ml_collections.ConfigDict,
         f"workdir {workdir} holds a run made with a different config: "
         + "; ".join(map(str, refused)) + ". Use a new --workdir, or --restart to move this run "
         f"aside (to {aside_name(workdir)}) and start over in place")
+  if fingerprint is not None:
+    check_data(workdir, saved[1], fingerprint, bool(config.get("allow_changed_data", False)))
   return changes
 
 
@@ -226,6 +304,25 @@ class WorkdirLock:
     self.release()
 
 
+def check_output(path: str | os.PathLike, overwrite: bool = False) -> None:
+  """Refuses to write a tool's output (``scripts/convert.py``) at ``path`` where something
+  exists, unless ``overwrite``; and always into a run: its workdir or anything under its
+  ``checkpoints/`` (a training state that a resume reads). One ``ConfigError`` line each."""
+  path = os.path.abspath(os.fspath(path))
+  above = path
+  for _ in range(4):  # workdir/checkpoints/<step>/default at most.
+    if os.path.isfile(os.path.join(above, RECORD)) or os.path.isdir(
+        os.path.join(above, "checkpoints")):
+      rel = os.path.relpath(path, above)
+      if rel == "." or rel.split(os.sep)[0] == "checkpoints":
+        raise ConfigError(f"{path} is {'the run' if rel == '.' else 'inside the checkpoints of the run'}"
+                          f" in {above}: its checkpoints are a training state that resuming reads; "
+                          "write the output elsewhere")
+    above = os.path.dirname(above)
+  if os.path.exists(path) and not overwrite:
+    raise ConfigError(f"{path} exists; pass --overwrite to replace it")
+
+
 # --- A run read back: its config, model and vocabulary ------------------------------------------
 
 
@@ -261,7 +358,6 @@ def load_model(source: str | os.PathLike
   ``batch_stats``) or of a config file (its fresh variables, initialised as the run would)."""
   import jax
 
-  from fjt import checkpoint
   from fjt.data import load_dataset
   from fjt.models import create_model
   from fjt.state import create_from_config
@@ -271,7 +367,21 @@ def load_model(source: str | os.PathLike
     example = jax.tree.map(lambda v: v[:1], load_dataset(config.data).train["x"])
     model, _, state = create_from_config(config, example)
     return model, state.variables, config
-  return create_model(config.model), checkpoint.load_variables(source), config
+  return create_model(config.model), load_variables(source), config  # LoRA: merged.
+
+
+def load_variables(source: str | os.PathLike) -> dict[str, Any]:
+  """``{"params", "batch_stats"}`` that the model of a checkpoint applies
+  (``fjt.checkpoint.load_variables``); for a LoRA run's checkpoint (it holds ``base``), the base
+  merged with the adapters by the run's ``lora.alpha`` (``fjt.lora.merge``)."""
+  from fjt import checkpoint
+  from fjt import lora as fjt_lora
+
+  if not any(p.startswith("base/") for p in checkpoint.saved_shapes(source)):
+    return checkpoint.load_variables(source)
+  base, adapters, batch_stats = fjt_lora.load(source)
+  return {"params": fjt_lora.merge(base, adapters, run_config(source).lora.alpha),
+          "batch_stats": batch_stats}
 
 
 def run_vocabulary(source: str | os.PathLike) -> list[str]:
@@ -280,6 +390,7 @@ def run_vocabulary(source: str | os.PathLike) -> list[str]:
   from fjt.data import dataset_vocabulary, load_dataset
 
   config = run_config(source)
+  check_run_data(source, config)
   vocab = dataset_vocabulary(load_dataset(config.data).info)
   if vocab is None:
     raise ConfigError(f"{os.fspath(source)}: dataset {config.data.get('name')!r} carries no word "

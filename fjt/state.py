@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import AbstractMesh, Mesh
 
+from fjt import lora as fjt_lora
 from fjt import sharding
 from fjt.averaging import TemporalAveraging
 from fjt.tree import unbox
@@ -34,6 +35,9 @@ class TrainState:
     rng: uint32 ``(2,)`` PRNG key, folded with ``step`` for per-step randomness.
     averages: temporal averages of the variables (``fjt.averaging``):
       ``{"ema": variables, "swa": variables, "swa_count": int32}``, those enabled.
+    base: with LoRA (``fjt.lora``), the frozen params that ``params`` (the adapters) adapt;
+      ``{}`` otherwise. Saved and restored with the state, never updated.
+    lora_alpha: with LoRA, the adapters' ``alpha`` (static: not a leaf).
   """
   step: jax.Array
   params: PyTree
@@ -41,11 +45,18 @@ class TrainState:
   opt_state: PyTree
   rng: jax.Array
   averages: PyTree = dataclasses.field(default_factory=dict)
+  base: PyTree = dataclasses.field(default_factory=dict)
+  lora_alpha: float = flax.struct.field(pytree_node=False, default=0.0)
+
+  def model_params(self, params: PyTree) -> PyTree:
+    """The params the model applies for trained ``params``: with LoRA, ``base`` merged with
+    the adapters ``params`` (``fjt.lora.merge``), else ``params``."""
+    return fjt_lora.merge(self.base, params, self.lora_alpha) if self.base else params
 
   @property
   def variables(self) -> dict[str, PyTree]:
-    """``{"params", "batch_stats"}``, as ``model.apply`` takes them."""
-    return {"params": self.params, "batch_stats": self.batch_stats}
+    """``{"params", "batch_stats"}``, as ``model.apply`` takes them (LoRA merged)."""
+    return {"params": self.model_params(self.params), "batch_stats": self.batch_stats}
 
 
 @functools.lru_cache(maxsize=64)
@@ -84,27 +95,35 @@ def init_variables(model: nn.Module, example_x: PyTree, rng: jax.Array,
 
 def _boxed_train_state(model: nn.Module, tx: optax.GradientTransformation, example_x: PyTree,
                        rng: jax.Array, averaging: TemporalAveraging = TemporalAveraging(),
-                       rng_streams: Sequence[str] = ()) -> TrainState:
+                       rng_streams: Sequence[str] = (), lora=None) -> TrainState:
   """``create_train_state`` with the parameters' ``nn.LogicallyPartitioned`` boxes kept, so
   the optimizer state and averages of a parameter carry its logical axis names too."""
   init_rng, state_rng = jax.random.split(rng)
   variables = _boxed_variables(model, example_x, init_rng, rng_streams)
+  params, base, alpha = variables["params"], {}, 0.0
+  if lora is not None and lora.rank:  # The adapters train; the params become the frozen base.
+    base, alpha = params, lora.alpha
+    params = fjt_lora.init(unbox(base), lora.rank, lora.targets, jax.random.fold_in(init_rng, 1))
   return TrainState(
       step=jnp.zeros((), jnp.int32),
-      params=variables["params"],
+      params=params,
       batch_stats=variables["batch_stats"],
-      opt_state=tx.init(variables["params"]),
+      opt_state=tx.init(params),
       rng=state_rng,
-      averages=averaging.init(variables))
+      averages=averaging.init(variables),
+      base=base, lora_alpha=alpha)
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
                        example_x: PyTree, rng: jax.Array,
                        averaging: TemporalAveraging = TemporalAveraging(),
-                       rng_streams: Sequence[str] = ()) -> TrainState:
+                       rng_streams: Sequence[str] = (), lora=None) -> TrainState:
   """A fresh train state at step 0. Pure, so it can run under ``jax.jit`` or
-  ``jax.eval_shape`` (for the shapes of a state without allocating it)."""
-  return _unbox_state(_boxed_train_state(model, tx, example_x, rng, averaging, rng_streams))
+  ``jax.eval_shape`` (for the shapes of a state without allocating it). ``lora``: a
+  ``fjt.options.LoraOptions`` with a rank: ``params`` are adapters (``fjt.lora.init``) of the
+  model's params, which become ``base``."""
+  return _unbox_state(_boxed_train_state(model, tx, example_x, rng, averaging, rng_streams,
+                                         lora))
 
 
 def _unbox_state(state: TrainState) -> TrainState:
@@ -114,22 +133,22 @@ def _unbox_state(state: TrainState) -> TrainState:
 def state_shardings(model: nn.Module, tx: optax.GradientTransformation, example_x: PyTree,
                     mesh: Mesh | AbstractMesh, rules: sharding.Rules,
                     averaging: TemporalAveraging = TemporalAveraging(),
-                    rng_streams: Sequence[str] = ()) -> TrainState:
+                    rng_streams: Sequence[str] = (), lora=None) -> TrainState:
   """The ``NamedSharding`` of every leaf of the train state on ``mesh``: a ``TrainState`` of
   shardings, found by tracing (nothing allocated). A parameter's optimizer moments and
   averages get the parameter's layout (``fjt.sharding.mesh_spec``)."""
   return sharding.logical_shardings(
-      boxed_abstract_state(model, tx, example_x, averaging, rng_streams), mesh, rules)
+      boxed_abstract_state(model, tx, example_x, averaging, rng_streams, lora), mesh, rules)
 
 
 def boxed_abstract_state(model: nn.Module, tx: optax.GradientTransformation, example_x: PyTree,
                          averaging: TemporalAveraging = TemporalAveraging(),
-                         rng_streams: Sequence[str] = ()) -> TrainState:
+                         rng_streams: Sequence[str] = (), lora=None) -> TrainState:
   """The shapes of a fresh train state (``jax.ShapeDtypeStruct``), the parameters' logical
   axis names kept in their ``nn.LogicallyPartitioned`` boxes; e.g. ``jax.eval_shape(
   server_tx.init, boxed.params)`` gives another optimizer's state its parameters' names."""
   return jax.eval_shape(lambda rng: _boxed_train_state(model, tx, example_x, rng, averaging,
-                                                       tuple(rng_streams)),
+                                                       tuple(rng_streams), lora),
                         jax.random.PRNGKey(0))
 
 
@@ -158,9 +177,9 @@ def create_state(options, example_x, model: nn.Module | None = None,
   model, tx, averaging = _parts(options, model)
   streams = tuple(rng_streams)
   out_shardings = None if mesh is None else state_shardings(
-      model, tx, example_x, mesh, options.sharding.rules, averaging, streams)
-  state = jax.jit(create_train_state, static_argnums=(0, 1, 4, 5), out_shardings=out_shardings)(
-      model, tx, example_x, jax.random.PRNGKey(options.seed), averaging, streams)
+      model, tx, example_x, mesh, options.sharding.rules, averaging, streams, options.lora)
+  state = jax.jit(create_train_state, static_argnums=(0, 1, 4, 5, 6), out_shardings=out_shardings)(
+      model, tx, example_x, jax.random.PRNGKey(options.seed), averaging, streams, options.lora)
   return model, tx, state
 
 
@@ -184,7 +203,7 @@ def abstract_from_config(config, mesh: Mesh | AbstractMesh | None = None
   options = RunOptions.from_config(config)
   example = jax.tree.map(lambda v: v[:1], load_dataset(options.data).train["x"])
   model, tx, averaging = _parts(options)
-  boxed = boxed_abstract_state(model, tx, example, averaging)
+  boxed = boxed_abstract_state(model, tx, example, averaging, lora=options.lora)
   abstract = _unbox_state(boxed)
   if mesh is not None:
     shardings = sharding.logical_shardings(boxed, mesh, options.sharding.rules)

@@ -85,9 +85,10 @@ def train_step_fn(model: nn.Module, tx: optax.GradientTransformation,
   if grad_accum_steps < 1:
     raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
 
-  def grads_and_metrics(params, batch_stats, batch, rngs):
-    def loss_fn(params):
-      outputs, updates = model.apply({"params": params, "batch_stats": batch_stats}, batch["x"],
+  def grads_and_metrics(state, params, batch_stats, batch, rngs):
+    def loss_fn(params):  # Differentiated w.r.t. the trained params (LoRA: the adapters only).
+      outputs, updates = model.apply({"params": state.model_params(params),
+                                      "batch_stats": batch_stats}, batch["x"],
                                      mutable=["batch_stats"], rngs=rngs, **kwargs)
       loss = task.loss(outputs, batch)
       metrics = task.metrics(task.eval_sums(outputs, batch)) if task.train_metrics else {}
@@ -99,14 +100,15 @@ def train_step_fn(model: nn.Module, tx: optax.GradientTransformation,
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     rngs = _step_rngs(state.rng, state.step, streams)
     if grad_accum_steps == 1:
-      grads, batch_stats, metrics = grads_and_metrics(state.params, state.batch_stats, batch, rngs)
+      grads, batch_stats, metrics = grads_and_metrics(state, state.params, state.batch_stats,
+                                                      batch, rngs)
     else:
       def micro(carry, inputs):
         grad_sum, batch_stats = carry
         index, micro_batch = inputs
         micro_rngs = {k: jax.random.fold_in(r, index) for k, r in rngs.items()}
-        grads, batch_stats, metrics = grads_and_metrics(state.params, batch_stats, micro_batch,
-                                                        micro_rngs)
+        grads, batch_stats, metrics = grads_and_metrics(state, state.params, batch_stats,
+                                                        micro_batch, micro_rngs)
         return (jax.tree.map(jnp.add, grad_sum, grads), batch_stats), metrics
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)

@@ -23,7 +23,7 @@ from fjt.config import ConfigError
 from fjt.tree import flatten, to_nested_dict
 
 PyTree = Any
-COLLECTIONS = ("params", "batch_stats", "opt_state", "step", "rng")
+COLLECTIONS = ("params", "base", "batch_stats", "opt_state", "step", "rng")  # base: LoRA's frozen params.
 
 
 @dataclasses.dataclass(frozen=True)

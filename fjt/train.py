@@ -23,11 +23,14 @@ from fjt import accelerators, checkpoint, distributed, runs, sharding
 from fjt import data as fjt_data
 from fjt.averaging import TemporalAveraging
 from fjt.checkpoint import CheckpointError, LoadReport
-from fjt.checks import (check_batch_size, check_finite, check_layout, check_model_fits_data,
-                        metric_names, prepare_workdir, resolve_task)
+from fjt.checks import (NonFiniteLossError, check_batch_size, check_finite, check_finite_eval,
+                        check_finite_state, check_layout, check_model_fits_data, metric_names,
+                        prepare_workdir, resolve_task)
 from fjt.config import ConfigError
 from fjt.data import Dataset, baseline_lines, data_baselines
-from fjt.logs import RunLog, say
+from fjt.data.fingerprint import data_fingerprint
+from fjt.files import write_atomic
+from fjt.logs import LogWriteError, RunLog, say
 from fjt.models import create_model
 from fjt.options import RunOptions
 from fjt.preemption import StopSignals, StoppedBySignal
@@ -56,13 +59,16 @@ def init_from_checkpoint(state: TrainState, path: str, skip=()) -> tuple[TrainSt
 
   Paths matching ``skip`` and paths missing from the checkpoint keep ``state``'s
   values; a shape difference outside ``skip`` is an error. Returns the state
-  (step, optimizer state and rng untouched) and the load report.
+  (step, optimizer state and rng untouched) and the load report. A LoRA state (``fjt.lora``)
+  loads the checkpoint's params into its frozen ``base``.
   """
   saved = checkpoint.saved_shapes(path)
+  trained = "base" if state.base else "params"
+  target = {"params": getattr(state, trained), "batch_stats": state.batch_stats}
   if any(p.startswith("params/") for p in saved):
-    variables, report = checkpoint.load(path, state.variables, strict=False, skip=skip)
+    variables, report = checkpoint.load(path, target, strict=False, skip=skip)
   else:  # A params tree on its own, like torch.save(model.state_dict()).
-    params, report = checkpoint.load(path, state.params, strict=False,
+    params, report = checkpoint.load(path, target["params"], strict=False,
                                      skip=[re.sub(r"^\^?params/", "", s) for s in skip])
     variables = {"params": params, "batch_stats": state.batch_stats}
     prefixed = lambda paths: [f"params/{p}" for p in paths]
@@ -71,7 +77,8 @@ def init_from_checkpoint(state: TrainState, path: str, skip=()) -> tuple[TrainSt
         report, missing=prefixed(report.missing) + stats, skipped=prefixed(report.skipped),
         mismatched=prefixed(report.mismatched), loaded=prefixed(report.loaded),
         details={f"params/{p}": d for p, d in report.details.items()})
-  return state.replace(params=variables["params"], batch_stats=variables["batch_stats"]), report
+  return state.replace(**{trained: variables["params"]},
+                       batch_stats=variables["batch_stats"]), report
 
 
 def _fine_tune_start(options: RunOptions, workdir: str, state: TrainState, tx,
@@ -88,9 +95,9 @@ def _fine_tune_start(options: RunOptions, workdir: str, state: TrainState, tx,
     raise ConfigError(f"config key 'init_from': {e}") from e
   say(f"init_from {init_from}: {report.counts()}")
   state = state.replace(averages=averaging.init(state.variables))
-  with open(os.path.join(workdir, "init_from.json"), "w", encoding="utf-8") as f:
-    json.dump({"path": init_from, "loaded": len(report.loaded), "skipped": report.skipped,
-               "missing": report.missing, "mismatched": report.mismatched}, f, indent=2)
+  write_atomic(os.path.join(workdir, "init_from.json"),
+               json.dumps({"path": init_from, "loaded": len(report.loaded), "skipped": report.skipped, "missing": report.missing,
+                           "mismatched": report.mismatched}, indent=2))
   return state.replace(opt_state=tx.init(state.params))
 
 
@@ -147,7 +154,7 @@ def _saving(directory: str) -> Iterator[None]:
   line (``save_error_line``)."""
   try:
     yield
-  except (CheckpointError, ConfigError):
+  except (CheckpointError, ConfigError, NonFiniteLossError):
     raise
   except Exception as e:  # Orbax and the OS raise many kinds; the user needs one line.
     raise CheckpointError(save_error_line(directory, e)) from e
@@ -206,8 +213,9 @@ def run(options: RunOptions, workdir: str, build: Callable[[], Program],
   with runs.WorkdirLock(workdir, enabled=jax.process_index() == 0), \
       accelerators.precision(options.accelerator.matmul_precision):
     has_results = bool(checkpoint.step_dirs(os.path.join(workdir, "checkpoints")))
-    changes = runs.check_rerun(workdir, options.config, has_results)
-    return _run(options, workdir, changes, build(), progress)
+    fingerprint = data_fingerprint(options.data)
+    changes = runs.check_rerun(workdir, options.config, has_results, fingerprint)
+    return _run(options, workdir, changes, build(), progress, fingerprint)
 
 
 def single_model(options: RunOptions, workdir: str, model: nn.Module | None,
@@ -236,7 +244,9 @@ def single_model(options: RunOptions, workdir: str, model: nn.Module | None,
   train_step = make_train_step(model, tx, task, averaging=averaging, mesh=mesh,
                                state_sharding=state_sharding, rng_streams=train.rng_streams,
                                grad_accum_steps=train.grad_accum_steps)
-  eval_step = make_eval_step(model, task, mesh=mesh, variables_sharding=state_sharding.variables)
+  eval_step = make_eval_step(model, task, mesh=mesh, variables_sharding={
+      "params": state_sharding.base or state_sharding.params,  # LoRA: merged onto the base.
+      "batch_stats": state_sharding.batch_stats})
   names = metric_names(model, state, dataset, task)
   rows = sharding.process_rows(train.batch_size, mesh)
 
@@ -274,8 +284,30 @@ def _crossed(every: int, before: int, done: int) -> bool:
   return done // every > before // every
 
 
+def _save_what_can_be_saved(checkpointer: checkpoint.RunCheckpointer, step: int,
+                            state: Any) -> None:
+  """After a log file could not be written: saves ``step`` if its state is finite and the disk
+  takes it, said in one line. A save that fails too leaves the last complete checkpoint as it
+  was (Orbax renames a step into place only when it is whole); its error is the log's."""
+  try:
+    check_finite_state(state, step)
+    checkpointer.save(step, state)
+    checkpointer.wait_until_finished()
+  except Exception:  # The disk is full: the log's error is the one to report.
+    return
+  say(f"saved step {step} before stopping")
+
+
+def _check_eval(state: Any, metrics: dict[str, float], step: int) -> None:
+  """A non-finite eval metric is an error: naming the state's first non-finite array if the
+  state is the cause, else the split."""
+  if not all(np.isfinite(v) for v in metrics.values()):
+    check_finite_state(state, step)
+    check_finite_eval(metrics, step)
+
+
 def _run(options: RunOptions, workdir: str, changes: list[runs.Change], program: Program,
-         progress: bool) -> tuple[Any, dict[str, Any]]:
+         progress: bool, fingerprint: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
   main = jax.process_index() == 0
   ckpt = options.checkpoint
   best_mode = ckpt.best_mode or program.mode
@@ -283,7 +315,8 @@ def _run(options: RunOptions, workdir: str, changes: list[runs.Change], program:
     raise ConfigError(f"config key 'checkpoint.best_metric': {ckpt.best_metric!r} is not a "
                       f"metric of task {program.task!r}; known: {list(program.metric_names)}")
   checkpointer = checkpoint.RunCheckpointer(workdir, ckpt.max_to_keep, ckpt.best_metric,
-                                            best_mode)
+                                            best_mode, {"config": runs.as_record(options.config),
+                                                        "data": fingerprint})
   state, start = checkpointer.restore_latest(program.state, fallback=ckpt.fallback)
   total = program.total
   if start == 0:
@@ -293,7 +326,8 @@ def _run(options: RunOptions, workdir: str, changes: list[runs.Change], program:
   checkpoint_every = ckpt.every_steps or total
   watchdog = (distributed.Watchdog(options.distributed.timeout_s)
               if jax.process_count() > 1 else None)
-  log = RunLog(workdir, options.config, start_step=start, enabled=main)
+  log = RunLog(workdir, runs.record_file(options.config, fingerprint), start_step=start,
+               enabled=main)
   first = program.iteration_after(start)
   window, window_start, tic = [], start, time.perf_counter()
   evaluated_at, eval_metrics, done, lost = -1, {}, start, None
@@ -324,11 +358,13 @@ def _run(options: RunOptions, workdir: str, changes: list[runs.Change], program:
         if program.eval_at(i, done) or done == total:
           eval_metrics, evaluated_at = program.evaluate(state), done
           log.write(done, "eval", eval_metrics)
+          _check_eval(state, eval_metrics, done)
           if main and progress:
             bar.write(f"step {done}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in eval_metrics.items()))
           tic = time.perf_counter()  # Eval time is not training throughput.
         with _saving(checkpointer.directory):
           if save_now:
+            check_finite_state(state, done)  # Never checkpoint a non-finite state.
             checkpointer.save(done, state, eval_metrics if evaluated_at == done else None)
           else:
             checkpointer.raise_if_failed()  # A failed save stops the run at the next step.
@@ -337,11 +373,17 @@ def _run(options: RunOptions, workdir: str, changes: list[runs.Change], program:
         if stop.requested(done) and done < total:  # At the last step the run just finishes.
           with _saving(checkpointer.directory):
             if not save_now:
+              check_finite_state(state, done)
               checkpointer.save(done, state)
             checkpointer.wait_until_finished()
           raise StoppedBySignal(done, stop.signal_name, checkpointer.directory)
     if evaluated_at != total:  # A finished run started again: report, do not retrain.
       eval_metrics = program.evaluate(state)
+      _check_eval(state, eval_metrics, done)
+  except LogWriteError:
+    if main and jax.process_count() == 1:  # Others would wait on process 0 in the save.
+      _save_what_can_be_saved(checkpointer, done, state)
+    raise
   except jax.errors.JaxRuntimeError as e:
     if jax.process_count() == 1:
       raise

@@ -21,7 +21,7 @@ def main(argv=None) -> int:
   parser.add_argument("--quick", action="store_true", help="tiny sizes, well under a minute")
   parser.add_argument("--out", help="write the rows to this JSON file")
   parser.add_argument("--only", nargs="+", metavar="GROUP",
-                      help="run only these groups: train gpt2 aggregate stream checkpoint sharded "
+                      help="run only these groups: train gpt2 remat aggregate stream checkpoint sharded lora "
                            "(gpt2, GPT-2 124M, runs on a GPU only)")
   parser.add_argument("--cnn_config", default=os.path.join(ROOT, "configs", "digits_cnn.py"),
                       help="the config whose model is the CNN of train_step_cnn_vs_torch")

@@ -10,6 +10,12 @@ Hugging Face folders (config.json + model.safetensors, its sharded index or pyto
 
   python scripts/convert.py --from HF_DIR OUT_DIR                # -> an fjt checkpoint
   python scripts/convert.py runs/gpt --to hf HF_DIR              # -> a folder transformers loads
+
+A LoRA run (config key lora.rank > 0) exports merged (--to hf, weight files); with --lora: the
+merged model or the adapters alone as an fjt checkpoint, or the adapters as a PEFT folder (GPT:
+for Hugging Face's GPT-2):
+
+  python scripts/convert.py runs/text_gpt_lora OUT_DIR --lora merged   # or adapters, peft
 """
 
 import argparse
@@ -25,32 +31,46 @@ def main(argv=None) -> int:
   parser.add_argument("--to", choices=["hf"], help="export INPUT as a Hugging Face folder OUTPUT")
   parser.add_argument("--config", help="the config whose model the weights belong to "
                       "(required to import; to export, needed for the CNN's layout)")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace OUTPUT if it exists (never a training run's checkpoints)")
+  parser.add_argument("--lora", choices=("merged", "adapters", "peft"),  # convert.LORA_EXPORTS
+                      help="write a LoRA run's merged model, its adapters, or a PEFT adapter folder")
   args = parser.parse_intermixed_args(argv)  # IN --to hf OUT: positionals around options.
 
-  from fjt import cli  # After argument parsing, so --help is instant.
+  from fjt import cli, runs  # After argument parsing, so --help is instant.
   from fjt.interop import convert
 
   def run() -> None:
-    if args.from_hf:
+    if args.lora:
+      if not (args.input and args.output):
+        parser.error("--lora needs INPUT (a LoRA run) and OUTPUT")
+      runs.check_output(args.output, args.overwrite)
+      written = convert.export_lora(args.input, args.output, args.lora)
+      print(f"{args.output}: {len(written)} LoRA {args.lora} tensors")
+    elif args.from_hf:
       out = args.output or args.input
       if not out:
         parser.error("--from HF_DIR needs the output checkpoint directory")
+      runs.check_output(out, args.overwrite)
       report = convert.import_pretrained(args.from_hf, out)
       print(f"{out}: {report}")
     elif args.to == "hf":
       if not (args.input and args.output):
         parser.error("--to hf needs INPUT (an fjt checkpoint) and OUTPUT (a folder)")
+      runs.check_output(args.output, args.overwrite)
       keys = convert.export_pretrained(args.input, args.output, args.config)
       print(f"{args.output}: config.json and model.safetensors ({len(keys)} tensors)")
     elif not (args.input and args.output):
       parser.error("expected INPUT and OUTPUT")
     elif convert.is_weights_file(args.input):
+      runs.check_output(args.output, args.overwrite)
       if not args.config:
         parser.error("importing weights needs --config (the model they belong to)")
       report = convert.import_weights(args.input, args.output, args.config)
       print(f"{args.output}: {len(report.matched)} tensors imported "
             f"({len(report.reshaped)} transposed or permuted); unused: {list(report.unused)}")
     elif convert.is_weights_file(args.output):
+      runs.check_output(args.output, args.overwrite)
       keys = convert.export_weights(args.input, args.output, args.config)
       print(f"{args.output}: {len(keys)} tensors with PyTorch keys and layouts")
     else:

@@ -1,4 +1,4 @@
-"""Generate text from a trained GPT run.
+"""Generate text from a trained GPT or Llama run.
 
   python scripts/sample.py WORKDIR --prompt TEXT [--tokens N --temperature T --top_k K --seed S]
 

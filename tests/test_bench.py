@@ -82,3 +82,13 @@ def test_only_runs_the_named_groups_and_refuses_unknown_ones(tmp_path):
   bad = subprocess.run([sys.executable, script, "--only", "trian"], capture_output=True, text=True,
                        timeout=300)
   assert bad.returncode == 2 and "'trian'" in bad.stderr
+
+
+def test_remat_rows_compare_a_gpt_with_and_without_remat():
+  from benchmarks import remat
+  sizes = dataclasses.replace(table.QUICK, remat_gpt=(4, 32, 2, 64, 8))
+  rows = remat.remat_rows(sizes, progress=lambda line: None)
+  assert [r.name for r in rows] == ["gpt_remat_temp_bytes_vs_plain",
+                                    "gpt_remat_residual_bytes_vs_plain"]
+  assert all(r.value > 0 and r.baseline > 0 for r in rows)
+  assert rows[1].met()  # Four blocks keep their inputs only: far fewer residual bytes.

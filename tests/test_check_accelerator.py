@@ -46,7 +46,9 @@ def test_quick_run_reports_every_part(tmp_path):
   rows = parts["bench"]["results"]["rows"]
   assert [r["name"] for r in rows] == [
       "ckpt_save_blocking_vs_torch_save", "ckpt_save_total_vs_torch_save",
-      "ckpt_restore_vs_torch_load", "ckpt_verify_vs_restore", "stream_average_peak_rss_models"]
+      "ckpt_save_total_vs_orbax_save", "ckpt_restore_vs_torch_load",
+      "ckpt_restore_vs_orbax_restore", "ckpt_orbax_restore_vs_bytes", "ckpt_verify_vs_restore",
+      "stream_average_peak_rss_models"]
   assert all(r["value"] > 0 and r["target"] and r["met"] in (True, False) for r in rows)
 
   determinism = parts["determinism"]["results"]

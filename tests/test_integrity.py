@@ -73,6 +73,21 @@ def test_a_bit_flip_is_named_by_every_load(tmp_path, monkeypatch):
   assert len(differ) == 1  # One leaf, silently off.
 
 
+def test_a_damaged_file_that_breaks_orbaxs_read_is_named_not_orbaxs_error(tmp_path):
+  # The CRC-32s run beside Orbax's read: when that read fails on the damaged file as well, the
+  # error is still the one naming the file.
+  path = str(tmp_path / "c")
+  checkpoint.save(path, tree())
+  metadata = os.path.join(path, "_METADATA")
+  with open(metadata, "r+b") as f:
+    f.write(b"\xff" * os.path.getsize(metadata))
+  message = f"checkpoint {path}: file _METADATA has changed since it was written (CRC-32 "
+  for read in (checkpoint.load, checkpoint.load_variables, lambda p: checkpoint.load(p, tree())):
+    with pytest.raises(CheckpointError) as info:
+      read(path)
+    assert str(info.value).startswith(message)
+
+
 def test_a_checkpoint_without_manifest_is_reported_not_sealed(tmp_path, capsys):
   path = tmp_path / "c"
   checkpoint.save(path, tree())

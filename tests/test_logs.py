@@ -71,10 +71,11 @@ def test_sigkill_during_resume_start_up_leaves_metrics_complete(tmp_path, when, 
   assert read_text(tmp_path / "metrics.jsonl") == expected
 
 
-def test_a_line_that_is_not_a_row_is_named(tmp_path):
+def test_a_line_that_is_not_a_row_is_set_aside_with_one_warning(tmp_path, capsys):
   path = tmp_path / "metrics.jsonl"
   write_text(path, TEXT + "garbage\n")
-  with pytest.raises(ValueError, match=rf"^{path}: line 7 is not a metrics row with a step "
-                                       r"\(JSONDecodeError: "):
-    MetricWriter(str(tmp_path), start_step=30)
-  assert read_text(path) == TEXT + "garbage\n"  # Nothing rewritten.
+  MetricWriter(str(tmp_path), start_step=60).close()
+  assert read_text(path) == TEXT
+  assert read_text(str(path) + ".damaged") == "garbage\n"
+  assert capsys.readouterr().err == (f"fjt: {path}: 1 line(s) that are not metrics rows (first: "
+                                     f"line 7) set aside in {path}.damaged\n")

@@ -106,3 +106,33 @@ def test_unknown_model_name_lists_known_models():
 def test_unknown_model_attribute_is_named():
   with pytest.raises(ConfigError, match=r"'model.widths' is not an attribute of MLP"):
     fjt.create_model({"name": "mlp", "widths": (3,)})
+
+
+@pytest.mark.parametrize("config, x, param_dtype", [
+    ({"name": "mlp", "features": (16,)}, jnp.ones((4, 64)), "bfloat16"),
+    ({"name": "cnn", "features": (4,), "dense_features": (8,)}, jnp.ones((4, 8, 8, 1)), "float32"),
+    ({"name": "resnet", "stage_sizes": (1, 1), "widths": (4, 8), "stem": "small", "stem_width": 4,
+      "num_classes": 10}, jnp.ones((4, 8, 8, 1)), "bfloat16"),
+    ({"name": "nnlm", "vocab_size": 10, "embed_dim": 8, "hidden": 16}, jnp.ones((4, 4), jnp.int32),
+     "float32"),
+], ids=["mlp", "cnn", "resnet", "nnlm"])
+def test_bf16_compute_with_float32_batch_stats_and_loss(config, x, param_dtype):
+  model = fjt.create_model({**config, "dtype": "bfloat16", "param_dtype": param_dtype})
+  variables = fjt.init_variables(model, x, jax.random.PRNGKey(0))
+  assert {leaf.dtype for leaf in jax.tree.leaves(variables["params"])} == {jnp.dtype(param_dtype)}
+  x = x + jax.random.randint(jax.random.PRNGKey(1), x.shape, 0, 3).astype(x.dtype)
+  batch = {"x": x, "y": jnp.arange(4) % 10}
+
+  def loss(params):
+    logits, updates = model.apply({**variables, "params": params}, x, train=True,
+                                  mutable=["batch_stats"])
+    return fjt.TASKS["classification"].loss(logits, batch), (logits, updates)
+
+  (value, (logits, updates)), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+  assert value.dtype == logits.dtype == jnp.float32 and np.isfinite(float(value))
+  assert {leaf.dtype for leaf in jax.tree.leaves(grads)} == {jnp.dtype(param_dtype)}
+  for stats in (variables["batch_stats"], updates["batch_stats"]):
+    assert {leaf.dtype for leaf in jax.tree.leaves(stats)} <= {jnp.dtype(jnp.float32)}
+  exact = model.clone(dtype="float32").apply(variables, x, train=False)
+  approx = model.apply(variables, x, train=False)
+  assert float(jnp.abs(approx - exact).max()) <= 0.05 * float(jnp.abs(exact).max()) + 1e-3

@@ -1,23 +1,26 @@
 """A checkpoint's manifest, ``fjt_manifest.json``: the size and CRC-32 of each of its files.
 
 Orbax alone reads a truncated or bit-flipped data file without complaint; every restore checks
-the manifest first (``verify_or_say``), so a damaged file is named before anything is restored.
+the manifest (``verifying``: sizes first, CRC-32s beside the read), so a damaged file is named
+and nothing read from it is returned.
 A checkpoint without a manifest is never sealed after the fact: it is reported as unverified.
 The manifest also lists the arrays a checkpoint holds (``array_specs``: its shapes in one small
 file) and the mesh it was saved from.
 
 CRC-32s are computed over ranges of a file on all CPUs and combined (``crc32_combine``, zlib's
-``crc32_combine`` in GF(2) arithmetic), so checking a checkpoint costs about one read of it.
+``crc32_combine`` in GF(2) arithmetic), so checking a checkpoint costs about one read of it; a
+restore runs that check in threads beside Orbax's read (``verifying``), not before it.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import json
 import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -120,10 +123,12 @@ def array_specs(tree: PyTree) -> dict[str, list] | None:
 
 
 def write_manifest(checkpoint_dir: str, arrays: dict[str, list] | None = None,
-                   mesh: dict[str, int] | None = None) -> None:
+                   mesh: dict[str, int] | None = None, record: dict[str, Any] | None = None
+                   ) -> None:
   """Records size and CRC-32 of every file of a finished checkpoint (atomically), the
-  ``array_specs`` of what it holds if given (so reading its shapes takes one small file), and
-  the ``{axis: size}`` of the mesh it was saved from if given."""
+  ``array_specs`` of what it holds if given (so reading its shapes takes one small file), the
+  ``{axis: size}`` of the mesh it was saved from if given, and the run's ``record`` of the step
+  if given (``fjt.checkpoint.run``: its config, data fingerprint and eval metrics)."""
   rels = _files(checkpoint_dir)
   paths = [os.path.join(checkpoint_dir, rel) for rel in rels]
   files = {rel: {"size": os.path.getsize(path), "crc32": crc}
@@ -133,9 +138,13 @@ def write_manifest(checkpoint_dir: str, arrays: dict[str, list] | None = None,
     manifest["arrays"] = arrays
   if mesh is not None:
     manifest["mesh"] = mesh
+  if record is not None:
+    manifest["record"] = record
   tmp = os.path.join(checkpoint_dir, MANIFEST + ".tmp")
   with open(tmp, "w", encoding="utf-8") as f:
     json.dump(manifest, f)
+    f.flush()
+    os.fsync(f.fileno())
   os.replace(tmp, os.path.join(checkpoint_dir, MANIFEST))
 
 
@@ -182,6 +191,28 @@ def verify_or_say(checkpoint_dir: str) -> None:
     say(f"checkpoint {checkpoint_dir} has no {MANIFEST}: its files are not verified")
 
 
+@contextlib.contextmanager
+def verifying(checkpoint_dir: str) -> Iterator[None]:
+  """``verify_or_say`` in a background thread while the body reads the checkpoint.
+
+  Sizes are checked first (a stat per file: a truncated file is named before anything is read);
+  the CRC-32s then run beside the body, so a restore reads the files about once in wall time,
+  not twice in a row. On leaving, the check is waited for: a damaged file raises its
+  ``CheckpointError`` whatever the body returned or raised (the restored values are dropped),
+  so every restore is still verified and a damaged file still named.
+  """
+  if not verify(checkpoint_dir, checksums=False):  # No manifest: said once, by verify_or_say.
+    verify_or_say(checkpoint_dir)
+    yield
+    return
+  with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fjt-verify") as pool:
+    check = pool.submit(verify_or_say, checkpoint_dir)
+    try:
+      yield
+    finally:
+      check.result()  # Its error, if any, replaces the body's: the damaged file is the cause.
+
+
 def manifest_shapes(checkpoint_dir: str) -> dict[str, jax.ShapeDtypeStruct] | None:
   """``{path: ShapeDtypeStruct}`` of the arrays the manifest lists (``array_specs``), or None
   if it lists none or cannot be read (then Orbax's metadata says)."""
@@ -194,6 +225,17 @@ def manifest_shapes(checkpoint_dir: str) -> dict[str, jax.ShapeDtypeStruct] | No
             for p, (shape, dtype) in arrays.items()}
   except (OSError, ValueError, TypeError):  # Absent, damaged or older: Orbax's metadata says.
     return None
+
+
+def manifest_record(checkpoint_dir: str) -> dict[str, Any] | None:
+  """The run's record of a checkpoint (``write_manifest``'s ``record``), or None if its manifest
+  has none or cannot be read."""
+  try:
+    with open(os.path.join(checkpoint_dir, MANIFEST), encoding="utf-8") as f:
+      record = json.load(f).get("record")
+  except (OSError, ValueError, AttributeError):
+    return None
+  return record if isinstance(record, dict) else None
 
 
 def manifest_mesh(checkpoint_dir: str) -> dict[str, int] | None:

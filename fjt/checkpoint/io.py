@@ -4,7 +4,7 @@
 ``load(path, target, strict=False)`` is ``load_state_dict(strict=False)``, but the
 key differences are computed from Orbax metadata before any array is read, and
 a shape mismatch is always an error unless the path is explicitly skipped.
-Every restore checks the checkpoint's manifest first (``fjt.checkpoint.integrity``).
+Every restore checks the checkpoint's manifest (``fjt.checkpoint.integrity.verifying``).
 """
 
 from __future__ import annotations
@@ -250,17 +250,24 @@ def load(path: str | os.PathLike, target: PyTree | None = None, strict: bool = T
     paths in both are loaded, missing ones keep the target's values;
     ``report.counts()`` is one line of how many were loaded, skipped and missing.
 
+  The checkpoint's CRC-32s are checked in threads beside the read; a damaged file raises
+  ``CheckpointError`` naming it, and nothing read is returned.
+
   Raises:
     CheckpointMismatchError: also with ``strict=False``, a load that fills none of the
-      target's ``params`` leaves (none of its leaves for a target without params): one line
-      with a few paths of each side, and the prefix when one tree nests the other's
+      target's ``params`` leaves: one line with a few paths of each side, and the prefix when one tree nests the other's
       paths one level deeper (``params/params/...``).
 
   ``path`` may also be a plain Orbax ``CheckpointManager`` directory or step (its one item,
   standard or composite, e.g. ``300/state``), holding e.g. a flax ``TrainState``.
   """
   checkpoint_dir, item_dir = resolve(path)
-  integrity.verify_or_say(checkpoint_dir)
+  with integrity.verifying(checkpoint_dir):
+    return _load(checkpoint_dir, item_dir, target, strict, skip)
+
+
+def _load(checkpoint_dir: str, item_dir: str, target: PyTree | None, strict: bool,
+          skip: Sequence[str]):
   saved = saved_shapes(checkpoint_dir)
   if target is None:
     abstract = {p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=_sharding(None))
@@ -307,10 +314,10 @@ def load(path: str | os.PathLike, target: PyTree | None = None, strict: bool = T
 
 
 def _check_fills_some(checkpoint_dir: str, saved: dict[str, Any], report: LoadReport) -> None:
-  """A load that would fill none of the target's ``params`` (or, for a target without params,
-  none of its leaves) is an error: one line with a few paths of each side."""
+  """A load that would fill none of the target's ``params`` leaves is an error: one line with
+  a few paths of each side."""
   target = report.loaded + [p for p in report.missing if p not in report.loaded]
-  wanted = [p for p in target if p.startswith("params/")] or target
+  wanted = [p for p in target if p.startswith("params/")]
   if not wanted or set(wanted) & set(report.loaded) or set(wanted) <= set(report.skipped):
     return
   few = lambda paths: ", ".join(list(paths)[:3]) + (", ..." if len(paths) > 3 else "")
@@ -352,10 +359,8 @@ def iter_variables(path: str | os.PathLike, groups: Sequence[Sequence[str]] | No
   code streaming over many checkpoints holds one group, not one model, of each input.
   """
   checkpoint_dir, item_dir = resolve(path)
-  integrity.verify_or_say(checkpoint_dir)
-  saved = saved_shapes(checkpoint_dir)
-  names = _variables_paths(saved)
-  for group in [list(names)] if groups is None else groups:
+
+  def read(group: Sequence[str]) -> dict[str, jax.Array]:
     unknown = [p for p in group if p not in names]
     if unknown:
       raise CheckpointError(f"checkpoint {checkpoint_dir} has no variable {unknown[0]}; it has: "
@@ -363,7 +368,15 @@ def iter_variables(path: str | os.PathLike, groups: Sequence[Sequence[str]] | No
     abstract = {names[p]: jax.ShapeDtypeStruct(saved[names[p]].shape, saved[names[p]].dtype,
                                                sharding=_sharding(None)) for p in group}
     restored = _restore(checkpoint_dir, item_dir, abstract) if abstract else {}
-    yield {p: restored[names[p]] for p in group}
+    return {p: restored[names[p]] for p in group}
+
+  with integrity.verifying(checkpoint_dir):  # The whole checkpoint, beside the first group.
+    saved = saved_shapes(checkpoint_dir)
+    names = _variables_paths(saved)
+    groups = [list(names)] if groups is None else list(groups)
+    first = read(groups[0]) if groups else None
+  for i, group in enumerate(groups):
+    yield first if i == 0 else read(group)
 
 
 def load_variables(path: str | os.PathLike) -> dict[str, PyTree]:

@@ -3,8 +3,11 @@ sealed with their manifests, retention, and a restore that skips what a killed s
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
+import types
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -26,6 +29,20 @@ PyTree = Any
 def _mesh_shape(tree: PyTree) -> dict[str, int] | None:
   mesh = sharding.mesh_of(tree)
   return None if mesh is None else {name: int(size) for name, size in mesh.shape.items()}
+
+
+@dataclasses.dataclass(kw_only=True)
+class _RecordedBestN(ocp.checkpoint_managers.BestN):
+  """Orbax's ``BestN`` ranking each step by the eval metrics the run recorded in the step's
+  manifest (``saved``: step -> metrics), not by Orbax's own step metadata, which a reopened
+  manager reads back empty: without this, every resume deleted the best step at its next save."""
+  saved: Mapping[int, Mapping[str, float]] = dataclasses.field(default_factory=dict)
+
+  def should_preserve(self, checkpoints: Sequence[Any], *, context: Any) -> Sequence[bool]:
+    infos = [types.SimpleNamespace(step=c.step, time=c.time,
+                                   metrics=self.saved.get(c.step, c.metrics or None))
+             for c in checkpoints]
+    return super().should_preserve(infos, context=context)
 
 
 def _host_views(tree: PyTree) -> list[np.ndarray] | None:
@@ -62,21 +79,27 @@ class RunCheckpointer:
   ``max_to_keep`` (>= 1) newest steps plus the best one by ``best_metric``, so the
   newest step is never deleted. Errors of a background save are raised by the
   next ``save``, ``wait_until_finished`` or ``close``.
+
+  Each step's manifest carries the run's ``record`` (its config and data fingerprint, as
+  ``config.json`` holds them) and the step's eval ``metrics``: the best step is ranked by those
+  after a restart, and a lost ``config.json`` is recovered from them (``fjt.runs``).
   """
 
   def __init__(self, workdir: str, max_to_keep: int = 2, best_metric: str | None = None,
-               best_mode: str = "max"):
+               best_mode: str = "max", record: Mapping[str, Any] | None = None):
     if not positive_int(max_to_keep):  # As fjt.options says it for configs.
       raise ConfigError(f"config key 'checkpoint.max_to_keep': expected a positive int (a run "
                         f"never deletes its last checkpoint), got {max_to_keep!r}")
     if best_mode not in ("max", "min"):
       raise ConfigError(f"config key 'checkpoint.best_mode': expected 'max' or 'min', got {best_mode!r}")
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.record = dict(record or {})
+    self._metrics: dict[int, dict[str, float]] = {}  # Eval metrics of each step, as recorded.
     policies = [ocp.checkpoint_managers.LatestN(n=max_to_keep)]
     if best_metric:  # BestN keeps the end of an ascending sort, so "max" is not reversed.
-      policies.append(ocp.checkpoint_managers.BestN(
+      policies.append(_RecordedBestN(
           get_metric_fn=lambda metrics: metrics[best_metric], reverse=best_mode == "min", n=1,
-          keep_checkpoints_without_metrics=False))
+          keep_checkpoints_without_metrics=False, saved=self._metrics))
     self._options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
         cleanup_tmp_directories=True, enable_async_checkpointing=True)
@@ -154,7 +177,12 @@ class RunCheckpointer:
     return target, 0
 
   def _start(self) -> None:
-    """Removes what killed saves left: temporary directories (Orbax) and unsealed markers."""
+    """Removes what killed saves left: temporary directories (Orbax) and unsealed markers;
+    reads each step's recorded metrics (for the best step)."""
+    for step, directory in step_dirs(self.directory):
+      metrics = (integrity.manifest_record(directory) or {}).get("metrics")
+      if isinstance(metrics, dict):
+        self._metrics[step] = metrics
     self._open()
     if jax.process_index() == 0:
       for name in os.listdir(self.directory):
@@ -168,6 +196,10 @@ class RunCheckpointer:
     args = ocp.args.PyTreeSave(to_nested_dict(state))
     arrays, mesh = integrity.array_specs(args.item), _mesh_shape(state)
     views = _host_views(args.item)
+    if metrics is not None:
+      metrics = {k: float(v) for k, v in metrics.items()}
+      self._metrics[step] = metrics
+    record = {**self.record, "metrics": metrics}
     main, marker = jax.process_index() == 0, self._unsealed_marker(step)
     if main:  # Before Orbax can rename the step into place.
       open(marker, "w").close()
@@ -183,7 +215,7 @@ class RunCheckpointer:
         directory = os.path.join(self.directory, str(step))
         # One writer per checkpoint in a multi-process run; max_to_keep may have removed it.
         if main and os.path.isdir(directory):
-          integrity.write_manifest(directory, arrays, mesh)
+          integrity.write_manifest(directory, arrays, mesh, record)
         if main:
           os.remove(marker)
       except BaseException as e:  # Raised in the caller's thread by the next call.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -100,9 +101,12 @@ def dataset_vocabulary(info: Mapping[str, Any]) -> list[str] | None:
     return list(info["vocab"])
   tokenizer = info.get("tokenizer")
   if isinstance(tokenizer, str):
-    try:
+    try:  # A token folder's info names its tokenizer file; others hold the JSON itself.
+      if os.path.isfile(tokenizer):
+        with open(tokenizer, encoding="utf-8") as f:
+          tokenizer = f.read()
       tokenizer = json.loads(tokenizer)
-    except json.JSONDecodeError:
+    except (OSError, ValueError):
       return None
   if isinstance(tokenizer, Mapping) and tokenizer.get("type") == "word":
     return list(tokenizer["vocab"])

@@ -32,6 +32,7 @@ from fjt.data.dataset import Dataset
 from fjt.data.text_files import find_files
 from fjt.data.tokenizer import Tokenizer, WordTokenizer, read_pickle_meta, train_bpe
 from fjt.data.windows import TokenWindows, token_stream
+from fjt.files import sync_directory, write_atomic
 
 TOKENIZERS = ("word", "bpe")
 _SPLIT_FILES = {"train": "train.bin", "validation": "val.bin"}
@@ -47,6 +48,8 @@ def _read_sources(sources: Sequence[str]) -> list[tuple[str, str]]:
         documents.append((path, f.read()))
     except UnicodeDecodeError as e:
       raise ValueError(f"source file {path!r} is not UTF-8 text: {e}") from e
+    if "\0" in documents[-1][1]:
+      raise ValueError(f"source file {path!r} holds NUL bytes: not a text file")
   return documents
 
 
@@ -63,7 +66,8 @@ def _split_documents(sources: Sequence[str], validation_percent: int
   documents = [t for _, t in _read_sources(sources)]
   joined = "".join(documents)
   cut = len(joined) * (100 - validation_percent) // 100
-  cut = joined.rfind("\n", 0, cut) + 1 or cut  # At a line break if there is one.
+  # At a line break if there is one, else after a space: never inside a word.
+  cut = joined.rfind("\n", 0, cut) + 1 or max(joined.rfind(" ", 0, cut), joined.rfind("\t", 0, cut)) + 1
   train, val, offset = [], [], 0
   for doc in documents:
     head, tail = doc[:max(0, cut - offset)], doc[max(0, cut - offset):]
@@ -76,9 +80,23 @@ def _split_documents(sources: Sequence[str], validation_percent: int
   return train, val
 
 
+# The smallest vocabulary of each tokenizer: its special tokens plus one word (``<s>``, ``<unk>``),
+# or its 256 bytes plus ``<|endoftext|>``.
+MIN_VOCAB_SIZE = {"word": 3, "bpe": 257}
+
+
+def check_vocab_size(kind: str, vocab_size: int) -> None:
+  """A vocabulary size below the tokenizer's ``MIN_VOCAB_SIZE`` is an error naming the flag."""
+  if kind in MIN_VOCAB_SIZE and not (isinstance(vocab_size, int) and
+                                     vocab_size >= MIN_VOCAB_SIZE[kind]):
+    raise ValueError(f"--vocab_size: a {kind} tokenizer needs at least {MIN_VOCAB_SIZE[kind]} "
+                     f"tokens (its special tokens and more), got {vocab_size!r}")
+
+
 def build_tokenizer(kind: str, texts: Sequence[str], vocab_size: int) -> Tokenizer:
   """``word``: the ``vocab_size - 2`` most frequent words of ``texts`` (``fjt.data.text``'s
   vocabulary); ``bpe``: a byte-level BPE of ``vocab_size`` tokens trained on ``texts``."""
+  check_vocab_size(kind, vocab_size)
   if kind == "word":
     vocab = text.build_vocab([text.tokenize(t) for t in texts], vocab_size)
     return WordTokenizer(list(vocab))
@@ -88,20 +106,21 @@ def build_tokenizer(kind: str, texts: Sequence[str], vocab_size: int) -> Tokeniz
 
 
 def prepare_text(sources: Sequence[str], out_dir: str, tokenizer: str = "word",
-                 vocab_size: int = 5000, validation_percent: int = 10) -> dict:
+                 vocab_size: int = 5000, validation_percent: int = 10,
+                 vocab: Sequence[str] | None = None) -> dict:
   """Writes the token directory ``out_dir`` from the text files of ``sources`` (files or
   folders; none: the standard-library docstring corpus). The tokenizer is built on the
-  training texts only. Returns the ``meta.json`` it wrote."""
+  training texts only, unless ``vocab`` (words in id order, e.g. another run's:
+  ``fjt.runs.run_vocabulary``) gives a word tokenizer, so a trained model reads the new text
+  with the ids it knows. Returns the ``meta.json`` it wrote."""
+  check_vocab_size(tokenizer, vocab_size)  # Before the corpus is read.
   train_texts, val_texts = _split_documents(sources, validation_percent)
-  tok = build_tokenizer(tokenizer, train_texts, vocab_size)
+  tok = (WordTokenizer(list(vocab)) if vocab is not None else
+         build_tokenizer(tokenizer, train_texts, vocab_size))
+  tokenizer = "word" if vocab is not None else tokenizer
   dtype = np.uint16 if tok.vocab_size <= 2 ** 16 else np.uint32
-  os.makedirs(out_dir, exist_ok=True)
-  streams = {}
-  for split, texts in (("train", train_texts), ("validation", val_texts)):
-    streams[split] = token_stream((tok.encode(t) for t in texts), tok.separator_id, dtype)
-    streams[split].tofile(os.path.join(out_dir, _SPLIT_FILES[split]))
-  with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
-    f.write(tok.to_json())
+  streams = {split: token_stream((tok.encode(t) for t in texts), tok.separator_id, dtype)
+             for split, texts in (("train", train_texts), ("validation", val_texts))}
   meta = {
       "dtype": np.dtype(dtype).name,
       "vocab_size": tok.vocab_size,
@@ -113,9 +132,29 @@ def prepare_text(sources: Sequence[str], out_dir: str, tokenizer: str = "word",
           streams["train"][1:], streams["validation"][1:], tok.vocab_size),
       "sources": [os.path.abspath(s) for s in sources] or ["<standard library docstrings>"],
   }
-  with open(os.path.join(out_dir, "meta.json"), "w", encoding="utf-8") as f:
-    json.dump(meta, f, indent=2)
+  files = {_SPLIT_FILES[split]: stream.tofile for split, stream in streams.items()}
+  files.update({"tokenizer.json": tok.to_json(), "meta.json": json.dumps(meta, indent=2)})
+  _write_all(out_dir, files)
   return meta
+
+
+def _write_all(out_dir: str, files: dict) -> None:
+  """Writes every file (name -> ``fjt.files.write_atomic`` data) into a staging folder in
+  ``out_dir`` first, then renames them into place, ``meta.json`` last: a failure (a full disk)
+  leaves ``out_dir``'s files as they were and nothing partial."""
+  os.makedirs(out_dir, exist_ok=True)
+  stage = os.path.join(out_dir, f".prepare-{os.getpid()}")
+  os.makedirs(stage, exist_ok=True)
+  try:
+    for name, data in files.items():
+      write_atomic(os.path.join(stage, name), data)
+    for name in sorted(files, key=lambda n: n == "meta.json"):
+      os.replace(os.path.join(stage, name), os.path.join(out_dir, name))
+  finally:
+    for name in os.listdir(stage):
+      os.remove(os.path.join(stage, name))
+    os.rmdir(stage)
+  sync_directory(out_dir)
 
 
 _DTYPES = ("uint8", "uint16", "uint32", "int32", "int64")

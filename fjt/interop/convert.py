@@ -7,7 +7,8 @@ import os
 
 import jax
 
-from fjt import checkpoint
+from fjt import checkpoint, runs
+from fjt import lora as fjt_lora
 from fjt.config import load_config
 from fjt.interop import hf
 from fjt.interop import torch as interop
@@ -29,7 +30,13 @@ def import_weights(weights_path: str, out_dir: str, config_path: str) -> interop
   "batch_stats"}``) for the model of ``config_path``, written to ``out_dir``. Strict: every
   variable of the model must get a value and every tensor (but ``num_batches_tracked``) a
   place, or ``interop.StateDictMismatch`` names them all."""
-  state_dict = interop.load_file(weights_path)
+  try:
+    state_dict = interop.load_file(weights_path)
+  except OSError as e:  # A truncated file: torch says "[Errno 22] Invalid argument", no name.
+    if e.filename is not None:
+      raise
+    raise ValueError(f"{weights_path}: cannot read the weights ({e.strerror or e}); the file is "
+                     "damaged or not a PyTorch/safetensors file") from e
   config = load_config(config_path)
   model, example = create_model(config.model), _example(config)
   variables, report = interop.from_state_dict(state_dict, interop.abstract_variables(model, example),
@@ -42,7 +49,7 @@ def export_weights(checkpoint_path: str, out_path: str, config_path: str | None 
   """An fjt checkpoint's variables -> ``.safetensors`` / ``.pt`` with PyTorch keys and
   layouts. ``config_path`` (needed for the CNN) sets the NCHW flatten permutation.
   Returns the keys written."""
-  variables = checkpoint.load_variables(checkpoint_path)
+  variables = runs.load_variables(checkpoint_path)  # A LoRA run's: merged.
   nchw = None
   if config_path:
     config = load_config(config_path)
@@ -73,8 +80,7 @@ def export_pretrained(checkpoint_path: str, out_dir: str, config_path: str | Non
   """An fjt checkpoint -> a Hugging Face folder (``hf.save_pretrained``). The model: that of
   ``config_path`` (a config file or run workdir), else the checkpoint's ``hf_config.json``
   (written by ``import_pretrained``), else that of the run that wrote the checkpoint."""
-  from fjt import runs
-  variables = checkpoint.load_variables(checkpoint_path)
+  variables = runs.load_variables(checkpoint_path)  # A LoRA run's: merged.
   saved = os.path.join(checkpoint.resolve(checkpoint_path)[0], HF_CONFIG)
   if config_path is None and os.path.isfile(saved):
     with open(saved, encoding="utf-8") as f:
@@ -82,3 +88,26 @@ def export_pretrained(checkpoint_path: str, out_dir: str, config_path: str | Non
   else:
     model = create_model(runs.run_config(config_path or checkpoint_path).model)
   return hf.save_pretrained(model, variables, out_dir)
+
+
+LORA_EXPORTS = ("merged", "adapters", "peft")
+
+
+def export_lora(run: str, out: str, what: str = "merged") -> list[str]:
+  """Writes a LoRA run's model (``run``: its workdir, ``checkpoints/`` or a step) to ``out``:
+  ``merged``, an fjt checkpoint of ``{"params": base + alpha/r a @ b, "batch_stats"}`` (what a
+  full fine-tune would have saved); ``adapters``, an fjt checkpoint of the adapter tree alone;
+  ``peft``, a PEFT adapter folder for the model's Hugging Face twin (``fjt.interop.peft``: GPT's
+  is GPT-2). Returns the tensor paths or keys written."""
+  from fjt.interop import peft
+  from fjt.tree import flatten
+
+  if what not in LORA_EXPORTS:
+    raise ValueError(f"LoRA export: expected one of {LORA_EXPORTS}, got {what!r}")
+  if what == "peft":
+    config = runs.run_config(run)
+    modules = peft.peft_modules(create_model(config.model), "config key 'model'")
+    return peft.save_adapters(out, fjt_lora.load(run)[1], config.lora.alpha, modules)
+  tree = runs.load_variables(run) if what == "merged" else fjt_lora.load(run)[1]
+  checkpoint.save(out, tree)
+  return list(flatten(tree))

@@ -280,3 +280,16 @@ register_architecture(
     "gpt2", module_from_config=gpt2_module, config_from_module=gpt2_config,
     variables_from_state_dict=gpt2_variables, state_dict_from_variables=gpt2_state_dict,
     buffers=(r"h\.\d+\.attn\.(bias|masked_bias)",), base_prefix="transformer.", module_class=GPT)
+
+
+def _register_llama() -> None:
+  from fjt.interop import llama
+  register_architecture(
+      llama.MODEL_TYPE, module_from_config=llama.module_from_config,
+      config_from_module=llama.config_from_module,
+      variables_from_state_dict=llama.variables_from_state_dict,
+      state_dict_from_variables=llama.state_dict_from_variables,
+      buffers=llama.BUFFERS, base_prefix=llama.BASE_PREFIX, module_class=llama.Llama)
+
+
+_register_llama()

@@ -41,6 +41,7 @@ from fjt.interop.files import (FILE_TYPES, SortedStateDict, WeightFileError, imp
                                load_file, natural_key, save_file, to_torch, _to_numpy)
 from fjt.models.cnn import CNN
 from fjt.models.gpt import GPT
+from fjt.models.resnet import ResNet
 from fjt.tree import flatten, unbox, unflatten
 
 PyTree = Any
@@ -81,7 +82,8 @@ GPT2_EXPORT_KEY_MAP: KeyMap = (
 # every key of the source (``register_key_map`` adds one); and the reverse map
 # ``to_state_dict`` uses when given none and the map names every leaf of the variables.
 DEFAULT_KEY_MAPS: dict[type, KeyMap] = {GPT: GPT2_KEY_MAP}
-DEFAULT_EXPORT_KEY_MAPS: dict[type, KeyMap] = {GPT: GPT2_EXPORT_KEY_MAP}
+# A value may also be a function of the '/'-joined leaves that returns the rules (ResNet's below).
+DEFAULT_EXPORT_KEY_MAPS: dict[type, Any] = {GPT: GPT2_EXPORT_KEY_MAP}
 
 
 def register_key_map(model: type, key_map: KeyMap, export_key_map: KeyMap | None = None) -> None:
@@ -99,6 +101,13 @@ def register_key_map(model: type, key_map: KeyMap, export_key_map: KeyMap | None
 _TORCH_LEAF = {flax: name for table in matching.LEAVES.values() for name, flax in table.items()}
 _TORCH_LEAF_ORDER = ("weight", "bias", "running_mean", "running_var")  # As torch lists them.
 _COUNTER = "num_batches_tracked"
+
+
+BATCH_NORM_NOTE = (
+    "BatchNorm: PyTorch updates running_var with the unbiased batch variance (n / (n - 1)), "
+    "Flax's nn.BatchNorm with the biased one, so continued training drifts from PyTorch's "
+    "unless the model updates as PyTorch (fjt.models.ResNet(unbiased_running_var=True)); "
+    "momentum: Flax's is 1 - PyTorch's")
 
 
 class StateDictMismatch(ValueError):
@@ -121,6 +130,8 @@ class ImportReport:
     tied: torch key -> the earlier key whose tensor it shares (GPT-2's ``lm_head.weight`` ->
       ``transformer.wte.weight``), for the duplicates of a matched key.
     counters: ``num_batches_tracked`` key -> its value.
+    notes: what the weights do not carry and continued training depends on
+      (``BATCH_NORM_NOTE`` when running statistics were imported).
     tensors: every torch key of the source, in source order -> (shape, numpy dtype).
   """
   matched: Mapping[str, str | tuple[str, ...]]
@@ -131,6 +142,7 @@ class ImportReport:
   tied: Mapping[str, str] = dataclasses.field(default_factory=dict)
   counters: Mapping[str, int] = dataclasses.field(default_factory=dict)
   tensors: Mapping[str, tuple[tuple[int, ...], np.dtype]] = dataclasses.field(default_factory=dict)
+  notes: tuple[str, ...] = ()
 
 
 class _ShapeMismatch(ValueError):
@@ -193,8 +205,10 @@ def from_state_dict(source: Any, variables: PyTree, key_map: KeyMap | None = Non
        order (PyTorch's registration order) fills the i-th remaining Flax module in the
        target's definition order: ``conv1``, ``layer1.0.conv1``, ... fill ``Conv_0``,
        ``BasicBlock_0/Conv_0``, ...;
-    3. a source without order: by shapes where exactly one torch module fits exactly one
-       Flax module; where two or more fit, an error that asks for a key_map.
+    3. a source without order: if every key is a name whose order is known (``NAME_ORDERS``:
+       torchvision's ResNet names), in that order as in 2.; else by shapes where exactly one
+       torch module fits exactly one Flax module; where two or more fit, an error that asks
+       for a key_map.
   A weight's layout comes from the rule, else its module's class, else its shape: rank >= 3 is
   "conv"; a 2-D (a, b) is "linear" if the kernel is (b, a) and "as_is" if it is (a, b), and a
   square one is an error asking for the module or a rule, never a guess.
@@ -212,6 +226,8 @@ def from_state_dict(source: Any, variables: PyTree, key_map: KeyMap | None = Non
       ``nchw_flatten`` not fitting the target.
   """
   values, ordered, torch_classes = _read_source(source)
+  if not ordered and (named := _order_from_names(values)) is not None:
+    values, ordered = named, True  # A sorted file whose names are a known twin's: names decide.
   variables = unbox(variables)  # model.init's logical-partitioning boxes, if any.
   tied = _ties(values)
   target = _ordered_flat(variables)
@@ -293,6 +309,14 @@ def from_state_dict(source: Any, variables: PyTree, key_map: KeyMap | None = Non
       except _ShapeMismatch as e:
         if by_name:
           raise
+        theirs = _kind_counts(m.kinds[0] for m in candidates.values() if m.kinds)
+        ours = _kind_counts(k for m in flax.values() if (k := matching.flax_kind(m, target)))
+        if theirs != ours:  # Not this model's twin: no remedy on the fjt side would help.
+          raise ValueError(
+              f"{e}. The source is another architecture than the target: its modules are "
+              f"{theirs}, the target's {ours}. Import a model's own torch twin, or a Hugging "
+              f"Face folder with fjt.interop.hf.from_pretrained (model types: "
+              f"{', '.join(sorted(_hf_types()))})") from e
         raise ValueError(
             f"{e}. Torch module {name!r} was paired with Flax module {module!r} by order "
             f"({kind} modules in source order against the target's dict order); a target "
@@ -312,7 +336,8 @@ def from_state_dict(source: Any, variables: PyTree, key_map: KeyMap | None = Non
       unmatched=tuple(p for p in target if p not in filled),
       unused=tuple(k for k in values if k not in matched and k not in tied),
       layouts=read_as, tied=tied, counters=counters,
-      tensors={key: (tuple(value.shape), value.dtype) for key, value in values.items()})
+      tensors={key: (tuple(value.shape), value.dtype) for key, value in values.items()},
+      notes=(BATCH_NORM_NOTE,) if any(p.startswith("batch_stats/") for p in filled) else ())
   unused = [k for k in report.unused if k not in counters and k not in dropped]
   if strict and (report.unmatched or unused):
     raise StateDictMismatch(
@@ -353,7 +378,8 @@ def to_state_dict(variables: PyTree, key_map: KeyMap | None = None,
 
   Without ``like`` and ``key_map``, a model with a known torch twin exports with the twin's
   names and layouts: the first of ``DEFAULT_EXPORT_KEY_MAPS`` whose rules name every leaf
-  (``fjt.models.GPT`` -> Hugging Face ``GPT2LMHeadModel``'s keys, Conv1D weights (in, out)).
+  (``fjt.models.GPT`` -> Hugging Face ``GPT2LMHeadModel``'s keys, Conv1D weights (in, out);
+  ``fjt.models.ResNet`` -> torchvision's ``conv1``, ``layer1.0.bn1``, ..., ``fc``, in its order).
   Otherwise default names keep the Flax module path: ``params/Dense_0/kernel`` ->
   ``Dense_0.weight`` (Dense kernels as ``nn.Linear`` weights), ``params/BatchNorm_0/scale`` ->
   ``BatchNorm_0.weight``, ``batch_stats/BatchNorm_0/mean`` -> ``BatchNorm_0.running_mean``,
@@ -419,7 +445,7 @@ def to_state_dict(variables: PyTree, key_map: KeyMap | None = None,
       prefix = keys["mean"].rpartition(".")[0]
       emit(f"{prefix}.{_COUNTER}" if prefix else _COUNTER, np.array(0, np.int64),
            leaves[("batch_stats", "mean")])
-  return out
+  return _order_from_names(out) or out  # Names whose order is known (torchvision's): that order.
 
 
 def _like(flat: Mapping[str, Any], like: ImportReport,
@@ -498,16 +524,97 @@ def _compile(key_map: KeyMap | None) -> list[_Rule]:
   return rules
 
 
+# Names that fix their modules' registration order, for sources that keep no order (a
+# .safetensors file): pattern on every key -> the sort key of a match. torchvision's ResNets:
+# conv1, bn1, layer{L}.{B}.(conv1, bn1, conv2, bn2, conv3, bn3, downsample.0, downsample.1), fc,
+# the order fjt.models.ResNet defines its modules in.
+_TORCHVISION_RESNET = re.compile(
+    r"(?:(conv1|bn1)|layer(\d+)\.(\d+)\.(conv1|bn1|conv2|bn2|conv3|bn3|downsample\.0|downsample\.1)"
+    r"|(fc))\.(weight|bias|running_mean|running_var|num_batches_tracked)")
+_RESNET_PARTS = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "downsample.0", "downsample.1")
+_LEAF_ORDER = (*_TORCH_LEAF_ORDER, _COUNTER)
+
+
+def _torchvision_resnet_order(match: re.Match) -> tuple:
+  stem, layer, block, part, fc, leaf = match.groups()
+  where = (0, 0, 0, _RESNET_PARTS.index(stem)) if stem else (2, 0, 0, 0) if fc else (
+      1, int(layer), int(block), _RESNET_PARTS.index(part))
+  return (*where, _LEAF_ORDER.index(leaf))
+
+
+NAME_ORDERS: list[tuple[re.Pattern, Any]] = [(_TORCHVISION_RESNET, _torchvision_resnet_order)]
+
+
+def _order_from_names(values: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+  """``values`` in its modules' registration order when every key matches one of
+  ``NAME_ORDERS``' patterns (a twin whose names fix the order); None otherwise."""
+  for pattern, order in NAME_ORDERS:
+    matches = {key: pattern.fullmatch(key) for key in values}
+    if values and all(matches.values()):
+      return {key: values[key] for key in sorted(values, key=lambda k: order(matches[k]))}
+  return None
+
+
+def _kind_counts(kinds) -> dict[str, int]:
+  counts: dict[str, int] = {}
+  for kind in kinds:
+    counts[kind] = counts.get(kind, 0) + 1
+  return dict(sorted(counts.items()))
+
+
+def _hf_types() -> list[str]:
+  from fjt.interop import hf  # Local: hf imports this module.
+  return list(hf.ARCHITECTURES)
+
+
 def _rule_layout(path: str, rules: list[_Rule]) -> str | None:
   """The layout of the first rule matching ``path`` (None: no rule, or a rule without one)."""
   rule = next((r for r in rules if r.pattern.fullmatch(path)), None)
   return None if rule is None else rule.layout
 
 
+def torchvision_resnet_export_map(flat: Mapping[str, Any]) -> KeyMap:
+  """Flax path -> torchvision key rules for the variables of an ``fjt.models.ResNet``: stem
+  ``Conv_0`` / ``BatchNorm_0`` -> ``conv1`` / ``bn1``, block ``j`` -> ``layer{L}.{i}`` (a block
+  with a projection starts a stage, as every stage but a first without one does), its convs and
+  BatchNorms -> ``conv1..3`` / ``bn1..3`` and the projection -> ``downsample.0`` / ``.1``,
+  ``Dense_0`` -> ``fc``. Empty for variables that are not a ResNet's."""
+  modules = matching.flax_modules(flat)
+  blocks = sorted({m.split("/")[0] for m in modules if re.fullmatch(r"(BasicBlock|Bottleneck)_\d+", m.split("/")[0])},
+                  key=natural_key)
+  if not blocks or not {"Conv_0", "BatchNorm_0", "Dense_0"} <= set(modules):
+    return ()
+  names = {"Conv_0": "conv1", "BatchNorm_0": "bn1", "Dense_0": "fc"}
+  layer, index = 0, 0
+  for j, block in enumerate(blocks):
+    convs = 3 if block.startswith("Bottleneck") else 2
+    projected = f"{block}/Conv_{convs}" in modules
+    layer, index = (layer + 1, 0) if j == 0 or projected else (layer, index + 1)
+    for k in range(convs + projected):
+      where = f"layer{layer}.{index}." + (f"{{}}{k + 1}" if k < convs else "downsample.{}")
+      names[f"{block}/Conv_{k}"] = where.format("conv" if k < convs else 0)
+      names[f"{block}/BatchNorm_{k}"] = where.format("bn" if k < convs else 1)
+  if set(modules) - set(names):
+    return ()
+  rules = []
+  for module, torch_name in names.items():
+    m = re.escape(module)
+    rules += [(rf"params/{m}/(kernel|scale)", f"{torch_name}.weight"),
+              (rf"params/{m}/bias", f"{torch_name}.bias"),
+              (rf"batch_stats/{m}/mean", f"{torch_name}.running_mean"),
+              (rf"batch_stats/{m}/var", f"{torch_name}.running_var")]
+  return tuple(rules)
+
+
+DEFAULT_EXPORT_KEY_MAPS[ResNet] = torchvision_resnet_export_map
+
+
 def _default_export_map(flat: Mapping[str, Any]) -> KeyMap:
   """The first of ``DEFAULT_EXPORT_KEY_MAPS`` whose rules name every leaf of ``flat``: a model
-  with a known torch twin exports with the twin's names and layouts; else none."""
+  with a known torch twin exports with the twin's names and layouts; else none. A value may be
+  a function of ``flat`` that returns the rules (empty where it does not apply)."""
   for key_map in DEFAULT_EXPORT_KEY_MAPS.values():
+    key_map = key_map(flat) if callable(key_map) else key_map
     rules = _compile(key_map)
     if flat and all(any(r.pattern.fullmatch(path) for r in rules) for path in flat):
       return key_map

@@ -18,6 +18,7 @@ from fjt import config as fjt_config
 from fjt.config import ConfigError
 from fjt.models.cnn import CNN
 from fjt.models.gpt import GPT
+from fjt.models.llama import Llama
 from fjt.models.mlp import MLP
 from fjt.models.nnlm import NNLM
 from fjt.models.resnet import ResNet
@@ -28,6 +29,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "nnlm": NNLM,
     "resnet": ResNet,
     "gpt": GPT,
+    "llama": Llama,
 }
 
 
@@ -74,4 +76,4 @@ def create_model(config: Mapping) -> nn.Module:
   return cls(**config)
 
 
-__all__ = ["CNN", "GPT", "MLP", "MODELS", "NNLM", "ResNet", "create_model", "register"]
+__all__ = ["CNN", "GPT", "Llama", "MLP", "MODELS", "NNLM", "ResNet", "create_model", "register"]

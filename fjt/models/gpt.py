@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from fjt import accelerators
+from fjt.models.transformer import block_class, causal_attention, init_cache
 
 Dtype = Any
 
@@ -103,24 +104,9 @@ class CausalSelfAttention(nn.Module):
         name=name)
     qkv = dense(3 * width, _INIT_STD, ("embed", "heads"), "c_attn")(x)  # Column split.
     q, k, v = (t.reshape(batch, length, self.num_heads, head_dim) for t in jnp.split(qkv, 3, -1))
-    if self.decode:
-      cached_k = self.variable("cache", "cached_key", jnp.zeros,
-                               (batch, self.block_size, self.num_heads, head_dim), k.dtype)
-      cached_v = self.variable("cache", "cached_value", jnp.zeros,
-                               (batch, self.block_size, self.num_heads, head_dim), v.dtype)
-      if not self.is_initializing():
-        start = (0, cache_index, 0, 0)
-        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), start)
-        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), start)
-      k, v = cached_k.value.astype(q.dtype), cached_v.value.astype(q.dtype)
-      # Query t sits at absolute position cache_index + t and sees keys 0 .. cache_index + t.
-      query_pos = cache_index + jnp.arange(length)
-      mask = jnp.arange(self.block_size)[None, :] <= query_pos[:, None]
-      y = jax.nn.dot_product_attention(q, k, v, mask=mask[None, None])
-    else:
-      y = jax.nn.dot_product_attention(
-          q, k, v, is_causal=True,
-          implementation=attention_implementation(self.attention, q.dtype, head_dim))
+    y = causal_attention(self, q, k, v, block_size=self.block_size, decode=self.decode,
+                         cache_index=cache_index,
+                         implementation=attention_implementation(self.attention, q.dtype, head_dim))
     return dense(width, self.residual_std, ("heads", "embed"), "c_proj")(  # Row split.
         y.reshape(batch, length, width))
 
@@ -188,6 +174,8 @@ class GPT(nn.Module):
       ``T`` tokens at the cache's position (apply with ``mutable=["cache"]``).
     attention: ``"auto"`` (cuDNN's fused kernel on a GPU in bfloat16/float16, else XLA's),
       ``"xla"`` or ``"cudnn"``: see ``attention_implementation``. Decoding uses XLA's.
+    remat: ``"none"`` or ``"blocks"`` (``nn.remat`` per block: the same numbers, the blocks'
+      activations recomputed in the backward pass instead of kept).
   """
   vocab_size: int = 50257
   block_size: int = 1024
@@ -199,6 +187,7 @@ class GPT(nn.Module):
   param_dtype: Dtype = "float32"
   decode: bool = False
   attention: str = "auto"
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -221,18 +210,13 @@ class GPT(nn.Module):
     h = wte(x) + wpe(positions)[None]
     h = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
     residual_std = _INIT_STD / math.sqrt(2 * self.num_layers)
+    block = block_class(Block, self.remat, self.decode)
     for i in range(self.num_layers):
-      h = Block(self.num_heads, self.block_size, residual_std, self.dropout_rate, dtype,
+      h = block(self.num_heads, self.block_size, residual_std, self.dropout_rate, dtype,
                 param_dtype, self.decode, self.attention, name=f"h_{i}")(h, train, cache_index)
     h = _layer_norm(dtype, param_dtype, "ln_f")(h)
     return wte.attend(h).astype(jnp.float32)
 
 
-def init_cache(model: GPT, batch_size: int) -> dict:
-  """The zero ``"cache"`` collection of ``model.clone(decode=True)`` for ``batch_size`` rows:
-  per block ``cached_key``/``cached_value`` ``(B, block_size, heads, head_dim)`` in the
-  compute dtype, and ``cache_index`` int32 ``()``. Nothing but shapes is computed."""
-  decoder = model.clone(decode=True)
-  shapes = jax.eval_shape(lambda: decoder.init(jax.random.PRNGKey(0),
-                                               jnp.zeros((batch_size, 1), jnp.int32)))
-  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
+
+__all__ = ["GPT", "attention_implementation", "init_cache"]

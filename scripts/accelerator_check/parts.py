@@ -25,7 +25,7 @@ from typing import IO, Any
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PARTS = ("device", "tests", "bench", "determinism")
 QUICK_TESTS = ("tests/test_models.py", "tests/test_summary.py", "tests/test_logs.py")
-BENCH_GROUPS = ("gpt2", "checkpoint", "stream")  # gpt2 has rows on a GPU only.
+BENCH_GROUPS = ("gpt2", "remat", "checkpoint", "stream")  # gpt2 has rows on a GPU only.
 QUICK_BENCH_GROUPS = ("checkpoint", "stream")  # Bench's quick sizes have no GPT-2 124M.
 DETERMINISM_CONFIG = "configs/digits_cnn.py"
 MARGIN_S = 15.0  # Of a part's timeout, kept for writing its results after an inner timeout.

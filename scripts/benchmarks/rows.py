@@ -35,6 +35,7 @@ class Sizes:
     gpt2, gpt2_vocab, gpt2_steps: likewise for ``gpt2_124m_rows`` (GPT-2 small on a GPU; None
       leaves those rows out).
     merge_gpt2: the GPT-2-shaped trees of ``merge_ties_vs_memcpy`` (layers, width, vocab, block).
+    remat_gpt: the GPT of ``gpt_remat_temp_bytes_vs_plain`` (layers, width, heads, block, batch).
   """
   mlp_features: tuple[int, ...] = (1024, 1024)
   mlp_inputs: int = 784
@@ -55,6 +56,7 @@ class Sizes:
   gpt2_vocab: int = 50257
   gpt2_steps: int = 10
   merge_gpt2: tuple[int, int, int, int] = (12, 768, 50257, 1024)  # layers, width, vocab, block
+  remat_gpt: tuple[int, int, int, int, int] = (12, 256, 4, 256, 16)
 
 
 FULL = Sizes()
@@ -64,7 +66,8 @@ GPU = dataclasses.replace(FULL, mlp_steps=400, cnn_steps=400, matmul=8192,
                           gpt2=(12, 768, 12, 1024, 16))
 QUICK = Sizes(mlp_features=(64, 64), mlp_batch=32, cnn_batch=16, mlp_steps=3, cnn_steps=3,
               matmul=128, model_bytes=1 * MB, state_bytes=1 * MB, repeats=2, torch_compile=False,
-              sharded_vocab=500, gpt=(1, 32, 2, 16, 4), gpt_steps=2, merge_gpt2=(1, 32, 100, 16))
+              sharded_vocab=500, gpt=(1, 32, 2, 16, 4), gpt_steps=2, merge_gpt2=(1, 32, 100, 16),
+              remat_gpt=(2, 32, 2, 16, 4))
 
 
 @dataclasses.dataclass
