@@ -91,6 +91,9 @@ def test_top_magnitude_and_kth_largest_are_exact_with_ties():
                                   np_top(x, k))
   a = np.abs(rng.normal(size=70_000)).astype(np.float32)  # Over 2^16: the radix select.
   a[::7] = 0.5
+  big = rng.integers(-50, 51, size=(300, 250)).astype(np.float32)  # Over 2^16, with ties.
+  np.testing.assert_array_equal(np.asarray(aggregate.top_magnitude(jnp.asarray(big), 20_000)),
+                                np_top(big, 20_000))
   kth = jax.jit(aggregate.kth_largest)  # k may be traced: one compilation.
   for k in (1, 714, 35_000, 70_000):
     assert float(kth(jnp.asarray(a), k)) == np.sort(a)[::-1][k - 1]
