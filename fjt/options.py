@@ -428,9 +428,8 @@ class RunOptions:
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> RunOptions:
     config = with_run_defaults(config)
-    check_float32(config)
     check_model_widths(config)
-    return cls(
+    options = cls(
         config=config,
         seed=require(config, "seed", _int, "an int"),
         task=require(config, "task", lambda v: isinstance(v, str), "a task name, or empty"),
@@ -444,6 +443,8 @@ class RunOptions:
         distributed=DistributedOptions._read(config),
         replicas=ReplicaOptions._read(config) if config.get("replicas") else None,
         lora=LoraOptions._read(config))
+    check_float32(config)  # After the groups: their own checks name their keys first.
+    return options
 
   @property
   def data(self) -> ml_collections.ConfigDict:

@@ -30,7 +30,7 @@ from fjt.config import ConfigError
 from fjt.data import Dataset, baseline_lines, data_baselines
 from fjt.data.fingerprint import data_fingerprint
 from fjt.files import write_atomic
-from fjt.logs import RunLog, say
+from fjt.logs import LogWriteError, RunLog, say
 from fjt.models import create_model
 from fjt.options import RunOptions
 from fjt.preemption import StopSignals, StoppedBySignal
@@ -284,6 +284,20 @@ def _crossed(every: int, before: int, done: int) -> bool:
   return done // every > before // every
 
 
+def _save_what_can_be_saved(checkpointer: checkpoint.RunCheckpointer, step: int,
+                            state: Any) -> None:
+  """After a log file could not be written: saves ``step`` if its state is finite and the disk
+  takes it, said in one line. A save that fails too leaves the last complete checkpoint as it
+  was (Orbax renames a step into place only when it is whole); its error is the log's."""
+  try:
+    check_finite_state(state, step)
+    checkpointer.save(step, state)
+    checkpointer.wait_until_finished()
+  except Exception:  # The disk is full: the log's error is the one to report.
+    return
+  say(f"saved step {step} before stopping")
+
+
 def _check_eval(state: Any, metrics: dict[str, float], step: int) -> None:
   """A non-finite eval metric is an error: naming the state's first non-finite array if the
   state is the cause, else the split."""
@@ -366,6 +380,10 @@ def _run(options: RunOptions, workdir: str, changes: list[runs.Change], program:
     if evaluated_at != total:  # A finished run started again: report, do not retrain.
       eval_metrics = program.evaluate(state)
       _check_eval(state, eval_metrics, done)
+  except LogWriteError:
+    if main and jax.process_count() == 1:  # Others would wait on process 0 in the save.
+      _save_what_can_be_saved(checkpointer, done, state)
+    raise
   except jax.errors.JaxRuntimeError as e:
     if jax.process_count() == 1:
       raise

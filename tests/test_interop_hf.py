@@ -130,3 +130,43 @@ def test_convert_script_both_ways(gpt2, tmp_path):
   assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
   with torch.no_grad():
     np.testing.assert_allclose(loaded.eval()(ids).logits.numpy(), logits, rtol=0, atol=1e-4)
+
+
+def test_torchvision_named_resnet_safetensors_loads_by_its_names(tmp_path):
+  """A .safetensors file keeps no order, but torchvision's ResNet names fix it: no key_map."""
+  from fjt.interop.torch_models import torch_module
+  from fjt.models.resnet import ResNet
+  model = ResNet(stage_sizes=(2, 1), widths=(4, 8), stem="small", stem_width=4, num_classes=3)
+  x = np.random.default_rng(0).normal(size=(2, 6, 6, 2)).astype(np.float32)
+  module = torch_module(model, x.shape[1:]).eval()
+  with torch.no_grad():  # Statistics other than the init's, so a swapped BatchNorm shows.
+    for name, buffer in module.named_buffers():
+      if "running" in name:
+        buffer.add_(torch.rand_like(buffer))
+  interop.save_file(module.state_dict(), tmp_path / "resnet.safetensors")
+  source = interop.load_file(tmp_path / "resnet.safetensors")
+  assert isinstance(source, interop.SortedStateDict)
+  variables, report = interop.from_state_dict(source, interop.abstract_variables(model, x[:1]))
+  assert report.matched["layer2.0.downsample.0.weight"] == "params/BasicBlock_2/Conv_2/kernel"
+  with torch.no_grad():
+    expected = module(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+  np.testing.assert_allclose(np.asarray(model.apply(variables, x, train=False)), expected,
+                             rtol=0, atol=1e-4)
+  # Names that decide nothing still never match by order.
+  renamed = interop.SortedStateDict((f"m{i}.{k}", v) for i, (k, v) in enumerate(source.items()))
+  with pytest.raises(ValueError):
+    interop.from_state_dict(renamed, interop.abstract_variables(model, x[:1]))
+
+
+def test_another_architecture_into_gpt_names_what_is_supported():
+  from fjt.models import GPT
+  config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                    num_hidden_layers=2, num_attention_heads=2,
+                                    num_key_value_heads=2, max_position_embeddings=16)
+  model = GPT(vocab_size=100, block_size=16, num_layers=2, num_heads=2, embed_dim=32)
+  target = interop.abstract_variables(model, np.zeros((1, 1), np.int32))
+  with pytest.raises(ValueError) as error:
+    interop.from_state_dict(transformers.LlamaForCausalLM(config), target)
+  message = str(error.value)
+  assert "another architecture than the target" in message and "model types: gpt2" in message
+  assert "abstract_variables" not in message

@@ -80,12 +80,20 @@ def test_resnet18_twin_imports_by_definition_order_and_round_trips_strictly(resn
   assert_state_dicts_equal(fresh.state_dict(), module.state_dict())  # num_batches_tracked too.
 
 
-def test_resnet18_from_safetensors_asks_for_a_key_map(resnet, tmp_path):
-  _, _, _, module, target = resnet
+def test_resnet18_from_safetensors_by_torchvision_names_else_asks_for_a_key_map(resnet, tmp_path):
+  model, x, torch_x, module, target = resnet
   interop.save_file(module.state_dict(), tmp_path / "resnet.safetensors")
+  # torchvision's names fix the modules' order (issue 24): no key_map needed.
+  variables, report = interop.from_state_dict(interop.load_file(tmp_path / "resnet.safetensors"), target)
+  assert report.unmatched == () and len(report.matched) == 102
+  np.testing.assert_allclose(np.asarray(model.apply(variables, x, train=False)),
+                             torch_out(module, torch_x).numpy(), rtol=0, atol=1e-4)
+  # Names that fix nothing (layer -> stage): never matched by an order the file lacks.
+  renamed = {k.replace("layer", "stage"): v for k, v in module.state_dict().items()}
+  interop.save_file(renamed, tmp_path / "renamed.safetensors")
   with pytest.raises(ValueError, match=r"keeps no order.*neither names nor shapes decide.*"
-                                       r"'layer1\.0\.bn1'.*key_map"):
-    interop.from_state_dict(interop.load_file(tmp_path / "resnet.safetensors"), target)
+                                       r"'stage1\.0\.bn1'.*key_map"):
+    interop.from_state_dict(interop.load_file(tmp_path / "renamed.safetensors"), target)
 
 
 def mlp_state_dict_with_renamed_batchnorms():

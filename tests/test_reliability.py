@@ -4,6 +4,8 @@ checkpoint across resumes, non-finite states and metrics, damaged logs, changed 
 import errno
 import json
 import os
+import signal
+import subprocess
 import sys
 
 import jax
@@ -74,9 +76,10 @@ def test_write_atomic_leaves_the_old_file_on_a_full_disk(tmp_path):
 
 
 def test_a_failing_log_sink_stops_cleanly_and_the_rerun_ends_bitwise_equal(
-    tmp_path, monkeypatch, uninterrupted):
-  """The TensorBoard writer's disk fills at step 20: one line, exit 1, checkpoint 10 intact; the
-  rerun resumes from it and ends as the uninterrupted run did."""
+    tmp_path, monkeypatch, uninterrupted, capsys):
+  """The TensorBoard writer's disk fills at step 20: one line, exit 1, step 20 saved (the
+  checkpoints' disk still takes it; a full one leaves checkpoint 10 as it was); the rerun resumes
+  and ends as the uninterrupted run did."""
   real = fjt.logs._EventFile.add_scalars
   monkeypatch.setattr(fjt.logs._EventFile, "add_scalars", lambda self, prefix, metrics, step:
                       full_disk() if step == 20 else real(self, prefix, metrics, step))
@@ -87,7 +90,8 @@ def test_a_failing_log_sink_stops_cleanly_and_the_rerun_ends_bitwise_equal(
       f"writing {tmp_path}/events.out.tfevents.* failed: No space left on device (OSError); the "
       "checkpoints already saved are complete: free disk space, then run the same command to "
       "resume from the last saved step")
-  assert [s for s, _ in checkpoint.step_dirs(str(tmp_path / "checkpoints"))] == [10]
+  assert [s for s, _ in checkpoint.step_dirs(str(tmp_path / "checkpoints"))] == [10, 20]
+  assert capsys.readouterr().err.endswith("fjt: saved step 20 before stopping\n")
   monkeypatch.undo()
   state, summary = fjt.fit(best_config(), str(tmp_path), progress=False)
   assert_trees_equal(state, uninterrupted[1])
@@ -130,8 +134,8 @@ def test_a_torn_config_json_is_recovered_from_the_newest_checkpoint(tmp_path, ca
 
 
 @pytest.mark.parametrize("key, value, line", [
-    ("optimizer.learning_rate", 1e39, "config key 'optimizer.learning_rate': 1e+39 overflows "
-     "float32 (largest 3.403e+38)"),
+    ("optimizer.learning_rate", 1e39, "config key 'optimizer.learning_rate': expected a finite "
+     "number > 0 that fits float32, got 1e+39"),
     ("optimizer.weight_decay", 1e39, "config key 'optimizer.weight_decay': 1e+39 overflows "
      "float32 (largest 3.403e+38)"),
 ])
@@ -233,6 +237,10 @@ def test_prepare_text_refuses_small_vocabularies_and_leaves_nothing_partial(tmp_
     assert capsys.readouterr().err == (f"error: --vocab_size: a {kind} tokenizer needs at least "
                                        f"{least} tokens (its special tokens and more), got {size}\n")
   assert not out.exists()
+  (tmp_path / "nul.txt").write_bytes(b"\0" * 100)
+  assert prepare_text.main([str(tmp_path / "nul.txt"), "--out", str(out)]) == 2
+  assert capsys.readouterr().err == (f"error: source file {str(tmp_path / 'nul.txt')!r} holds NUL "
+                                     "bytes: not a text file\n")
   meta = tokens.prepare_text([str(tmp_path / "a.txt")], str(out), vocab_size=10,
                              validation_percent=20)
   vocab = json.loads((out / "tokenizer.json").read_text())["vocab"]
@@ -311,3 +319,16 @@ def test_sigterm_in_a_replica_configs_baseline_resumes_it_without_retraining(tmp
       "(raise --config.train.steps to train on)",
       f"fjt: resuming from step 2 (checkpoint {workdir}/centralized/checkpoints/2)"]
   assert summary["eval"] == expected["eval"]
+
+
+def test_sigkill_while_config_json_is_rewritten_leaves_the_old_one(tmp_path):
+  """What a kill right after ``fjt: resuming from step N`` used to tear: the rewrite of
+  config.json, killed after the new text is synced and before its rename."""
+  (tmp_path / "config.json").write_text('{"old": 1}')
+  script = ("import os, signal, sys\nfrom fjt import logs\n"
+            "os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
+            "logs.RunLog(sys.argv[1], '{\"new\": 1}')\n")
+  process = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True,
+                           text=True, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
+  assert process.returncode == -signal.SIGKILL, process.stderr
+  assert (tmp_path / "config.json").read_text() == '{"old": 1}'

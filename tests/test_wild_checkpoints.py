@@ -99,3 +99,30 @@ def test_params_only_file_reports_batch_norm_statistics_missing(mlp, tmp_path):
   assert report.missing == ["batch_stats/BatchNorm_0/mean", "batch_stats/BatchNorm_0/var"]
   assert len(report.loaded) == len(jax.tree.leaves(state.params)) == 6
   assert report.counts().startswith("6 of 8 leaves loaded, 0 skipped, 2 missing")
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_resnet_running_var_update_as_pytorch_when_asked(unbiased):
+  """PyTorch updates running_var with the unbiased batch variance, Flax with the biased one:
+  after an import, one training step's statistics drift unless ``unbiased_running_var``."""
+  torch = pytest.importorskip("torch", reason="compares with PyTorch's BatchNorm")
+  from fjt.interop import torch as interop
+  from fjt.interop.torch_models import torch_module
+  from fjt.models.resnet import ResNet
+  model = ResNet(stage_sizes=(1,), widths=(4,), stem="small", stem_width=4, num_classes=3,
+                 unbiased_running_var=unbiased)
+  x = np.random.default_rng(0).normal(size=(3, 6, 6, 2)).astype(np.float32)
+  module = torch_module(model, x.shape[1:])
+  variables, report = interop.from_state_dict(module, interop.abstract_variables(model, x[:1]))
+  assert report.notes == (interop.BATCH_NORM_NOTE,) and "unbiased" in report.notes[0]
+  module.train()
+  module(torch.from_numpy(x).permute(0, 3, 1, 2))
+  _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  ours = np.asarray(updates["batch_stats"]["BatchNorm_0"]["var"])
+  theirs = module.bn1.running_var.detach().numpy()
+  np.testing.assert_allclose(np.asarray(updates["batch_stats"]["BatchNorm_0"]["mean"]),
+                             module.bn1.running_mean.detach().numpy(), rtol=0, atol=1e-6)
+  if unbiased:
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+  else:  # n = 3 * 6 * 6 values per channel: 0.1 * var / (n - 1) apart.
+    assert np.abs(ours - theirs).max() > 1e-4

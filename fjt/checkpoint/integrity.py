@@ -1,7 +1,8 @@
 """A checkpoint's manifest, ``fjt_manifest.json``: the size and CRC-32 of each of its files.
 
 Orbax alone reads a truncated or bit-flipped data file without complaint; every restore checks
-the manifest first (``verify_or_say``), so a damaged file is named before anything is restored.
+the manifest (``verifying``: sizes first, CRC-32s beside the read), so a damaged file is named
+and nothing read from it is returned.
 A checkpoint without a manifest is never sealed after the fact: it is reported as unverified.
 The manifest also lists the arrays a checkpoint holds (``array_specs``: its shapes in one small
 file) and the mesh it was saved from.

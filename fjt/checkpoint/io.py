@@ -4,7 +4,7 @@
 ``load(path, target, strict=False)`` is ``load_state_dict(strict=False)``, but the
 key differences are computed from Orbax metadata before any array is read, and
 a shape mismatch is always an error unless the path is explicitly skipped.
-Every restore checks the checkpoint's manifest first (``fjt.checkpoint.integrity``).
+Every restore checks the checkpoint's manifest (``fjt.checkpoint.integrity.verifying``).
 """
 
 from __future__ import annotations
@@ -255,8 +255,7 @@ def load(path: str | os.PathLike, target: PyTree | None = None, strict: bool = T
 
   Raises:
     CheckpointMismatchError: also with ``strict=False``, a load that fills none of the
-      target's ``params`` leaves (none of its leaves for a target without params): one line
-      with a few paths of each side, and the prefix when one tree nests the other's
+      target's ``params`` leaves: one line with a few paths of each side, and the prefix when one tree nests the other's
       paths one level deeper (``params/params/...``).
 
   ``path`` may also be a plain Orbax ``CheckpointManager`` directory or step (its one item,
@@ -315,10 +314,10 @@ def _load(checkpoint_dir: str, item_dir: str, target: PyTree | None, strict: boo
 
 
 def _check_fills_some(checkpoint_dir: str, saved: dict[str, Any], report: LoadReport) -> None:
-  """A load that would fill none of the target's ``params`` (or, for a target without params,
-  none of its leaves) is an error: one line with a few paths of each side."""
+  """A load that would fill none of the target's ``params`` leaves is an error: one line with
+  a few paths of each side."""
   target = report.loaded + [p for p in report.missing if p not in report.loaded]
-  wanted = [p for p in target if p.startswith("params/")] or target
+  wanted = [p for p in target if p.startswith("params/")]
   if not wanted or set(wanted) & set(report.loaded) or set(wanted) <= set(report.skipped):
     return
   few = lambda paths: ", ".join(list(paths)[:3]) + (", ..." if len(paths) > 3 else "")

@@ -48,6 +48,8 @@ def _read_sources(sources: Sequence[str]) -> list[tuple[str, str]]:
         documents.append((path, f.read()))
     except UnicodeDecodeError as e:
       raise ValueError(f"source file {path!r} is not UTF-8 text: {e}") from e
+    if "\0" in documents[-1][1]:
+      raise ValueError(f"source file {path!r} holds NUL bytes: not a text file")
   return documents
 
 

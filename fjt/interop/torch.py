@@ -101,6 +101,13 @@ _TORCH_LEAF_ORDER = ("weight", "bias", "running_mean", "running_var")  # As torc
 _COUNTER = "num_batches_tracked"
 
 
+BATCH_NORM_NOTE = (
+    "BatchNorm: PyTorch updates running_var with the unbiased batch variance (n / (n - 1)), "
+    "Flax's nn.BatchNorm with the biased one, so continued training drifts from PyTorch's "
+    "unless the model updates as PyTorch (fjt.models.ResNet(unbiased_running_var=True)); "
+    "momentum: Flax's is 1 - PyTorch's")
+
+
 class StateDictMismatch(ValueError):
   """A strict import left Flax paths without a value or torch keys unused."""
 
@@ -121,6 +128,8 @@ class ImportReport:
     tied: torch key -> the earlier key whose tensor it shares (GPT-2's ``lm_head.weight`` ->
       ``transformer.wte.weight``), for the duplicates of a matched key.
     counters: ``num_batches_tracked`` key -> its value.
+    notes: what the weights do not carry and continued training depends on
+      (``BATCH_NORM_NOTE`` when running statistics were imported).
     tensors: every torch key of the source, in source order -> (shape, numpy dtype).
   """
   matched: Mapping[str, str | tuple[str, ...]]
@@ -131,6 +140,7 @@ class ImportReport:
   tied: Mapping[str, str] = dataclasses.field(default_factory=dict)
   counters: Mapping[str, int] = dataclasses.field(default_factory=dict)
   tensors: Mapping[str, tuple[tuple[int, ...], np.dtype]] = dataclasses.field(default_factory=dict)
+  notes: tuple[str, ...] = ()
 
 
 class _ShapeMismatch(ValueError):
@@ -193,8 +203,10 @@ def from_state_dict(source: Any, variables: PyTree, key_map: KeyMap | None = Non
        order (PyTorch's registration order) fills the i-th remaining Flax module in the
        target's definition order: ``conv1``, ``layer1.0.conv1``, ... fill ``Conv_0``,
        ``BasicBlock_0/Conv_0``, ...;
-    3. a source without order: by shapes where exactly one torch module fits exactly one
-       Flax module; where two or more fit, an error that asks for a key_map.
+    3. a source without order: if every key is a name whose order is known (``NAME_ORDERS``:
+       torchvision's ResNet names), in that order as in 2.; else by shapes where exactly one
+       torch module fits exactly one Flax module; where two or more fit, an error that asks
+       for a key_map.
   A weight's layout comes from the rule, else its module's class, else its shape: rank >= 3 is
   "conv"; a 2-D (a, b) is "linear" if the kernel is (b, a) and "as_is" if it is (a, b), and a
   square one is an error asking for the module or a rule, never a guess.
@@ -212,6 +224,8 @@ def from_state_dict(source: Any, variables: PyTree, key_map: KeyMap | None = Non
       ``nchw_flatten`` not fitting the target.
   """
   values, ordered, torch_classes = _read_source(source)
+  if not ordered and (named := _order_from_names(values)) is not None:
+    values, ordered = named, True  # A sorted file whose names are a known twin's: names decide.
   variables = unbox(variables)  # model.init's logical-partitioning boxes, if any.
   tied = _ties(values)
   target = _ordered_flat(variables)
@@ -293,6 +307,14 @@ def from_state_dict(source: Any, variables: PyTree, key_map: KeyMap | None = Non
       except _ShapeMismatch as e:
         if by_name:
           raise
+        theirs = _kind_counts(m.kinds[0] for m in candidates.values() if m.kinds)
+        ours = _kind_counts(k for m in flax.values() if (k := matching.flax_kind(m, target)))
+        if theirs != ours:  # Not this model's twin: no remedy on the fjt side would help.
+          raise ValueError(
+              f"{e}. The source is another architecture than the target: its modules are "
+              f"{theirs}, the target's {ours}. Import a model's own torch twin, or a Hugging "
+              f"Face folder with fjt.interop.hf.from_pretrained (model types: "
+              f"{', '.join(sorted(_hf_types()))})") from e
         raise ValueError(
             f"{e}. Torch module {name!r} was paired with Flax module {module!r} by order "
             f"({kind} modules in source order against the target's dict order); a target "
@@ -312,7 +334,8 @@ def from_state_dict(source: Any, variables: PyTree, key_map: KeyMap | None = Non
       unmatched=tuple(p for p in target if p not in filled),
       unused=tuple(k for k in values if k not in matched and k not in tied),
       layouts=read_as, tied=tied, counters=counters,
-      tensors={key: (tuple(value.shape), value.dtype) for key, value in values.items()})
+      tensors={key: (tuple(value.shape), value.dtype) for key, value in values.items()},
+      notes=(BATCH_NORM_NOTE,) if any(p.startswith("batch_stats/") for p in filled) else ())
   unused = [k for k in report.unused if k not in counters and k not in dropped]
   if strict and (report.unmatched or unused):
     raise StateDictMismatch(
@@ -496,6 +519,49 @@ def _compile(key_map: KeyMap | None) -> list[_Rule]:
     layout = layouts.check(layout[0], f"key_map[{i}]") if layout and layout[0] else None
     rules.append(_Rule(compiled, templates, layout))
   return rules
+
+
+# Names that fix their modules' registration order, for sources that keep no order (a
+# .safetensors file): pattern on every key -> the sort key of a match. torchvision's ResNets:
+# conv1, bn1, layer{L}.{B}.(conv1, bn1, conv2, bn2, conv3, bn3, downsample.0, downsample.1), fc,
+# the order fjt.models.ResNet defines its modules in.
+_TORCHVISION_RESNET = re.compile(
+    r"(?:(conv1|bn1)|layer(\d+)\.(\d+)\.(conv1|bn1|conv2|bn2|conv3|bn3|downsample\.0|downsample\.1)"
+    r"|(fc))\.(weight|bias|running_mean|running_var|num_batches_tracked)")
+_RESNET_PARTS = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "downsample.0", "downsample.1")
+_LEAF_ORDER = (*_TORCH_LEAF_ORDER, _COUNTER)
+
+
+def _torchvision_resnet_order(match: re.Match) -> tuple:
+  stem, layer, block, part, fc, leaf = match.groups()
+  where = (0, 0, 0, _RESNET_PARTS.index(stem)) if stem else (2, 0, 0, 0) if fc else (
+      1, int(layer), int(block), _RESNET_PARTS.index(part))
+  return (*where, _LEAF_ORDER.index(leaf))
+
+
+NAME_ORDERS: list[tuple[re.Pattern, Any]] = [(_TORCHVISION_RESNET, _torchvision_resnet_order)]
+
+
+def _order_from_names(values: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+  """``values`` in its modules' registration order when every key matches one of
+  ``NAME_ORDERS``' patterns (a twin whose names fix the order); None otherwise."""
+  for pattern, order in NAME_ORDERS:
+    matches = {key: pattern.fullmatch(key) for key in values}
+    if values and all(matches.values()):
+      return {key: values[key] for key in sorted(values, key=lambda k: order(matches[k]))}
+  return None
+
+
+def _kind_counts(kinds) -> dict[str, int]:
+  counts: dict[str, int] = {}
+  for kind in kinds:
+    counts[kind] = counts.get(kind, 0) + 1
+  return dict(sorted(counts.items()))
+
+
+def _hf_types() -> list[str]:
+  from fjt.interop import hf  # Local: hf imports this module.
+  return list(hf.ARCHITECTURES)
 
 
 def _rule_layout(path: str, rules: list[_Rule]) -> str | None:

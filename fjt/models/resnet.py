@@ -13,6 +13,30 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+
+class UnbiasedBatchNorm(nn.BatchNorm):
+  """``nn.BatchNorm`` whose running variance is updated as PyTorch's: with the unbiased batch
+  variance ``var * n / (n - 1)`` (``n`` values per channel), where Flax uses the biased ``var``.
+  Normalisation (by the biased batch variance in training) and the parameters are the same."""
+
+  def __call__(self, x, use_running_average=None, *, mask=None):
+    train = not nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+    old = self.get_variable("batch_stats", "var") if train else None
+    y = super().__call__(x, use_running_average, mask=mask)
+    if old is not None and not self.is_initializing():
+      axes = tuple(range(x.ndim - 1))
+      n = int(np.prod([x.shape[a] for a in axes]))
+      xf = jnp.asarray(x, jnp.float32)
+      var = jnp.maximum(jnp.mean(xf * xf, axes) - jnp.mean(xf, axes) ** 2, 0.0)
+      self.put_variable("batch_stats", "var",
+                        self.momentum * old + (1 - self.momentum) * var * n / max(n - 1, 1))
+    return y
+
+
+# Linen names modules by their class: the variables stay BatchNorm_i, as torchvision's match them.
+UnbiasedBatchNorm.__name__ = "BatchNorm"
 
 
 def _conv(features: int, size: int, stride: int = 1, **dtypes) -> nn.Conv:
@@ -82,6 +106,9 @@ class ResNet(nn.Module):
     dtype: compute dtype (e.g. ``"bfloat16"``); BatchNorm statistics and the returned logits
       are float32 whatever it is.
     param_dtype: dtype of the parameters.
+    unbiased_running_var: update BatchNorm's running variance with the unbiased batch variance,
+      as PyTorch does (``UnbiasedBatchNorm``); False: Flax's biased one. Weights imported from
+      PyTorch drift from their source with continued training unless this is True.
   Every stage but the first starts with a stride-2 block.
   """
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
@@ -93,6 +120,7 @@ class ResNet(nn.Module):
   momentum: float = 0.9
   dtype: Any = "float32"
   param_dtype: Any = "float32"
+  unbiased_running_var: bool = False
   input_layout: ClassVar[str] = "nhwc"  # Checked against the data's layout before training.
 
   @nn.compact
@@ -104,7 +132,8 @@ class ResNet(nn.Module):
       raise ValueError(f"ResNet: block must be one of {sorted(BLOCKS)} (got {self.block!r}) and "
                        f"stem 'imagenet' or 'small' (got {self.stem!r})")
     dtypes = {"dtype": jnp.dtype(self.dtype), "param_dtype": jnp.dtype(self.param_dtype)}
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=self.momentum,
+    norm = functools.partial(UnbiasedBatchNorm if self.unbiased_running_var else nn.BatchNorm,
+                             use_running_average=not train, momentum=self.momentum,
                              epsilon=1e-5, **dtypes)
     conv = functools.partial(_conv, **dtypes)
     if self.stem == "imagenet":
