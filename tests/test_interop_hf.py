@@ -170,3 +170,27 @@ def test_another_architecture_into_gpt_names_what_is_supported():
   message = str(error.value)
   assert "another architecture than the target" in message and "model types: gpt2" in message
   assert "abstract_variables" not in message
+
+
+def test_resnet_exports_with_torchvision_names_by_default():
+  from fjt.interop.torch_models import torch_module
+  from fjt.models.resnet import ResNet
+  for block in ("basic", "bottleneck"):
+    model = ResNet(stage_sizes=(2, 1), widths=(4, 8), block=block, stem="small", stem_width=4,
+                   num_classes=3)
+    x = np.random.default_rng(0).normal(size=(2, 6, 6, 2)).astype(np.float32)
+    variables = jax_variables(model, x)
+    module = torch_module(model, x.shape[1:]).eval()
+    state_dict = interop.to_state_dict(variables)  # No report, no key map.
+    assert list(state_dict) == list(module.state_dict())
+    module.load_state_dict(interop.to_torch(state_dict), strict=True)
+    with torch.no_grad():
+      expected = module(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+    np.testing.assert_allclose(np.asarray(model.apply(variables, x, train=False)), expected,
+                               rtol=0, atol=1e-4)
+
+
+def jax_variables(model, x):
+  import jax
+  import fjt
+  return fjt.init_variables(model, x[:1], jax.random.PRNGKey(0))

@@ -41,6 +41,7 @@ from fjt.interop.files import (FILE_TYPES, SortedStateDict, WeightFileError, imp
                                load_file, natural_key, save_file, to_torch, _to_numpy)
 from fjt.models.cnn import CNN
 from fjt.models.gpt import GPT
+from fjt.models.resnet import ResNet
 from fjt.tree import flatten, unbox, unflatten
 
 PyTree = Any
@@ -81,7 +82,8 @@ GPT2_EXPORT_KEY_MAP: KeyMap = (
 # every key of the source (``register_key_map`` adds one); and the reverse map
 # ``to_state_dict`` uses when given none and the map names every leaf of the variables.
 DEFAULT_KEY_MAPS: dict[type, KeyMap] = {GPT: GPT2_KEY_MAP}
-DEFAULT_EXPORT_KEY_MAPS: dict[type, KeyMap] = {GPT: GPT2_EXPORT_KEY_MAP}
+# A value may also be a function of the '/'-joined leaves that returns the rules (ResNet's below).
+DEFAULT_EXPORT_KEY_MAPS: dict[type, Any] = {GPT: GPT2_EXPORT_KEY_MAP}
 
 
 def register_key_map(model: type, key_map: KeyMap, export_key_map: KeyMap | None = None) -> None:
@@ -376,7 +378,8 @@ def to_state_dict(variables: PyTree, key_map: KeyMap | None = None,
 
   Without ``like`` and ``key_map``, a model with a known torch twin exports with the twin's
   names and layouts: the first of ``DEFAULT_EXPORT_KEY_MAPS`` whose rules name every leaf
-  (``fjt.models.GPT`` -> Hugging Face ``GPT2LMHeadModel``'s keys, Conv1D weights (in, out)).
+  (``fjt.models.GPT`` -> Hugging Face ``GPT2LMHeadModel``'s keys, Conv1D weights (in, out);
+  ``fjt.models.ResNet`` -> torchvision's ``conv1``, ``layer1.0.bn1``, ..., ``fc``, in its order).
   Otherwise default names keep the Flax module path: ``params/Dense_0/kernel`` ->
   ``Dense_0.weight`` (Dense kernels as ``nn.Linear`` weights), ``params/BatchNorm_0/scale`` ->
   ``BatchNorm_0.weight``, ``batch_stats/BatchNorm_0/mean`` -> ``BatchNorm_0.running_mean``,
@@ -442,7 +445,7 @@ def to_state_dict(variables: PyTree, key_map: KeyMap | None = None,
       prefix = keys["mean"].rpartition(".")[0]
       emit(f"{prefix}.{_COUNTER}" if prefix else _COUNTER, np.array(0, np.int64),
            leaves[("batch_stats", "mean")])
-  return out
+  return _order_from_names(out) or out  # Names whose order is known (torchvision's): that order.
 
 
 def _like(flat: Mapping[str, Any], like: ImportReport,
@@ -570,10 +573,48 @@ def _rule_layout(path: str, rules: list[_Rule]) -> str | None:
   return None if rule is None else rule.layout
 
 
+def torchvision_resnet_export_map(flat: Mapping[str, Any]) -> KeyMap:
+  """Flax path -> torchvision key rules for the variables of an ``fjt.models.ResNet``: stem
+  ``Conv_0`` / ``BatchNorm_0`` -> ``conv1`` / ``bn1``, block ``j`` -> ``layer{L}.{i}`` (a block
+  with a projection starts a stage, as every stage but a first without one does), its convs and
+  BatchNorms -> ``conv1..3`` / ``bn1..3`` and the projection -> ``downsample.0`` / ``.1``,
+  ``Dense_0`` -> ``fc``. Empty for variables that are not a ResNet's."""
+  modules = matching.flax_modules(flat)
+  blocks = sorted({m.split("/")[0] for m in modules if re.fullmatch(r"(BasicBlock|Bottleneck)_\d+", m.split("/")[0])},
+                  key=natural_key)
+  if not blocks or not {"Conv_0", "BatchNorm_0", "Dense_0"} <= set(modules):
+    return ()
+  names = {"Conv_0": "conv1", "BatchNorm_0": "bn1", "Dense_0": "fc"}
+  layer, index = 0, 0
+  for j, block in enumerate(blocks):
+    convs = 3 if block.startswith("Bottleneck") else 2
+    projected = f"{block}/Conv_{convs}" in modules
+    layer, index = (layer + 1, 0) if j == 0 or projected else (layer, index + 1)
+    for k in range(convs + projected):
+      where = f"layer{layer}.{index}." + (f"{{}}{k + 1}" if k < convs else "downsample.{}")
+      names[f"{block}/Conv_{k}"] = where.format("conv" if k < convs else 0)
+      names[f"{block}/BatchNorm_{k}"] = where.format("bn" if k < convs else 1)
+  if set(modules) - set(names):
+    return ()
+  rules = []
+  for module, torch_name in names.items():
+    m = re.escape(module)
+    rules += [(rf"params/{m}/(kernel|scale)", f"{torch_name}.weight"),
+              (rf"params/{m}/bias", f"{torch_name}.bias"),
+              (rf"batch_stats/{m}/mean", f"{torch_name}.running_mean"),
+              (rf"batch_stats/{m}/var", f"{torch_name}.running_var")]
+  return tuple(rules)
+
+
+DEFAULT_EXPORT_KEY_MAPS[ResNet] = torchvision_resnet_export_map
+
+
 def _default_export_map(flat: Mapping[str, Any]) -> KeyMap:
   """The first of ``DEFAULT_EXPORT_KEY_MAPS`` whose rules name every leaf of ``flat``: a model
-  with a known torch twin exports with the twin's names and layouts; else none."""
+  with a known torch twin exports with the twin's names and layouts; else none. A value may be
+  a function of ``flat`` that returns the rules (empty where it does not apply)."""
   for key_map in DEFAULT_EXPORT_KEY_MAPS.values():
+    key_map = key_map(flat) if callable(key_map) else key_map
     rules = _compile(key_map)
     if flat and all(any(r.pattern.fullmatch(path) for r in rules) for path in flat):
       return key_map
