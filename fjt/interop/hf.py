@@ -88,6 +88,18 @@ def read_config(path: str | os.PathLike) -> dict:
   return config
 
 
+def is_pretrained(path: str | os.PathLike) -> bool:
+  """Whether ``path`` is a Hugging Face model folder: ``config.json`` with a ``model_type``
+  beside weights (an fjt or Orbax checkpoint has neither)."""
+  path = os.fspath(path)
+  if not os.path.isfile(os.path.join(path, CONFIG)):
+    return False
+  try:
+    return "model_type" in read_config(path) and bool(weight_files(path))
+  except ValueError:
+    return False
+
+
 def weight_files(path: str | os.PathLike) -> list[str]:
   """The weight files of a folder, in the order their index lists them (or ``[path]`` for a
   file): ``model.safetensors``, ``model.safetensors.index.json``'s shards,
