@@ -20,6 +20,7 @@ from fjt.config import ConfigError, apply_overrides, load_config
 from fjt.data import Dataset, get_batch, load_dataset
 from fjt.data import register as register_dataset
 from fjt.experiment import fit, train_and_evaluate
+from fjt.interop import hf as _hf  # noqa: F401 (fills the Hugging Face architecture registry)
 from fjt.interop.torch import StateDictMismatch
 from fjt.models import CNN, GPT, Llama, MLP, MODELS, NNLM, ResNet, create_model
 from fjt.models import register as register_model

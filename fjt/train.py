@@ -30,6 +30,7 @@ from fjt.config import ConfigError
 from fjt.data import Dataset, baseline_lines, data_baselines
 from fjt.data.fingerprint import data_fingerprint
 from fjt.files import write_atomic
+from fjt.interop import hf
 from fjt.logs import LogWriteError, RunLog, say
 from fjt.models import create_model
 from fjt.options import RunOptions
@@ -55,21 +56,28 @@ def _say_resuming(start: int, steps: int, directory: str, changes: list[runs.Cha
 
 def init_from_checkpoint(state: TrainState, path: str, skip=()) -> tuple[TrainState, LoadReport]:
   """Loads ``params`` and ``batch_stats`` of a checkpoint (a run's whole state,
-  or a variables / params tree saved by ``fjt.checkpoint.save``) into ``state``.
+  or a variables / params tree saved by ``fjt.checkpoint.save``, or a Hugging Face folder
+  ``fjt.interop.hf.from_pretrained`` reads) into ``state``.
 
   Paths matching ``skip`` and paths missing from the checkpoint keep ``state``'s
   values; a shape difference outside ``skip`` is an error. Returns the state
   (step, optimizer state and rng untouched) and the load report. A LoRA state (``fjt.lora``)
   loads the checkpoint's params into its frozen ``base``.
   """
-  saved = checkpoint.saved_shapes(path)
+  if hf.is_pretrained(path):  # A Hugging Face folder: its variables, read in memory.
+    source = hf.from_pretrained(path)[1]
+    saved = flatten(source)
+    load = functools.partial(checkpoint.load_tree, source, name=path)
+  else:
+    saved = checkpoint.saved_shapes(path)
+    load = functools.partial(checkpoint.load, path)
   trained = "base" if state.base else "params"
   target = {"params": getattr(state, trained), "batch_stats": state.batch_stats}
   if any(p.startswith("params/") for p in saved):
-    variables, report = checkpoint.load(path, target, strict=False, skip=skip)
+    variables, report = load(target, strict=False, skip=skip)
   else:  # A params tree on its own, like torch.save(model.state_dict()).
-    params, report = checkpoint.load(path, target["params"], strict=False,
-                                     skip=[re.sub(r"^\^?params/", "", s) for s in skip])
+    params, report = load(target["params"], strict=False,
+                          skip=[re.sub(r"^\^?params/", "", s) for s in skip])
     variables = {"params": params, "batch_stats": state.batch_stats}
     prefixed = lambda paths: [f"params/{p}" for p in paths]
     stats = [f"batch_stats/{p}" for p in flatten(state.batch_stats)]  # Not in the file: missing.

@@ -12,8 +12,8 @@ Hugging Face folders (config.json + model.safetensors, its sharded index or pyto
   python scripts/convert.py runs/gpt --to hf HF_DIR              # -> a folder transformers loads
 
 A LoRA run (config key lora.rank > 0) exports merged (--to hf, weight files); with --lora: the
-merged model or the adapters alone as an fjt checkpoint, or the adapters as a PEFT folder (GPT:
-for Hugging Face's GPT-2):
+merged model or the adapters alone as an fjt checkpoint, or the adapters as a PEFT folder (GPT
+and Llama: for Hugging Face's GPT-2 and Llama):
 
   python scripts/convert.py runs/text_gpt_lora OUT_DIR --lora merged   # or adapters, peft
 """

@@ -194,3 +194,25 @@ def jax_variables(model, x):
   import jax
   import fjt
   return fjt.init_variables(model, x[:1], jax.random.PRNGKey(0))
+
+
+def test_init_from_a_hugging_face_folder_fills_the_state_and_names_a_mismatch(gpt2):
+  """``init_from`` (and so a LoRA run's base) may be a Hugging Face folder: read in memory by
+  from_pretrained, loaded with the checkpoint's report and rules."""
+  import jax
+  import optax
+  import fjt
+  module, root, ids, logits = gpt2
+  model, _, _ = hf.from_pretrained(root / "single")
+  state = fjt.create_train_state(model, optax.sgd(0.1), np.zeros((1, 4), np.int32),
+                                 jax.random.PRNGKey(1))
+  assert hf.is_pretrained(root / "single") and not hf.is_pretrained(root)
+  loaded, report = fjt.train.init_from_checkpoint(state, str(root / "single"))
+  assert report.missing == [] and report.mismatched == [] and len(report.loaded) > 10
+  np.testing.assert_allclose(fjt_logits(model, {"params": loaded.params}, ids), logits,
+                             rtol=0, atol=1e-4)
+  wider = model.clone(embed_dim=64)
+  state = fjt.create_train_state(wider, optax.sgd(0.1), np.zeros((1, 4), np.int32),
+                                 jax.random.PRNGKey(1))
+  with pytest.raises(fjt.checkpoint.CheckpointMismatchError, match=r"single: shapes differ at"):
+    fjt.train.init_from_checkpoint(state, str(root / "single"))

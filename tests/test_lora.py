@@ -183,6 +183,40 @@ def test_peft_loads_the_exported_adapters_onto_hf_gpt2_with_the_same_logits(tmp_
   np.testing.assert_allclose(hf_logits, logits, rtol=0, atol=1e-4)
 
 
+def test_peft_loads_llama_adapters_onto_hf_llama_with_the_same_logits(tmp_path):
+  torch = pytest.importorskip("torch", reason="the PEFT round trip needs PyTorch")
+  transformers = pytest.importorskip("transformers", reason="the PEFT round trip needs transformers")
+  peft = pytest.importorskip("peft", reason="the PEFT round trip needs peft (pip install peft)")
+  from fjt.interop import llama as hf_llama
+  from fjt.interop import peft as fjt_peft
+
+  transformers.logging.set_verbosity_error()
+  config = transformers.LlamaConfig(
+      vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+      tie_word_embeddings=False)
+  torch.manual_seed(0)
+  module = transformers.LlamaForCausalLM(config).eval()
+  model = hf_llama.module_from_config(module.config.to_dict())
+  variables = hf_llama.variables_from_state_dict(
+      {k: v.numpy() for k, v in module.state_dict().items()}, model)
+  adapters = fjt.lora.init(variables["params"], rank=2, targets=(r"_proj/kernel",),
+                           key=jax.random.PRNGKey(0))
+  adapters = jax.tree_util.tree_map_with_path(  # Trained-looking: b nonzero.
+      lambda p, x: jax.random.normal(jax.random.PRNGKey(len(str(p))), x.shape) * 0.2
+      if p[-1].key == "b" else x, adapters)
+  ids = np.arange(32, dtype=np.int32).reshape(2, 16) * 7 % 61
+  with jax.default_matmul_precision("highest"):
+    logits = np.asarray(jax.jit(model.apply)(
+        {"params": fjt.lora.merge(variables["params"], adapters, alpha=4.0)}, ids))
+  fjt_peft.save_adapters(str(tmp_path), adapters, alpha=4.0, modules=fjt_peft.peft_modules(model))
+  assert json.loads((tmp_path / "adapter_config.json").read_text())["fan_in_fan_out"] is False
+  peft_model = peft.PeftModel.from_pretrained(module, str(tmp_path)).eval()
+  with torch.no_grad():
+    hf_logits = peft_model(torch.from_numpy(ids).long()).logits.numpy()
+  np.testing.assert_allclose(hf_logits, logits, rtol=0, atol=1e-4)
+
+
 def test_new_text_is_read_with_a_runs_vocabulary(tmp_path):
   from fjt.data import tokens
 

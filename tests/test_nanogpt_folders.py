@@ -44,6 +44,7 @@ def test_train_on_a_nanogpt_char_folder_then_sample(tmp_path, capsys):
       "checkpoint.every_steps=4", "optimizer.warmup_steps=1"])
   summary = fjt.train_and_evaluate(config, str(tmp_path / "run"), progress=False)
   assert summary["step"] == 4 and 1 < summary["eval"]["perplexity"] < 2 * vocab
+  assert all(np.isfinite(v) for v in summary["eval"].values())  # No unigram baseline: no NaN.
   capsys.readouterr()
   assert sample.main([str(tmp_path / "run"), "--prompt", "the cat", "--tokens", "10"]) == 0
   out = capsys.readouterr().out[:-1]

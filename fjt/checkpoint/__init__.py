@@ -20,7 +20,8 @@ from fjt.checkpoint import errors, integrity, io, report, run
 from fjt.checkpoint.errors import CheckpointError, CheckpointMismatchError
 from fjt.checkpoint.integrity import (MANIFEST, array_specs, crc32_combine, verify, verify_or_say,
                                       write_manifest)
-from fjt.checkpoint.io import (ITEM, VARIABLES, iter_variables, load, load_variables, resolve, save,
+from fjt.checkpoint.io import (ITEM, VARIABLES, iter_variables, load, load_tree, load_variables,
+                               resolve, save,
                                saved_mesh, saved_shapes, step_dirs, variables_shapes)
 from fjt.checkpoint.io import _handler, _restore  # noqa: F401  For the benchmarks, as before.
 from fjt.checkpoint.report import LoadReport, compare, shape_dtype
@@ -29,6 +30,6 @@ from fjt.checkpoint.run import RunCheckpointer
 __all__ = [
     "CheckpointError", "CheckpointMismatchError", "ITEM", "LoadReport", "MANIFEST",
     "RunCheckpointer", "VARIABLES", "array_specs", "compare", "crc32_combine", "iter_variables",
-    "load", "load_variables", "resolve", "save", "saved_mesh", "saved_shapes", "shape_dtype",
+    "load", "load_tree", "load_variables", "resolve", "save", "saved_mesh", "saved_shapes", "shape_dtype",
     "step_dirs", "variables_shapes", "verify", "verify_or_say", "write_manifest",
 ]

@@ -277,7 +277,28 @@ def _load(checkpoint_dir: str, item_dir: str, target: PyTree | None, strict: boo
     restored = _restore(checkpoint_dir, item_dir, abstract, item)
     return jax.tree_util.tree_map_with_path(lambda kp, _: restored[path_str(kp)], tree)
 
-  saved = _onto(saved, target)
+  return _fill(checkpoint_dir, _onto(saved, target), target, strict, skip,
+               lambda abstract: _restore(checkpoint_dir, item_dir, abstract))
+
+
+def load_tree(source: PyTree, target: PyTree, strict: bool = True, skip: Sequence[str] = (),
+              name: str = "the source tree"):
+  """``load`` from a tree in memory (e.g. ``fjt.interop.hf.from_pretrained``'s variables)
+  instead of a checkpoint: the same report, the same rules (shapes must agree outside
+  ``skip``; a load that fills none of the target's params is an error) and the same result:
+  leaves in the target's dtypes and shardings. ``name`` names the source in errors."""
+  flat = flatten(to_nested_dict(source))
+  saved = {p: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype if not hasattr(v, "dtype")
+                                   else v.dtype) for p, v in flat.items()}
+  read = lambda abstract: {p: jax.device_put(np.asarray(flat[p]).astype(a.dtype), a.sharding)
+                           for p, a in abstract.items()}
+  return _fill(name, _onto(saved, target), target, strict, skip, read)
+
+
+def _fill(checkpoint_dir: str, saved: dict[str, jax.ShapeDtypeStruct], target: PyTree,
+          strict: bool, skip: Sequence[str], read):
+  """``target`` with the leaves ``read({path: ShapeDtypeStruct with sharding})`` gives for the
+  paths of ``saved`` it also has (see ``load``); ``checkpoint_dir`` names the source."""
   report = compare(saved, target, skip)
   skipped = set(report.skipped)
   if strict:
@@ -301,7 +322,7 @@ def _load(checkpoint_dir: str, item_dir: str, target: PyTree | None, strict: boo
   for p in to_read:
     shape, dtype = shape_dtype(target_flat[p])
     abstract[p] = jax.ShapeDtypeStruct(shape, dtype, sharding=_sharding(target_flat[p]))
-  restored = _restore(checkpoint_dir, item_dir, abstract) if abstract else {}
+  restored = read(abstract) if abstract else {}
   for p in target_flat:
     if p not in restored and isinstance(target_flat[p], jax.ShapeDtypeStruct):
       raise CheckpointMismatchError(
@@ -367,7 +388,7 @@ def iter_variables(path: str | os.PathLike, groups: Sequence[Sequence[str]] | No
                             + ", ".join(names))
     abstract = {names[p]: jax.ShapeDtypeStruct(saved[names[p]].shape, saved[names[p]].dtype,
                                                sharding=_sharding(None)) for p in group}
-    restored = _restore(checkpoint_dir, item_dir, abstract) if abstract else {}
+    restored = read(abstract) if abstract else {}
     return {p: restored[names[p]] for p in group}
 
   with integrity.verifying(checkpoint_dir):  # The whole checkpoint, beside the first group.

@@ -252,8 +252,9 @@ def load(path: str, block_size: int = 128, eval_stride: int = 0, vocab_size: int
       "vocab_size": int(meta["vocab_size"]),
       "train_tokens": len(train.tokens),
       "validation_tokens": len(test.tokens),
-      "unigram_perplexity": float(meta.get("unigram_perplexity", float("nan"))),
       "tokenizer": os.path.join(os.path.abspath(path), meta.get("tokenizer", "tokenizer.json")),
       "task": "language_model",
   }
+  if "unigram_perplexity" in meta:  # prepare_text's; nanoGPT's folders have none (never a NaN).
+    info["unigram_perplexity"] = float(meta["unigram_perplexity"])
   return Dataset(train=train, test=test, num_classes=int(meta["vocab_size"]), info=info)

@@ -30,7 +30,7 @@ import dataclasses
 import json
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -38,6 +38,7 @@ import jax
 import numpy as np
 
 from fjt.interop import torch as interop
+from fjt.interop.architectures import ARCHITECTURES, Architecture, register_architecture  # noqa: F401 (re-exported)
 from fjt.interop.files import load_file, save_file
 from fjt.models.gpt import GPT
 
@@ -46,39 +47,6 @@ CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 # Buffers that are not weights, for every architecture: transformers recomputes them.
 COMMON_BUFFERS = (r"(.*\.)?rotary_emb\.inv_freq",)
-
-
-@dataclasses.dataclass(frozen=True)
-class Architecture:
-  """A registered Hugging Face architecture (see the module docstring)."""
-  model_type: str
-  module_from_config: Callable[[dict], nn.Module]
-  config_from_module: Callable[[nn.Module], dict]
-  variables_from_state_dict: Callable[[dict[str, np.ndarray], nn.Module], PyTree]
-  state_dict_from_variables: Callable[[PyTree, nn.Module], dict[str, np.ndarray]]
-  buffers: tuple[str, ...] = ()
-  base_prefix: str = "transformer."
-  module_class: type | None = None
-
-
-ARCHITECTURES: dict[str, Architecture] = {}
-
-
-def register_architecture(model_type: str, *, module_from_config, config_from_module,
-                          variables_from_state_dict, state_dict_from_variables,
-                          buffers: Sequence[str] = (), base_prefix: str = "transformer.",
-                          module_class: type | None = None) -> None:
-  """Registers the Hugging Face ``model_type`` (``config.json``'s) for ``from_pretrained``
-  and ``save_pretrained``. ``buffers``: regular expressions (``re.fullmatch`` on keys without
-  ``base_prefix``) of tensors that are not weights, dropped on import; ``base_prefix``: the
-  head model's prefix of the base model's keys, stripped on import; ``module_class``: the fjt
-  module class ``save_pretrained`` exports as this type (None: the one whose
-  ``config_from_module`` accepts the module)."""
-  for pattern in buffers:
-    re.compile(pattern)  # Fails now, not at import time.
-  ARCHITECTURES[model_type] = Architecture(
-      model_type, module_from_config, config_from_module, variables_from_state_dict,
-      state_dict_from_variables, tuple(buffers), base_prefix, module_class)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +86,18 @@ def read_config(path: str | os.PathLike) -> dict:
   if not isinstance(config, dict):
     raise ValueError(f"{file!r}: expected a JSON object, got {type(config).__name__}")
   return config
+
+
+def is_pretrained(path: str | os.PathLike) -> bool:
+  """Whether ``path`` is a Hugging Face model folder: ``config.json`` with a ``model_type``
+  beside weights (an fjt or Orbax checkpoint has neither)."""
+  path = os.fspath(path)
+  if not os.path.isfile(os.path.join(path, CONFIG)):
+    return False
+  try:
+    return "model_type" in read_config(path) and bool(weight_files(path))
+  except ValueError:
+    return False
 
 
 def weight_files(path: str | os.PathLike) -> list[str]:

@@ -1,4 +1,4 @@
-"""LoRA adapters (``fjt.lora``) as a PEFT adapter folder: ``adapter_config.json`` +
+"""LoRA adapters (``fjt.lora``) as a PEFT adapter folder (GPT for GPT-2, Llama for Llama): ``adapter_config.json`` +
 ``adapter_model.safetensors``, which ``peft.PeftModel.from_pretrained(hf_model, folder)`` loads.
 
 PEFT keeps ``lora_A.weight`` of shape ``(r, in)`` and ``lora_B.weight`` of shape ``(out, r)``
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fjt.models import GPT
+from fjt.models import GPT, Llama
 from fjt.tree import flatten
 
 
@@ -37,7 +37,11 @@ class PeftModules:
 GPT2_MODULES = PeftModules(
     rules=((r"h_(\d+)/(attn|mlp)/(c_attn|c_proj|c_fc)/kernel", r"transformer.h.\1.\2.\3"),),
     fan_in_fan_out=True, task_type="CAUSAL_LM")
-PEFT_MODULES: dict[type, PeftModules] = {GPT: GPT2_MODULES}
+# fjt.models.Llama <-> LlamaForCausalLM, whose projections are nn.Linear: (out, in).
+LLAMA_MODULES = PeftModules(
+    rules=((r"model/layers_(\d+)/(self_attn|mlp)/(\w+_proj)/kernel", r"model.layers.\1.\2.\3"),),
+    fan_in_fan_out=False, task_type="CAUSAL_LM")
+PEFT_MODULES: dict[type, PeftModules] = {GPT: GPT2_MODULES, Llama: LLAMA_MODULES}
 
 
 def module_names(adapters, modules: PeftModules) -> dict[str, str]:
@@ -102,5 +106,5 @@ def peft_modules(model, key: str = "model") -> PeftModules:
                    "fjt.interop.peft.PEFT_MODULES")
 
 
-__all__: Sequence[str] = ["GPT2_MODULES", "PEFT_MODULES", "PeftModules", "module_names",
+__all__: Sequence[str] = ["GPT2_MODULES", "LLAMA_MODULES", "PEFT_MODULES", "PeftModules", "module_names",
                           "peft_modules", "save_adapters"]

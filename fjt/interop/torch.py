@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fjt.interop import layouts, matching
+from fjt.interop import architectures, layouts, matching
 from fjt.interop.files import (FILE_TYPES, SortedStateDict, WeightFileError, import_torch,
                                load_file, natural_key, save_file, to_torch, _to_numpy)
 from fjt.models.cnn import CNN
@@ -316,7 +316,7 @@ def from_state_dict(source: Any, variables: PyTree, key_map: KeyMap | None = Non
               f"{e}. The source is another architecture than the target: its modules are "
               f"{theirs}, the target's {ours}. Import a model's own torch twin, or a Hugging "
               f"Face folder with fjt.interop.hf.from_pretrained (model types: "
-              f"{', '.join(sorted(_hf_types()))})") from e
+              f"{', '.join(architectures.supported())})") from e
         raise ValueError(
             f"{e}. Torch module {name!r} was paired with Flax module {module!r} by order "
             f"({kind} modules in source order against the target's dict order); a target "
@@ -560,11 +560,6 @@ def _kind_counts(kinds) -> dict[str, int]:
   for kind in kinds:
     counts[kind] = counts.get(kind, 0) + 1
   return dict(sorted(counts.items()))
-
-
-def _hf_types() -> list[str]:
-  from fjt.interop import hf  # Local: hf imports this module.
-  return list(hf.ARCHITECTURES)
 
 
 def _rule_layout(path: str, rules: list[_Rule]) -> str | None:

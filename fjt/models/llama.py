@@ -40,6 +40,13 @@ def _normal(axes: tuple[str | None, ...]) -> nn.initializers.Initializer:
   return nn.with_logical_partitioning(nn.initializers.normal(stddev=_INIT_STD), axes)
 
 
+def _dense(features: int, axes: tuple[str, str], dtype: Dtype, param_dtype: Dtype,
+           name: str) -> nn.Dense:
+  """A bias-free projection (Llama has no biases), kernel N(0, 0.02) with logical ``axes``."""
+  return nn.Dense(features, use_bias=False, kernel_init=_normal(axes), dtype=dtype,
+                  param_dtype=param_dtype, name=name)
+
+
 def _rms_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.RMSNorm:
   """``x / sqrt(mean(x^2) + eps) * scale``, the statistics in float32 (as HF's LlamaRMSNorm)."""
   return nn.RMSNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name,
@@ -82,9 +89,7 @@ class LlamaAttention(nn.Module):
   def __call__(self, x: jax.Array, cache_index: jax.Array | None = None) -> jax.Array:
     batch, length, width = x.shape
     head_dim = width // self.num_heads
-    dense = lambda features, axes, name: nn.Dense(
-        features, use_bias=False, kernel_init=_normal(axes), dtype=self.dtype,
-        param_dtype=self.param_dtype, name=name)
+    dense = lambda features, axes, name: _dense(features, axes, self.dtype, self.param_dtype, name)
     heads = lambda t, n: t.reshape(batch, length, n, head_dim)
     q = heads(dense(self.num_heads * head_dim, ("embed", "heads"), "q_proj")(x), self.num_heads)
     k = heads(dense(self.num_kv_heads * head_dim, ("embed", "heads"), "k_proj")(x), self.num_kv_heads)
@@ -105,9 +110,7 @@ class LlamaMLP(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    dense = lambda features, axes, name: nn.Dense(
-        features, use_bias=False, kernel_init=_normal(axes), dtype=self.dtype,
-        param_dtype=self.param_dtype, name=name)
+    dense = lambda features, axes, name: _dense(features, axes, self.dtype, self.param_dtype, name)
     gate = dense(self.mlp_dim, ("embed", "mlp"), "gate_proj")(x)
     up = dense(self.mlp_dim, ("embed", "mlp"), "up_proj")(x)
     return dense(x.shape[-1], ("mlp", "embed"), "down_proj")(nn.silu(gate) * up)
@@ -238,6 +241,5 @@ class Llama(nn.Module):
     h = model(x, train)
     if self.tie_embeddings:
       return model.embed_tokens.attend(h).astype(jnp.float32)
-    head = nn.Dense(self.vocab_size, use_bias=False, kernel_init=_normal(("embed", "vocab")),
-                    dtype=dtype, param_dtype=param_dtype, name="lm_head")
+    head = _dense(self.vocab_size, ("embed", "vocab"), dtype, param_dtype, "lm_head")
     return head(h).astype(jnp.float32)
