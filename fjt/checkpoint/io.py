@@ -388,7 +388,7 @@ def iter_variables(path: str | os.PathLike, groups: Sequence[Sequence[str]] | No
                             + ", ".join(names))
     abstract = {names[p]: jax.ShapeDtypeStruct(saved[names[p]].shape, saved[names[p]].dtype,
                                                sharding=_sharding(None)) for p in group}
-    restored = read(abstract) if abstract else {}
+    restored = _restore(checkpoint_dir, item_dir, abstract) if abstract else {}
     return {p: restored[names[p]] for p in group}
 
   with integrity.verifying(checkpoint_dir):  # The whole checkpoint, beside the first group.
