@@ -122,8 +122,8 @@ def verbose_counts(log: str) -> dict[str, int]:
 
 
 def xdist_workers() -> int:
-  """pytest-xdist workers for this machine: half its CPUs up to 8, or 0 (no ``-n``) with fewer
-  than 4 CPUs or without pytest-xdist."""
+  """pytest-xdist workers for this machine: half its CPUs up to 8, or 0 (``-n 0``: serial) with
+  fewer than 4 CPUs or without pytest-xdist."""
   cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
   if cpus < 4 or importlib.util.find_spec("xdist") is None:
     return 0
@@ -139,7 +139,8 @@ def tests_part(args: argparse.Namespace, timeout_s: float,
   xml = os.path.join(args.out, "tests.xml")
   log = os.path.join(args.out, "tests-pytest.log")
   cmd = [sys.executable, "-m", "pytest", "-v", "-rfE", "--junitxml", xml,
-         *(["-n", str(workers)] if workers else []), *selection]
+         *(["-n", str(workers)] if importlib.util.find_spec("xdist") else []),  # 0: serial
+         *selection]
   results = {"command": shlex.join(cmd), "workers": workers, "selection": selection or "all"}
   save(results)
   if os.path.exists(xml):  # A previous run's.
