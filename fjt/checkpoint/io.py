@@ -250,7 +250,7 @@ def load(path: str | os.PathLike, target: PyTree | None = None, strict: bool = T
     paths in both are loaded, missing ones keep the target's values;
     ``report.counts()`` is one line of how many were loaded, skipped and missing.
 
-  The checkpoint's CRC-32Cs are checked in threads beside the read; a damaged file raises
+  The checkpoint's CRC-32s are checked in threads beside the read; a damaged file raises
   ``CheckpointError`` naming it, and nothing read is returned.
 
   Raises:

@@ -134,7 +134,7 @@ class RunCheckpointer:
     ``(target, 0)`` when there is none. Leftover temporary directories of unfinished
     saves are removed.
 
-    Every file is checked against the step's manifest (sizes and CRC-32Cs) first. A step
+    Every file is checked against the step's manifest (sizes and CRC-32s) first. A step
     whose save was killed before its manifest was written is set aside as
     ``unsealed-<step>`` and the previous one is tried. A damaged newest step, or one whose
     manifest is missing (unverified: it is never sealed after the fact), is an error

@@ -28,6 +28,8 @@ class Sizes:
     matmul: side of the square float32 matmuls that measure the peak FLOP/s.
     models, model_bytes: the inputs of the aggregation rows (float32 trees).
     state_bytes: size of the train state of the checkpoint rows.
+    cold_restore: also restore from disk after dropping the page cache (root on Linux only;
+      it slows everything else running on the machine for a while).
     repeats: timed calls per contender (the median is kept).
     torch_compile: also try ``torch.compile`` for the PyTorch baselines.
     gpt, gpt_steps: the GPT of ``train_step_gpt_vs_torch`` (layers, width, heads, block,
@@ -47,6 +49,7 @@ class Sizes:
   models: int = 8
   model_bytes: int = 256 * MB
   state_bytes: int = 256 * MB
+  cold_restore: bool = True
   repeats: int = 9
   torch_compile: bool = True
   sharded_vocab: int = 5000  # NNLM of configs/text_nnlm.py: a 54 MB train state (AdamW).
@@ -65,7 +68,7 @@ FULL = Sizes()
 GPU = dataclasses.replace(FULL, mlp_steps=400, cnn_steps=400, matmul=8192,
                           gpt2=(12, 768, 12, 1024, 16))
 QUICK = Sizes(mlp_features=(64, 64), mlp_batch=32, cnn_batch=16, mlp_steps=3, cnn_steps=3,
-              matmul=128, model_bytes=1 * MB, state_bytes=1 * MB, repeats=2, torch_compile=False,
+              matmul=128, model_bytes=1 * MB, state_bytes=1 * MB, cold_restore=False, repeats=2, torch_compile=False,
               sharded_vocab=500, gpt=(1, 32, 2, 16, 4), gpt_steps=2, merge_gpt2=(1, 32, 100, 16),
               remat_gpt=(2, 32, 2, 16, 4))
 

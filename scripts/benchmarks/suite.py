@@ -28,6 +28,8 @@ ROW_NAMES = ("train_step_mlp_vs_torch", "train_step_mlp_vs_peak", "train_step_cn
              "ckpt_save_total_vs_orbax_save", "ckpt_restore_vs_torch_load",
              "ckpt_restore_vs_orbax_restore", "ckpt_orbax_restore_vs_bytes", "ckpt_verify_vs_restore",
              "sharded_state_bytes_per_device_vs_ideal", "lora_opt_state_bytes_vs_full")
+# After the checkpoint rows, where the page cache can be dropped (``Sizes.cold_restore``, root).
+COLD_ROW_NAMES = ("ckpt_restore_cold_vs_torch_load_cold",)
 # On a GPU, after the train steps' rows (``gpt2_124m_rows``).
 GPU_ROW_NAMES = ("train_step_gpt2_124m_vs_torch", "train_step_gpt2_124m_mfu")
 GROUPS = ("train", "gpt2", "remat", "aggregate", "stream", "checkpoint", "sharded", "lora")
