@@ -18,7 +18,7 @@ DARE-TIES (``fjt.aggregate.dare``).
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,38 +40,133 @@ def densities(density: float | Sequence[float], n: int) -> tuple[float, ...]:
   return tuple(float(v) for v in values)
 
 
-def _kth_largest_bits(bits: jax.Array, k: jax.Array | int) -> jax.Array:
-  """The ``k``-th largest of the unsigned integer vector ``bits`` (``1 <= k <= bits.size``): a
-  radix select, two passes of 16-bit digit counts (four for 64 bits) instead of a sort; vectors
-  of at most 2^16 entries, cheaper to sort than to count into 2^16 bins, are sorted."""
-  if bits.size <= 1 << 16:
-    return jnp.sort(bits)[bits.size - k]
-  width = bits.dtype.itemsize * 8
-  prefix = jnp.zeros((), bits.dtype)
-  rank = jnp.asarray(k, jnp.int64 if jax.config.jax_enable_x64 else jnp.int32)
-  for shift in range(width - 16, -1, -16):
-    # Among entries whose higher digits equal prefix's, count each value of this 16-bit digit.
-    match = (bits >> (shift + 16)) == (prefix >> (shift + 16)) if shift + 16 < width else True
-    digit = ((bits >> shift) & 0xFFFF).astype(jnp.int32)
-    counts = jnp.zeros(1 << 16, rank.dtype).at[jnp.where(match, digit, 1 << 16)].add(
-        1, mode="drop")
-    above = jnp.cumsum(counts[::-1])[::-1]  # above[v]: entries with a digit >= v.
-    chosen = jnp.sum(above >= rank) - 1  # The largest digit with at least `rank` at or above it.
-    rank = rank - jnp.where(chosen + 1 < (1 << 16), above[jnp.minimum(chosen + 1, 0xFFFF)], 0)
-    prefix = prefix | (chosen.astype(bits.dtype) << shift)
-  return prefix
+SPLITS = 8  # Thresholds per model and pass of ``_count_select``: 9-way splits, ~3.2 bits a pass.
+
+
+def _unsigned(dtype: jnp.dtype) -> jnp.dtype:
+  return jnp.uint32 if jnp.dtype(dtype).itemsize == 4 else jnp.uint64
+
+
+def magnitude_bits(tau: jax.Array) -> jax.Array:
+  """``|tau|`` as unsigned integers of its width: non-negative floats order as their bit
+  patterns do, and every pattern is below ``2^(width-1)`` (the sign bit is clear)."""
+  return jax.lax.bitcast_convert_type(jnp.abs(tau), _unsigned(tau.dtype))
+
+
+def _count_select(keys: Callable[[int], jax.Array], k: jax.Array, top: int, dtype: jnp.dtype
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """For each of ``M = k.size`` key arrays ``keys(i)`` (unsigned ``dtype``, all below ``top``):
+  its ``k[i]``-th largest key (``1 <= k[i] <= keys(i).size``), exactly, by counting.
+
+  Each model keeps an interval ``[lo, hi)`` of key values with ``count(key >= lo) >= k`` and
+  ``count(key >= hi) < k`` (true for ``[0, top)``); a pass counts, for ``SPLITS`` thresholds
+  spread evenly inside the interval, the keys at or above each, and the interval shrinks to the
+  sub-interval between the last threshold with ``>= k`` and the first with ``< k``. When
+  ``hi = lo + 1``, ``lo`` is the k-th largest key. Counts are exact integers, so the result is
+  exact whatever the data; only the number of passes (``log_9`` of the key range, 10 for
+  float32's 31 bits) depends on it. A pass is one fused, memory-bound reduction over all M key
+  arrays together (keys are recomputed from their inputs, never stored), which XLA runs several
+  times faster on a CPU than a scatter-add histogram of one array.
+
+  Returns ``(kth, at_least, above)``: the k-th largest keys (``(M,)`` of ``dtype``) and how many
+  keys are ``>= kth`` and ``> kth`` (``(M,)`` int32).
+  """
+  m, q = k.shape[0], SPLITS
+  rank = k.astype(jnp.int32)
+  size = keys(0).size
+  shape = keys(0).shape
+
+  def count(thresholds: jax.Array) -> jax.Array:
+    # (M, q) counts of key >= threshold in one variadic reduction (one pass over the inputs).
+    ops = []
+    for i in range(m):
+      key = keys(i)
+      ops += [(key >= thresholds[i, j]).astype(jnp.int32) for j in range(q)]
+    sums = jax.lax.reduce(tuple(ops), (jnp.int32(0),) * len(ops),
+                          lambda a, b: tuple(x + y for x, y in zip(a, b)),
+                          tuple(range(len(shape))))
+    return jnp.stack(sums).reshape(m, q)
+
+  def step(state):
+    lo, hi, at_lo, at_hi = state
+    width = hi - lo
+    part, rest = width // (q + 1), width % (q + 1)
+    j = jnp.arange(1, q + 1, dtype=dtype)
+    # lo < thresholds <= hi, non-decreasing: lo + j * width / (q + 1) without overflow.
+    thresholds = lo[:, None] + j * part[:, None] + jnp.minimum(j, rest[:, None])
+    counts = count(thresholds)
+    # Counts fall as thresholds rise: the first s thresholds have at least `rank` keys above.
+    s = jnp.sum(counts >= rank[:, None], axis=1)
+    edges = jnp.concatenate([lo[:, None], thresholds, hi[:, None]], axis=1)
+    tallies = jnp.concatenate([at_lo[:, None], counts, at_hi[:, None]], axis=1)
+    pick = lambda a, i: jnp.take_along_axis(a, i[:, None], axis=1)[:, 0]
+    return pick(edges, s), pick(edges, s + 1), pick(tallies, s), pick(tallies, s + 1)
+
+  init = (jnp.zeros(m, dtype), jnp.full(m, top, dtype), jnp.full(m, size, jnp.int32),
+          jnp.zeros(m, jnp.int32))
+  lo, _, at_least, above = jax.lax.while_loop(lambda s: jnp.any(s[1] - s[0] > 1), step, init)
+  return lo, at_least, above
+
+
+def _flat_index(shape: tuple[int, ...]) -> jax.Array:
+  """The row-major flat index of each entry of an array of ``shape`` (int32), computed in place
+  (an iota XLA fuses, never a stored array)."""
+  index = jnp.zeros(shape, jnp.int32)
+  stride = 1
+  for axis in reversed(range(len(shape))):
+    index = index + jax.lax.broadcasted_iota(jnp.int32, shape, axis) * stride
+    stride *= shape[axis]
+  return index
+
+
+def top_magnitude_cut(taus: Callable[[int], jax.Array], ks: Sequence[int]
+                      ) -> tuple[jax.Array, jax.Array]:
+  """Where each task vector ``taus(i)`` keeps its top ``ks[i]`` entries by magnitude (``1 <=
+  ks[i] < size``; ties in magnitude to the lower flat index): ``(bits, cutoff)`` ``(M,)`` such
+  that entry ``e`` is kept iff ``magnitude_bits(tau)[e] > bits`` or it equals ``bits`` and its
+  flat index is below ``cutoff``.
+
+  ``bits`` is the k-th largest magnitude (``_count_select``). Of the entries equal to it, the
+  first ``need = k - count(> bits)`` by index are kept: all of them when that is every one (the
+  common case, no further pass), else ``cutoff`` is found by the same counting select on the key
+  ``size - index`` over the equal entries (0 elsewhere): its need-th largest ``V`` is the need-th
+  lowest index ``size - V``, so ``cutoff = size - V + 1``.
+  """
+  tau0 = taus(0)
+  dtype, size = _unsigned(tau0.dtype), tau0.size
+  k = jnp.asarray(ks, jnp.int32)
+  top = 1 << (8 * jnp.dtype(dtype).itemsize - 1)
+  bits, at_least, above = _count_select(lambda i: magnitude_bits(taus(i)), k, top, dtype)
+  need = k - above  # >= 1 of the entries equal to bits are kept.
+
+  def cutoff_of_ties() -> jax.Array:
+    index = _flat_index(tau0.shape)
+    keys = lambda i: jnp.where(magnitude_bits(taus(i)) == bits[i], size - index, 0
+                               ).astype(jnp.uint32)
+    v, _, _ = _count_select(keys, need, size + 1, jnp.uint32)
+    # Models without a partial tie keep every equal entry: any cutoff > size - 1 does.
+    return jnp.where(at_least - above == need, size, size - v.astype(jnp.int32) + 1)
+
+  cutoff = jax.lax.cond(jnp.all(at_least - above == need),
+                        lambda: jnp.full(k.shape, size, jnp.int32), cutoff_of_ties)
+  return bits, cutoff
 
 
 def kth_largest(a: jax.Array, k: jax.Array | int) -> jax.Array:
-  """The ``k``-th largest value of the non-negative float vector ``a`` (``1 <= k <= a.size``).
+  """The ``k``-th largest value of the non-negative float array ``a`` (``1 <= k <= a.size``),
+  exactly, by ``_count_select`` on its bit patterns (non-negative floats order as those do)."""
+  dtype = _unsigned(a.dtype)
+  top = 1 << (8 * jnp.dtype(dtype).itemsize - 1)
+  bits, _, _ = _count_select(lambda i: jax.lax.bitcast_convert_type(a, dtype),
+                             jnp.reshape(jnp.asarray(k), (1,)), top, dtype)
+  return jax.lax.bitcast_convert_type(bits[0], a.dtype)
 
-  Non-negative floats order as their bit patterns read as unsigned integers, so this is
-  ``_kth_largest_bits``'s radix select (0.5 s for GPT-2's 38.6M-entry embedding on a loaded
-  2-core CPU, where a sort took 31 s).
-  """
-  unsigned = jnp.uint32 if a.dtype.itemsize == 4 else jnp.uint64
-  return jax.lax.bitcast_convert_type(
-      _kth_largest_bits(jax.lax.bitcast_convert_type(a, unsigned), k), a.dtype)
+
+def _kept(tau: jax.Array, bits: jax.Array, cutoff: jax.Array) -> jax.Array:
+  """``top_magnitude_cut``'s mask for one task vector: one elementwise expression, which XLA
+  fuses with what uses it (no bool array of the leaf is written)."""
+  key = magnitude_bits(tau)
+  return (key > bits) | ((key == bits) & (_flat_index(tau.shape) < cutoff))
 
 
 def top_magnitude(x: jax.Array, k: int) -> jax.Array:
@@ -81,23 +176,8 @@ def top_magnitude(x: jax.Array, k: int) -> jax.Array:
     return jnp.zeros(x.shape, bool)
   if k >= x.size:
     return jnp.ones(x.shape, bool)
-  a = jnp.abs(x)
-  threshold = kth_largest(a.ravel(), k)
-  greater, equal = a > threshold, a == threshold
-  need = k - jnp.sum(greater)  # >= 1 of the entries equal to the threshold are kept.
-  index = jax.lax.broadcasted_iota(jnp.int32, (x.size,), 0).reshape(x.shape)
-
-  def cutoff_of_ties() -> jax.Array:
-    # The need-th smallest flat index among the equal entries, + 1: the need-th largest of
-    # size - index over them (0 elsewhere), by the same radix select (ties are common: task
-    # vectors of nearby weights are quantised by float rounding).
-    keys = jnp.where(equal, x.size - index, 0).astype(jnp.uint32).ravel()
-    return (x.size - _kth_largest_bits(keys, need).astype(jnp.int32)) + 1
-
-  # A scalar from the branch, so the mask below stays one elementwise expression that XLA fuses
-  # with what uses it (no bool array of the leaf is written).
-  cutoff = jax.lax.cond(jnp.sum(equal) == need, lambda: jnp.int32(x.size), cutoff_of_ties)
-  return greater | (equal & (index < cutoff))
+  bits, cutoff = top_magnitude_cut(lambda i: x, [k])
+  return _kept(x, bits[0], cutoff[0])
 
 
 def sign_elected_mean(d: Sequence[jax.Array], w: jax.Array) -> jax.Array:
@@ -120,8 +200,22 @@ def ties_rule(x: jax.Array, w: jax.Array, *, base: jax.Array, density: float = 0
   accumulation dtype; ``density`` one fraction or one per model.
   """
   fractions = densities(density, x.shape[0])
-  d = [w[i] * jnp.where(top_magnitude(x[i] - base, int(f * base.size)), x[i] - base, 0)
-       for i, f in enumerate(fractions)]
+  ks = [int(f * base.size) for f in fractions]
+  # Models keeping some but not all entries share the counting passes (one read of base).
+  partial = [i for i, k in enumerate(ks) if 0 < k < base.size]
+  if partial:
+    bits, cutoff = top_magnitude_cut(lambda j: x[partial[j]] - base, [ks[i] for i in partial])
+  d = []
+  for i, k in enumerate(ks):
+    tau = x[i] - base
+    if k <= 0:
+      kept = jnp.zeros(tau.shape, bool)
+    elif k >= base.size:
+      kept = jnp.ones(tau.shape, bool)
+    else:
+      j = partial.index(i)
+      kept = _kept(tau, bits[j], cutoff[j])
+    d.append(w[i] * jnp.where(kept, tau, 0))
   return base + scale * sign_elected_mean(d, w)
 
 
