@@ -40,41 +40,57 @@ def densities(density: float | Sequence[float], n: int) -> tuple[float, ...]:
   return tuple(float(v) for v in values)
 
 
+_DEBUG = False
 SPLITS = 8  # Thresholds per model and pass of ``_count_select``: 9-way splits, ~3.2 bits a pass.
 
 
-def _unsigned(dtype: jnp.dtype) -> jnp.dtype:
-  return jnp.uint32 if jnp.dtype(dtype).itemsize == 4 else jnp.uint64
+def _signed(dtype: jnp.dtype) -> jnp.dtype:
+  return jnp.int32 if jnp.dtype(dtype).itemsize == 4 else jnp.int64
+
+
+def _key_top(dtype: jnp.dtype) -> int:
+  """One above the largest ``magnitude_bits`` of a float ``dtype`` (its NaNs' key)."""
+  return int(np.array(np.inf, dtype).view(_signed(dtype))) + 2
 
 
 def magnitude_bits(tau: jax.Array) -> jax.Array:
-  """``|tau|`` as unsigned integers of its width: non-negative floats order as their bit
-  patterns do, and every pattern is below ``2^(width-1)`` (the sign bit is clear)."""
-  return jax.lax.bitcast_convert_type(jnp.abs(tau), _unsigned(tau.dtype))
+  """``|tau|`` as signed integers of its width, in the same order: non-negative floats order as
+  their bit patterns do (the sign bit is clear, so the integers are non-negative). NaNs, which
+  finite inputs never make, all map to one key above infinity's. Signed, because a CPU's
+  vector units compare signed integers in one instruction and unsigned ones in three."""
+  top = _key_top(tau.dtype)
+  return jnp.minimum(jax.lax.bitcast_convert_type(jnp.abs(tau), _signed(tau.dtype)), top - 1)
 
 
-def _count_select(keys: Callable[[int], jax.Array], k: jax.Array, top: int, dtype: jnp.dtype
-                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _count_select(keys: Callable[[int], jax.Array], k: jax.Array, top: int, dtype: jnp.dtype,
+                  first: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
   """For each of ``M = k.size`` key arrays ``keys(i)`` (unsigned ``dtype``, all below ``top``):
   its ``k[i]``-th largest key (``1 <= k[i] <= keys(i).size``), exactly, by counting.
 
   Each model keeps an interval ``[lo, hi)`` of key values with ``count(key >= lo) >= k`` and
-  ``count(key >= hi) < k`` (true for ``[0, top)``); a pass counts, for ``SPLITS`` thresholds
-  spread evenly inside the interval, the keys at or above each, and the interval shrinks to the
-  sub-interval between the last threshold with ``>= k`` and the first with ``< k``. When
-  ``hi = lo + 1``, ``lo`` is the k-th largest key. Counts are exact integers, so the result is
-  exact whatever the data; only the number of passes (``log_9`` of the key range, 10 for
-  float32's 31 bits) depends on it. A pass is one fused, memory-bound reduction over all M key
-  arrays together (keys are recomputed from their inputs, never stored), which XLA runs several
-  times faster on a CPU than a scatter-add histogram of one array.
+  ``count(key >= hi) < k`` (true for ``[0, top)``). A pass counts, for ``SPLITS`` thresholds
+  inside every model's interval, the keys at or above each, and the interval shrinks to the
+  piece between the last threshold with ``>= k`` and the first with ``< k``. When ``hi = lo +
+  1``, ``lo`` is the k-th largest key. The counts are exact integers, so the result is exact
+  whatever the thresholds are; they only decide how fast the interval shrinks:
+
+  * the first pass uses ``first`` ``(M, SPLITS)`` when given (guesses from a sample);
+  * then half of the thresholds cut the interval evenly (at least a 5-fold shrink a pass
+    whatever the data) and half sit close around where the count would cross ``k`` if the keys
+    were spread evenly between ``lo`` and ``hi`` (linear interpolation of the two counts), at
+    1/1024 and 1/64 of the interval on either side: for smooth distributions of magnitudes,
+    and for the indices of tied entries, the crossing falls between those, a 500-fold shrink.
+
+  A pass is one fused reduction over all M key arrays together (the keys are recomputed from
+  their inputs, never stored); on a CPU it is several times cheaper than the scatter-add
+  histogram of one array that a radix select needs.
 
   Returns ``(kth, at_least, above)``: the k-th largest keys (``(M,)`` of ``dtype``) and how many
   keys are ``>= kth`` and ``> kth`` (``(M,)`` int32).
   """
   m, q = k.shape[0], SPLITS
   rank = k.astype(jnp.int32)
-  size = keys(0).size
-  shape = keys(0).shape
+  shape, size = keys(0).shape, keys(0).size
 
   def count(thresholds: jax.Array) -> jax.Array:
     # (M, q) counts of key >= threshold in one variadic reduction (one pass over the inputs).
@@ -87,25 +103,63 @@ def _count_select(keys: Callable[[int], jax.Array], k: jax.Array, top: int, dtyp
                           tuple(range(len(shape))))
     return jnp.stack(sums).reshape(m, q)
 
-  def step(state):
-    lo, hi, at_lo, at_hi = state
+  def guesses(lo, hi, at_lo, at_hi):
     width = hi - lo
-    part, rest = width // (q + 1), width % (q + 1)
-    j = jnp.arange(1, q + 1, dtype=dtype)
-    # lo < thresholds <= hi, non-decreasing: lo + j * width / (q + 1) without overflow.
-    thresholds = lo[:, None] + j * part[:, None] + jnp.minimum(j, rest[:, None])
+    even = [lo + (width // 5) * j + jnp.minimum(width % 5, j).astype(dtype) for j in range(1, 5)]
+    # Where count(key >= t) would reach k if the keys between lo and hi were spread evenly.
+    f32 = lambda v: v.astype(jnp.float32)
+    cross = f32(lo) + f32(width) * (f32(at_lo - rank) + 0.5) / f32(at_lo - at_hi)
+    near = [cross + f32(width) * o for o in (-1 / 64, -1 / 1024, 1 / 1024, 1 / 64)]
+    # Clamped into (lo, hi]: a threshold at hi only repeats a known count.
+    near = [jnp.clip(t, f32(lo) + 1, f32(hi)).astype(dtype) for t in near]
+    near = [jnp.clip(t, lo + 1, hi) for t in near]  # float32 rounding of large keys.
+    return jnp.sort(jnp.stack(even + near, axis=1), axis=1)
+
+  def step(state):
+    lo, hi, at_lo, at_hi, thresholds = state
     counts = count(thresholds)
+    if _DEBUG:
+      jax.debug.print("pass lo={} hi={} w={} thr={}", lo, hi, hi - lo, thresholds)
     # Counts fall as thresholds rise: the first s thresholds have at least `rank` keys above.
     s = jnp.sum(counts >= rank[:, None], axis=1)
     edges = jnp.concatenate([lo[:, None], thresholds, hi[:, None]], axis=1)
     tallies = jnp.concatenate([at_lo[:, None], counts, at_hi[:, None]], axis=1)
     pick = lambda a, i: jnp.take_along_axis(a, i[:, None], axis=1)[:, 0]
-    return pick(edges, s), pick(edges, s + 1), pick(tallies, s), pick(tallies, s + 1)
+    lo, hi, at_lo, at_hi = pick(edges, s), pick(edges, s + 1), pick(tallies, s), pick(tallies, s + 1)
+    return lo, hi, at_lo, at_hi, guesses(lo, hi, at_lo, at_hi)
 
-  init = (jnp.zeros(m, dtype), jnp.full(m, top, dtype), jnp.full(m, size, jnp.int32),
-          jnp.zeros(m, jnp.int32))
-  lo, _, at_least, above = jax.lax.while_loop(lambda s: jnp.any(s[1] - s[0] > 1), step, init)
+  lo, hi = jnp.zeros(m, dtype), jnp.full(m, top, dtype)
+  at_lo, at_hi = jnp.full(m, size, jnp.int32), jnp.zeros(m, jnp.int32)
+  if first is None:
+    first = guesses(lo, hi, at_lo, at_hi)
+  first = jnp.clip(jnp.sort(first.astype(dtype), axis=1), lo[:, None] + 1, hi[:, None])
+  lo, _, at_least, above, _ = jax.lax.while_loop(lambda s: jnp.any(s[1] - s[0] > 1), step,
+                                                 (lo, hi, at_lo, at_hi, first))
   return lo, at_least, above
+
+
+def _sample_guesses(keys: Callable[[int], jax.Array], k: Sequence[int], samples: int = 4096
+                    ) -> jax.Array | None:
+  """First thresholds for ``_count_select`` from a sample of each key array: ``samples`` entries
+  at fixed, scattered positions (one in each of ``samples`` equal stretches of the flat array,
+  at a hashed offset), sorted, read at the ranks of the k-th largest and 1/3 to 3 standard
+  deviations of a sample quantile either side. None for arrays too small to be worth it."""
+  key0 = keys(0)
+  size = key0.size
+  if size < 64 * samples:
+    return None
+  stretch = size // samples
+  j = np.arange(samples, dtype=np.int64)
+  positions = j * stretch + (j * 2654435761 + 12345) % stretch
+  unravel = np.unravel_index(positions, key0.shape)
+  rows = []
+  for i, ki in enumerate(k):
+    sample = jnp.sort(keys(i)[unravel])
+    p = ki / size
+    sigma = np.sqrt(samples * p * (1 - p)) + 1
+    at = samples * (1 - p) + np.array([-3, -2, -1, -1 / 3, 1 / 3, 1, 2, 3]) * sigma
+    rows.append(sample[np.clip(np.round(at), 0, samples - 1).astype(np.int32)])
+  return jnp.stack(rows)
 
 
 def _flat_index(shape: tuple[int, ...]) -> jax.Array:
@@ -119,6 +173,12 @@ def _flat_index(shape: tuple[int, ...]) -> jax.Array:
   return index
 
 
+def _rows(size: int, most: int = 4096) -> int:
+  """Entries per row when a flat array of ``size`` is viewed as rows: its largest divisor up to
+  ``most`` (1 for a prime size: still correct, only slower)."""
+  return next(c for c in range(min(size, most), 0, -1) if size % c == 0)
+
+
 def top_magnitude_cut(taus: Callable[[int], jax.Array], ks: Sequence[int]
                       ) -> tuple[jax.Array, jax.Array]:
   """Where each task vector ``taus(i)`` keeps its top ``ks[i]`` entries by magnitude (``1 <=
@@ -126,26 +186,39 @@ def top_magnitude_cut(taus: Callable[[int], jax.Array], ks: Sequence[int]
   that entry ``e`` is kept iff ``magnitude_bits(tau)[e] > bits`` or it equals ``bits`` and its
   flat index is below ``cutoff``.
 
-  ``bits`` is the k-th largest magnitude (``_count_select``). Of the entries equal to it, the
-  first ``need = k - count(> bits)`` by index are kept: all of them when that is every one (the
-  common case, no further pass), else ``cutoff`` is found by the same counting select on the key
-  ``size - index`` over the equal entries (0 elsewhere): its need-th largest ``V`` is the need-th
-  lowest index ``size - V``, so ``cutoff = size - V + 1``.
+  ``bits`` is the k-th largest magnitude key (``_count_select``, its first guesses from a
+  sample). Of the entries equal to it, the first ``need = k - count(> bits)`` by flat index are
+  kept: all of them when that is every one (no further pass), else the need-th one is found
+  exactly in one more pass: the flat array is viewed as rows, one reduction counts each row's
+  equal entries, a running sum over the rows finds the row holding the need-th, and a running
+  sum over that one row finds its position. (Ties are common: task vectors of float32 weights
+  are multiples of the base's rounding unit, so dozens of entries share the k-th magnitude.)
   """
   tau0 = taus(0)
-  dtype, size = _unsigned(tau0.dtype), tau0.size
+  dtype, size, m = _signed(tau0.dtype), tau0.size, len(ks)
   k = jnp.asarray(ks, jnp.int32)
-  top = 1 << (8 * jnp.dtype(dtype).itemsize - 1)
-  bits, at_least, above = _count_select(lambda i: magnitude_bits(taus(i)), k, top, dtype)
+  bits_of = lambda i: magnitude_bits(taus(i))
+  bits, at_least, above = _count_select(bits_of, k, _key_top(tau0.dtype), dtype,
+                                        _sample_guesses(bits_of, ks))
   need = k - above  # >= 1 of the entries equal to bits are kept.
 
   def cutoff_of_ties() -> jax.Array:
-    index = _flat_index(tau0.shape)
-    keys = lambda i: jnp.where(magnitude_bits(taus(i)) == bits[i], size - index, 0
-                               ).astype(jnp.uint32)
-    v, _, _ = _count_select(keys, need, size + 1, jnp.uint32)
-    # Models without a partial tie keep every equal entry: any cutoff > size - 1 does.
-    return jnp.where(at_least - above == need, size, size - v.astype(jnp.int32) + 1)
+    width = _rows(size)
+    rows = lambda i: bits_of(i).reshape(size // width, width) == bits[i]
+    ops = tuple(rows(i).astype(jnp.int32) for i in range(m))
+    per_row = jax.lax.reduce(ops, (jnp.int32(0),) * m,
+                             lambda a, b: tuple(x + y for x, y in zip(a, b)), (1,))
+    before = jnp.cumsum(jnp.stack(per_row), axis=1)  # (M, rows): equal entries up to a row.
+    row = jnp.sum(before < need[:, None], axis=1)  # The row holding the need-th equal entry.
+    earlier = jnp.where(row > 0, jnp.take_along_axis(before, jnp.maximum(row - 1, 0)[:, None],
+                                                     axis=1)[:, 0], 0)
+    cutoffs = []
+    for i in range(m):
+      inside = jnp.cumsum(jax.lax.dynamic_index_in_dim(rows(i), row[i], keepdims=False))
+      column = jnp.sum(inside < need[i] - earlier[i])
+      cutoffs.append(row[i] * width + column + 1)
+    # Models without a partial tie keep every equal entry: a cutoff of size does.
+    return jnp.where(at_least - above == need, size, jnp.stack(cutoffs).astype(jnp.int32))
 
   cutoff = jax.lax.cond(jnp.all(at_least - above == need),
                         lambda: jnp.full(k.shape, size, jnp.int32), cutoff_of_ties)
@@ -155,10 +228,8 @@ def top_magnitude_cut(taus: Callable[[int], jax.Array], ks: Sequence[int]
 def kth_largest(a: jax.Array, k: jax.Array | int) -> jax.Array:
   """The ``k``-th largest value of the non-negative float array ``a`` (``1 <= k <= a.size``),
   exactly, by ``_count_select`` on its bit patterns (non-negative floats order as those do)."""
-  dtype = _unsigned(a.dtype)
-  top = 1 << (8 * jnp.dtype(dtype).itemsize - 1)
-  bits, _, _ = _count_select(lambda i: jax.lax.bitcast_convert_type(a, dtype),
-                             jnp.reshape(jnp.asarray(k), (1,)), top, dtype)
+  bits, _, _ = _count_select(lambda i: magnitude_bits(a), jnp.reshape(jnp.asarray(k), (1,)),
+                             _key_top(a.dtype), _signed(a.dtype))
   return jax.lax.bitcast_convert_type(bits[0], a.dtype)
 
 
