@@ -99,6 +99,41 @@ def test_top_magnitude_and_kth_largest_are_exact_with_ties():
     assert float(kth(jnp.asarray(a), k)) == np.sort(a)[::-1][k - 1]
 
 
+def test_counting_select_is_exact_on_hard_cases():
+  """top_magnitude_cut (the counting select behind ties) against a stable argsort, where the
+  guesses fail and the fallbacks decide: many equal magnitudes, an all-zero task vector, k of 1
+  and size - 1, a prime size (rows of one entry), leaves large enough to be sampled."""
+  import importlib
+  ties_module = importlib.import_module("fjt.aggregate.ties")
+  rng = np.random.default_rng(5)
+
+  def check(taus, ks):
+    taus = [np.asarray(t, np.float32) for t in taus]
+    cut = jax.jit(lambda *ts: ties_module.top_magnitude_cut(lambda i: ts[i], ks))
+    bits, cutoff = cut(*taus)
+    for i, (tau, k) in enumerate(zip(taus, ks)):
+      mask = np.asarray(ties_module._kept(jnp.asarray(tau), bits[i], cutoff[i]))
+      np.testing.assert_array_equal(mask, np_top(tau, k), err_msg=f"k={k} of {tau.size}")
+
+  sampled = 64 * 4096  # Leaves from this size start from a sample's guesses.
+  shape = (sampled // 512 + 3, 512)
+  few = rng.integers(-3, 4, size=shape).astype(np.float32)  # 4 magnitudes: huge ties.
+  check([few, np.zeros(shape), rng.normal(size=shape) * 1e-3], [1, 77_777, shape[0] * 512 - 1])
+  check([np.zeros(shape), few, few], [12_345, shape[0] * 512 - 1, 1])
+  # A float32 task vector of nearby weights: magnitudes on a grid, dozens per value.
+  base = rng.normal(size=shape).astype(np.float32)
+  grid = (base + np.float32(0.01) * rng.normal(size=shape).astype(np.float32)) - base
+  check([grid, grid[::-1], -grid], [int(0.2 * grid.size), int(0.9 * grid.size), 3])
+  # One huge value, the rest tiny; +-Inf (overflowed differences) order above every finite.
+  spike = rng.normal(size=shape).astype(np.float32) * 1e-30
+  spike[5, 7] = 3e38
+  spike[9, 1] = -np.inf
+  check([spike, spike, spike], [1, 2, 1000])
+  prime = 70_001  # Over 2^16 and prime: one entry per row when resolving ties.
+  check([rng.integers(-2, 3, size=prime), rng.normal(size=prime)], [35_000, 69_999])
+  check([rng.integers(-1, 2, size=(3, 5))], [7])
+
+
 def test_ties_matches_numpy():
   base, ts = trees()
   w = np.array([1.0, 2.0, 0.5], np.float32)

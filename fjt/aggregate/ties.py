@@ -40,7 +40,6 @@ def densities(density: float | Sequence[float], n: int) -> tuple[float, ...]:
   return tuple(float(v) for v in values)
 
 
-_DEBUG = False
 SPLITS = 8  # Thresholds per model and pass of ``_count_select``: 9-way splits, ~3.2 bits a pass.
 
 
@@ -75,11 +74,12 @@ def _count_select(keys: Callable[[int], jax.Array], k: jax.Array, top: int, dtyp
   whatever the thresholds are; they only decide how fast the interval shrinks:
 
   * the first pass uses ``first`` ``(M, SPLITS)`` when given (guesses from a sample);
-  * then half of the thresholds cut the interval evenly (at least a 5-fold shrink a pass
-    whatever the data) and half sit close around where the count would cross ``k`` if the keys
-    were spread evenly between ``lo`` and ``hi`` (linear interpolation of the two counts), at
-    1/1024 and 1/64 of the interval on either side: for smooth distributions of magnitudes,
-    and for the indices of tied entries, the crossing falls between those, a 500-fold shrink.
+  * then two thresholds cut the interval in thirds (so it shrinks at least 3-fold a pass
+    whatever the data) and six sit around where the count would cross ``k`` if the keys were
+    spread evenly between ``lo`` and ``hi`` (linear interpolation of the two counts), 1/3, 1
+    and 3 standard deviations of that guess either side: for smooth distributions of
+    magnitudes the crossing falls between those, and E keys in the interval become about
+    sqrt(E) / 4 in the next.
 
   A pass is one fused reduction over all M key arrays together (the keys are recomputed from
   their inputs, never stored); on a CPU it is several times cheaper than the scatter-add
@@ -105,21 +105,25 @@ def _count_select(keys: Callable[[int], jax.Array], k: jax.Array, top: int, dtyp
 
   def guesses(lo, hi, at_lo, at_hi):
     width = hi - lo
-    even = [lo + (width // 5) * j + jnp.minimum(width % 5, j).astype(dtype) for j in range(1, 5)]
-    # Where count(key >= t) would reach k if the keys between lo and hi were spread evenly.
+    # Two thresholds cut the interval in thirds: at least a 3-fold shrink whatever the data.
+    even = [lo + (width // 3) * j + jnp.minimum(width % 3, j).astype(dtype) for j in (1, 2)]
+    # The others sit around where count(key >= t) would reach k if the E = at_lo - at_hi keys in
+    # [lo, hi) were spread evenly, at multiples of the spread of that guess for keys spread
+    # at random (sigma of the Brownian bridge: sqrt(E f (1 - f)) of E, f the fraction of them
+    # above the k-th), so the crossing usually falls in a piece of about sigma / 2.
     f32 = lambda v: v.astype(jnp.float32)
-    cross = f32(lo) + f32(width) * (f32(at_lo - rank) + 0.5) / f32(at_lo - at_hi)
-    near = [cross + f32(width) * o for o in (-1 / 64, -1 / 1024, 1 / 1024, 1 / 64)]
-    # Clamped into (lo, hi]: a threshold at hi only repeats a known count.
-    near = [jnp.clip(t, f32(lo) + 1, f32(hi)).astype(dtype) for t in near]
-    near = [jnp.clip(t, lo + 1, hi) for t in near]  # float32 rounding of large keys.
+    inside = f32(at_lo - at_hi)
+    below = (f32(at_lo - rank) + 0.5) / inside  # The fraction of them below the crossing.
+    sigma = jnp.sqrt(below * (1 - below) / inside)
+    # Offsets from lo (float32 holds those, not keys near 2^30, exactly enough), in [1, width].
+    near = [jnp.clip(f32(width) * (below + sigma * o), 1, f32(width)).astype(dtype)
+            for o in (-3, -1, -1 / 3, 1 / 3, 1, 3)]
+    near = [lo + jnp.clip(t, 1, width) for t in near]  # float32 rounding of wide intervals.
     return jnp.sort(jnp.stack(even + near, axis=1), axis=1)
 
   def step(state):
     lo, hi, at_lo, at_hi, thresholds = state
     counts = count(thresholds)
-    if _DEBUG:
-      jax.debug.print("pass lo={} hi={} w={} thr={}", lo, hi, hi - lo, thresholds)
     # Counts fall as thresholds rise: the first s thresholds have at least `rank` keys above.
     s = jnp.sum(counts >= rank[:, None], axis=1)
     edges = jnp.concatenate([lo[:, None], thresholds, hi[:, None]], axis=1)
