@@ -134,6 +134,30 @@ def test_counting_select_is_exact_on_hard_cases():
   check([rng.integers(-1, 2, size=(3, 5))], [7])
 
 
+def test_ties_is_exact_for_float64_leaves():
+  """float64 leaves select on 64-bit keys (x64 on, so in a child process)."""
+  code = textwrap.dedent("""
+      import jax; jax.config.update("jax_enable_x64", True)
+      import numpy as np, jax.numpy as jnp
+      from test_merges import np_ties
+      from fjt import aggregate
+      rng = np.random.default_rng(0)
+      base = {"a": rng.normal(size=(600, 500)), "b": rng.integers(-3, 4, size=70_001) * 1.0}
+      ts = [jax.tree.map(lambda x: x + 0.01 * rng.normal(size=x.shape), base) for _ in range(3)]
+      ts[1]["b"] = base["b"] + rng.integers(-2, 3, size=70_001)
+      out = aggregate.ties(base, ts, density=(0.2, 0.5, 0.99))
+      for key in ("a", "b"):
+        assert out[key].dtype == np.float64
+        ref = np_ties(base[key], [t[key] for t in ts], np.ones(3), [0.2, 0.5, 0.99], 1.0)
+        np.testing.assert_allclose(out[key], ref, rtol=1e-12, atol=1e-12)
+      a = np.abs(rng.normal(size=300_000)); a[::3] = 0.5
+      for k in (1, 1000, 150_000, 300_000):
+        assert float(jax.jit(aggregate.kth_largest)(jnp.asarray(a), k)) == np.sort(a)[::-1][k - 1]
+      """)
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}
+  subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=600)
+
+
 def test_ties_matches_numpy():
   base, ts = trees()
   w = np.array([1.0, 2.0, 0.5], np.float32)
