@@ -89,7 +89,7 @@ def test_top_magnitude_and_kth_largest_are_exact_with_ties():
   for k in (0, 17, 98, 200):
     np.testing.assert_array_equal(np.asarray(aggregate.top_magnitude(jnp.asarray(x), k)),
                                   np_top(x, k))
-  a = np.abs(rng.normal(size=70_000)).astype(np.float32)  # Over 2^16: the radix select.
+  a = np.abs(rng.normal(size=70_000)).astype(np.float32)  # Over 2^16, with ties below.
   a[::7] = 0.5
   big = rng.integers(-50, 51, size=(300, 250)).astype(np.float32)  # Over 2^16, with ties.
   np.testing.assert_array_equal(np.asarray(aggregate.top_magnitude(jnp.asarray(big), 20_000)),

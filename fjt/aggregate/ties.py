@@ -128,8 +128,8 @@ def _count_select(keys: Callable[[int], jax.Array], k: jax.Array, top: int, dtyp
             for j in range(1, PIECES)]
     # The others sit around where count(key >= t) would reach k if the E = at_lo - at_hi keys in
     # [lo, hi) were spread evenly, at multiples of the spread of that guess for keys spread
-    # at random (sigma of the Brownian bridge: sqrt(E f (1 - f)) of E, f the fraction of them
-    # above the k-th), so the crossing usually falls in a piece of about sigma / 2.
+    # at random (the Brownian bridge's sigma: sqrt(E f (1 - f)) keys of E, f the fraction of
+    # them below the crossing), so the crossing usually falls in a piece of about sigma.
     f32 = lambda v: v.astype(jnp.float32)
     inside = f32(at_lo - at_hi)
     below = (f32(at_lo - rank) + 0.5) / inside  # The fraction of them below the crossing.
@@ -165,8 +165,9 @@ def _sample_guesses(keys: Callable[[int], jax.Array], k: Sequence[int], samples:
                     ) -> jax.Array | None:
   """First thresholds for ``_count_select`` from a sample of each key array: ``samples`` entries
   at fixed, scattered positions (one in each of ``samples`` equal stretches of the flat array,
-  at a hashed offset), sorted, read at the ranks of the k-th largest and 1/3 to 3 standard
-  deviations of a sample quantile either side. None for arrays too small to be worth it."""
+  at a hashed offset), sorted, read at the rank of the k-th largest and at ``SAMPLE`` standard
+  deviations of that sample quantile either side (a wrong guess costs passes, not exactness).
+  None for arrays too small to be worth it (their passes are cheap)."""
   key0 = keys(0)
   size = key0.size
   if size < 64 * samples:
