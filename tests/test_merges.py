@@ -89,7 +89,7 @@ def test_top_magnitude_and_kth_largest_are_exact_with_ties():
   for k in (0, 17, 98, 200):
     np.testing.assert_array_equal(np.asarray(aggregate.top_magnitude(jnp.asarray(x), k)),
                                   np_top(x, k))
-  a = np.abs(rng.normal(size=70_000)).astype(np.float32)  # Over 2^16: the radix select.
+  a = np.abs(rng.normal(size=70_000)).astype(np.float32)  # Over 2^16, with ties below.
   a[::7] = 0.5
   big = rng.integers(-50, 51, size=(300, 250)).astype(np.float32)  # Over 2^16, with ties.
   np.testing.assert_array_equal(np.asarray(aggregate.top_magnitude(jnp.asarray(big), 20_000)),
@@ -97,6 +97,65 @@ def test_top_magnitude_and_kth_largest_are_exact_with_ties():
   kth = jax.jit(aggregate.kth_largest)  # k may be traced: one compilation.
   for k in (1, 714, 35_000, 70_000):
     assert float(kth(jnp.asarray(a), k)) == np.sort(a)[::-1][k - 1]
+
+
+def test_counting_select_is_exact_on_hard_cases():
+  """top_magnitude_cut (the counting select behind ties) against a stable argsort, where the
+  guesses fail and the fallbacks decide: many equal magnitudes, an all-zero task vector, k of 1
+  and size - 1, a prime size (rows of one entry), leaves large enough to be sampled."""
+  import importlib
+  ties_module = importlib.import_module("fjt.aggregate.ties")
+  rng = np.random.default_rng(5)
+
+  def check(taus, ks):
+    taus = [np.asarray(t, np.float32) for t in taus]
+    cut = jax.jit(lambda *ts: ties_module.top_magnitude_cut(lambda i: ts[i], ks))
+    bits, cutoff = cut(*taus)
+    for i, (tau, k) in enumerate(zip(taus, ks)):
+      mask = np.asarray(ties_module._kept(jnp.asarray(tau), bits[i], cutoff[i]))
+      np.testing.assert_array_equal(mask, np_top(tau, k), err_msg=f"k={k} of {tau.size}")
+
+  sampled = 64 * 4096  # Leaves from this size start from a sample's guesses.
+  shape = (sampled // 512 + 3, 512)
+  few = rng.integers(-3, 4, size=shape).astype(np.float32)  # 4 magnitudes: huge ties.
+  check([few, np.zeros(shape), rng.normal(size=shape) * 1e-3], [1, 77_777, shape[0] * 512 - 1])
+  check([np.zeros(shape), few, few], [12_345, shape[0] * 512 - 1, 1])
+  # A float32 task vector of nearby weights: magnitudes on a grid, dozens per value.
+  base = rng.normal(size=shape).astype(np.float32)
+  grid = (base + np.float32(0.01) * rng.normal(size=shape).astype(np.float32)) - base
+  check([grid, grid[::-1], -grid], [int(0.2 * grid.size), int(0.9 * grid.size), 3])
+  # One huge value, the rest tiny; +-Inf (overflowed differences) order above every finite.
+  spike = rng.normal(size=shape).astype(np.float32) * 1e-30
+  spike[5, 7] = 3e38
+  spike[9, 1] = -np.inf
+  check([spike, spike, spike], [1, 2, 1000])
+  prime = 70_001  # Over 2^16 and prime: one entry per row when resolving ties.
+  check([rng.integers(-2, 3, size=prime), rng.normal(size=prime)], [35_000, 69_999])
+  check([rng.integers(-1, 2, size=(3, 5))], [7])
+
+
+def test_ties_is_exact_for_float64_leaves():
+  """float64 leaves select on 64-bit keys (x64 on, so in a child process)."""
+  code = textwrap.dedent("""
+      import jax; jax.config.update("jax_enable_x64", True)
+      import numpy as np, jax.numpy as jnp
+      from test_merges import np_ties
+      from fjt import aggregate
+      rng = np.random.default_rng(0)
+      base = {"a": rng.normal(size=(600, 500)), "b": rng.integers(-3, 4, size=70_001) * 1.0}
+      ts = [jax.tree.map(lambda x: x + 0.01 * rng.normal(size=x.shape), base) for _ in range(3)]
+      ts[1]["b"] = base["b"] + rng.integers(-2, 3, size=70_001)
+      out = aggregate.ties(base, ts, density=(0.2, 0.5, 0.99))
+      for key in ("a", "b"):
+        assert out[key].dtype == np.float64
+        ref = np_ties(base[key], [t[key] for t in ts], np.ones(3), [0.2, 0.5, 0.99], 1.0)
+        np.testing.assert_allclose(out[key], ref, rtol=1e-12, atol=1e-12)
+      a = np.abs(rng.normal(size=300_000)); a[::3] = 0.5
+      for k in (1, 1000, 150_000, 300_000):
+        assert float(jax.jit(aggregate.kth_largest)(jnp.asarray(a), k)) == np.sort(a)[::-1][k - 1]
+      """)
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}
+  subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=600)
 
 
 def test_ties_matches_numpy():

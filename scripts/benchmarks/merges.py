@@ -58,8 +58,12 @@ def merge_rows(sizes: Sizes, progress: Callable[[str], None] = print) -> list[Ro
   row = Row("merge_ties_vs_memcpy", rate, copies[best], "GB/s", ">= 0.3",
             f"fjt.aggregate.ties(base, 3 fine-tunes, density=0.2) of {model_bytes / MB:.0f} MB "
             f"float32 GPT-2-shaped trees {sizes.merge_gpt2} on {runs_on()}: "
-            f"{times['ties']:.2f} s, 4 x model bytes read per call (top-k by a radix select, "
-            "sign election and disjoint mean in one jitted program); baseline: allocating copy "
+            f"{times['ties']:.2f} s, 4 x model bytes read per call (exact top-k without a sort: "
+            "per leaf, about 5 counting passes, each one fused reduction over the base and all "
+            "three models at a few thresholds guessed from a sample, then from the counts, and "
+            "one per-row count pass splitting ties by index; then sign election and disjoint "
+            "mean in one fused pass; one jitted program, after the inputs' finite checks); "
+            "baseline: allocating copy "
             "of one model (read + write), best of " + ", ".join(
                 f"{k.split()[1]} {v:.1f}" for k, v in copies.items()) + " GB/s")
   progress(f"{row.name}: {row.ratio:.2f}")
