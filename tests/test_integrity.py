@@ -74,8 +74,8 @@ def test_a_bit_flip_is_named_by_every_load(tmp_path, monkeypatch):
 
 
 def test_a_damaged_file_that_breaks_orbaxs_read_is_named_not_orbaxs_error(tmp_path):
-  # The CRC-32s run beside Orbax's read: when that read fails on the damaged file as well, the
-  # error is still the one naming the file.
+  # The CRC-32s are checked before Orbax's read: when that read would fail on the damaged file
+  # as well, the error is still the one naming the file.
   path = str(tmp_path / "c")
   checkpoint.save(path, tree())
   metadata = os.path.join(path, "_METADATA")

@@ -7,7 +7,7 @@ a shape mismatch is always an error unless the path is explicitly skipped.
 
 Every finished checkpoint gets ``fjt_manifest.json``: the size and CRC-32 of each
 of its files. Orbax alone reads a truncated or bit-flipped data file without
-complaint; every restore checks the manifest (the CRC-32s beside Orbax's read),
+complaint; every restore checks the manifest (the CRC-32s before Orbax's read),
 so a damaged file is named and nothing read from it is returned. A checkpoint
 without a manifest is never sealed after the fact: it is reported as unverified.
 

@@ -1,8 +1,8 @@
 """A checkpoint's manifest, ``fjt_manifest.json``: the size and CRC-32 of each of its files.
 
 Orbax alone reads a truncated or bit-flipped data file without complaint; every restore checks
-the manifest (``verifying``: sizes first, CRC-32s beside the read), so a damaged file is named
-and nothing read from it is returned.
+the manifest (``verifying``: sizes, then CRC-32s, then the read), so a damaged file is named
+and nothing is read from it.
 A checkpoint without a manifest is never sealed after the fact: it is reported as unverified.
 The manifest also lists the arrays a checkpoint holds (``array_specs``: its shapes in one small
 file) and the mesh it was saved from.
@@ -10,8 +10,8 @@ file) and the mesh it was saved from.
 CRC-32s (zlib's) are computed by zlib-ng, whose CRC uses the CPU's carry-less multiply (about
 20 GB/s on one core, 5x zlib), over each file's pages mapped from the page cache (no copy), in
 ranges on all CPUs combined with ``crc32_combine`` (zlib's, in GF(2) arithmetic): checking a
-checkpoint costs less than reading it. A restore runs that check in a thread beside Orbax's
-read (``verifying``), not before it.
+checkpoint costs less than reading it (0.010 s for 256 MB on 2 CPUs, against Orbax's 0.17 s
+restore).
 """
 
 from __future__ import annotations
@@ -197,24 +197,15 @@ def verify_or_say(checkpoint_dir: str) -> None:
 
 @contextlib.contextmanager
 def verifying(checkpoint_dir: str) -> Iterator[None]:
-  """``verify_or_say`` in a background thread while the body reads the checkpoint.
+  """``verify_or_say`` before the body reads the checkpoint: a damaged file is named before
+  Orbax reads anything, and every restore is verified.
 
-  Sizes are checked first (a stat per file: a truncated file is named before anything is read);
-  the CRC-32s then run beside the body, so a restore reads the files about once in wall time,
-  not twice in a row. On leaving, the check is waited for: a damaged file raises its
-  ``CheckpointError`` whatever the body returned or raised (the restored values are dropped),
-  so every restore is still verified and a damaged file still named.
+  The check runs first, not in a thread beside Orbax's read: beside it, its page faults on the
+  mapped files contended with Orbax's own (its zero-filled buffers), and a 256 MB restore took a
+  median 0.028 s longer on 2 CPUs, against 0.010 s for the check first.
   """
-  if not verify(checkpoint_dir, checksums=False):  # No manifest: said once, by verify_or_say.
-    verify_or_say(checkpoint_dir)
-    yield
-    return
-  with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fjt-verify") as pool:
-    check = pool.submit(verify_or_say, checkpoint_dir)
-    try:
-      yield
-    finally:
-      check.result()  # Its error, if any, replaces the body's: the damaged file is the cause.
+  verify_or_say(checkpoint_dir)
+  yield
 
 
 def manifest_shapes(checkpoint_dir: str) -> dict[str, jax.ShapeDtypeStruct] | None:

@@ -250,8 +250,8 @@ def load(path: str | os.PathLike, target: PyTree | None = None, strict: bool = T
     paths in both are loaded, missing ones keep the target's values;
     ``report.counts()`` is one line of how many were loaded, skipped and missing.
 
-  The checkpoint's CRC-32s are checked in threads beside the read; a damaged file raises
-  ``CheckpointError`` naming it, and nothing read is returned.
+  The checkpoint's CRC-32s are checked before the read; a damaged file raises
+  ``CheckpointError`` naming it, and nothing is read from it.
 
   Raises:
     CheckpointMismatchError: also with ``strict=False``, a load that fills none of the
@@ -391,7 +391,7 @@ def iter_variables(path: str | os.PathLike, groups: Sequence[Sequence[str]] | No
     restored = _restore(checkpoint_dir, item_dir, abstract) if abstract else {}
     return {p: restored[names[p]] for p in group}
 
-  with integrity.verifying(checkpoint_dir):  # The whole checkpoint, beside the first group.
+  with integrity.verifying(checkpoint_dir):  # The whole checkpoint, before the first group.
     saved = saved_shapes(checkpoint_dir)
     names = _variables_paths(saved)
     groups = [list(names)] if groups is None else list(groups)
