@@ -115,7 +115,7 @@ def test_sigterm_saves_and_the_same_command_ends_bitwise_equal(tmp_path, runs, c
   assert f"fjt: resuming from step {stopped}" in err
   assert_trees_equal(checkpoint.load_variables(tmp_path / "final"),
                      checkpoint.load_variables(runs[name] / "final"))
-  same_rows(tmp_path, runs[name])
+  same_rows(tmp_path, runs[name], stopped)
   summary, expected = (json.load(open(d / "summary.json")) for d in (tmp_path, runs[name]))
   assert summary["eval"] == expected["eval"]
 
