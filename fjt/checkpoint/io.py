@@ -4,7 +4,7 @@
 ``load(path, target, strict=False)`` is ``load_state_dict(strict=False)``, but the
 key differences are computed from Orbax metadata before any array is read, and
 a shape mismatch is always an error unless the path is explicitly skipped.
-Every restore checks the checkpoint's manifest (``fjt.checkpoint.integrity.verifying``).
+Every restore checks the checkpoint's manifest (``fjt.checkpoint.integrity.verify_or_say``).
 """
 
 from __future__ import annotations
@@ -262,8 +262,8 @@ def load(path: str | os.PathLike, target: PyTree | None = None, strict: bool = T
   standard or composite, e.g. ``300/state``), holding e.g. a flax ``TrainState``.
   """
   checkpoint_dir, item_dir = resolve(path)
-  with integrity.verifying(checkpoint_dir):
-    return _load(checkpoint_dir, item_dir, target, strict, skip)
+  integrity.verify_or_say(checkpoint_dir)
+  return _load(checkpoint_dir, item_dir, target, strict, skip)
 
 
 def _load(checkpoint_dir: str, item_dir: str, target: PyTree | None, strict: bool,
@@ -391,11 +391,11 @@ def iter_variables(path: str | os.PathLike, groups: Sequence[Sequence[str]] | No
     restored = _restore(checkpoint_dir, item_dir, abstract) if abstract else {}
     return {p: restored[names[p]] for p in group}
 
-  with integrity.verifying(checkpoint_dir):  # The whole checkpoint, before the first group.
-    saved = saved_shapes(checkpoint_dir)
-    names = _variables_paths(saved)
-    groups = [list(names)] if groups is None else list(groups)
-    first = read(groups[0]) if groups else None
+  integrity.verify_or_say(checkpoint_dir)  # The whole checkpoint, before the first group.
+  saved = saved_shapes(checkpoint_dir)
+  names = _variables_paths(saved)
+  groups = [list(names)] if groups is None else list(groups)
+  first = read(groups[0]) if groups else None
   for i, group in enumerate(groups):
     yield first if i == 0 else read(group)
 
