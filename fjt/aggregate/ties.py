@@ -264,15 +264,30 @@ def _kept(tau: jax.Array, bits: jax.Array, cutoff: jax.Array) -> jax.Array:
   return (key > bits) | ((key == bits) & (_flat_index(tau.shape) < cutoff))
 
 
+def top_magnitudes(taus: Callable[[int], jax.Array], ks: Sequence[int]) -> list[jax.Array]:
+  """Bool masks like each ``taus(i)``: its ``ks[i]`` entries of largest magnitude (among equal
+  magnitudes the lower flat indices first, so exactly ``min(max(k, 0), size)`` entries). The
+  arrays keeping some but not all entries share ``top_magnitude_cut``'s counting passes."""
+  size = taus(0).size
+  partial = [i for i, k in enumerate(ks) if 0 < k < size]
+  if partial:
+    bits, cutoff = top_magnitude_cut(lambda j: taus(partial[j]), [ks[i] for i in partial])
+  masks = []
+  for i, k in enumerate(ks):
+    shape = taus(i).shape
+    if k <= 0:
+      masks.append(jnp.zeros(shape, bool))
+    elif k >= size:
+      masks.append(jnp.ones(shape, bool))
+    else:
+      j = partial.index(i)
+      masks.append(_kept(taus(i), bits[j], cutoff[j]))
+  return masks
+
+
 def top_magnitude(x: jax.Array, k: int) -> jax.Array:
-  """Bool mask like ``x``: its ``k`` entries of largest ``|x|``; among equal magnitudes the
-  lower flat indices are kept first, so exactly ``min(max(k, 0), x.size)`` entries are."""
-  if k <= 0:
-    return jnp.zeros(x.shape, bool)
-  if k >= x.size:
-    return jnp.ones(x.shape, bool)
-  bits, cutoff = top_magnitude_cut(lambda i: x, [k])
-  return _kept(x, bits[0], cutoff[0])
+  """Bool mask like ``x``: its ``k`` entries of largest ``|x|`` (``top_magnitudes`` of one)."""
+  return top_magnitudes(lambda i: x, [k])[0]
 
 
 def sign_elected_mean(d: Sequence[jax.Array], w: jax.Array) -> jax.Array:
@@ -295,22 +310,11 @@ def ties_rule(x: jax.Array, w: jax.Array, *, base: jax.Array, density: float = 0
   accumulation dtype; ``density`` one fraction or one per model.
   """
   fractions = densities(density, x.shape[0])
-  ks = [int(f * base.size) for f in fractions]
-  # Models keeping some but not all entries share the counting passes (one read of base).
-  partial = [i for i, k in enumerate(ks) if 0 < k < base.size]
-  if partial:
-    bits, cutoff = top_magnitude_cut(lambda j: x[partial[j]] - base, [ks[i] for i in partial])
-  d = []
-  for i, k in enumerate(ks):
-    tau = x[i] - base
-    if k <= 0:
-      kept = jnp.zeros(tau.shape, bool)
-    elif k >= base.size:
-      kept = jnp.ones(tau.shape, bool)
-    else:
-      j = partial.index(i)
-      kept = _kept(tau, bits[j], cutoff[j])
-    d.append(w[i] * jnp.where(kept, tau, 0))
+  # The task vectors are recomputed where used (XLA fuses them), never stored; the models
+  # share the counting passes (one read of base).
+  tau = lambda i: x[i] - base
+  kept = top_magnitudes(tau, [int(f * base.size) for f in fractions])
+  d = [w[i] * jnp.where(mask, tau(i), 0) for i, mask in enumerate(kept)]
   return base + scale * sign_elected_mean(d, w)
 
 
